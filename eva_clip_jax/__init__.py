@@ -1,0 +1,32 @@
+"""eva-clip-jax: EVA-CLIP in JAX/Flax, with an open_clip-style API.
+
+  model = eva_clip_jax.create_model('EVA02-CLIP-B-16')
+  tokenizer = eva_clip_jax.get_tokenizer('EVA02-CLIP-B-16')
+  preprocess = eva_clip_jax.image_transform(224, is_train=False)
+
+The models need only jax and flax; the tokenizer (ftfy, regex) and the image transforms (Pillow) are imported
+on first use.
+"""
+
+import importlib
+
+from eva_clip_jax.models import (CLIP, MODELS, ModelOptions, ModelSpec, TextSpec, VisionSpec, count_params,
+                                 create_model, get_model_spec, list_models, param_counts)
+
+__version__ = '0.1.0'
+
+_LAZY = {
+    'SimpleTokenizer': 'eva_clip_jax.tokenizer', 'get_tokenizer': 'eva_clip_jax.tokenizer',
+    'tokenize': 'eva_clip_jax.tokenizer', 'image_transform': 'eva_clip_jax.transforms',
+    'OPENAI_MEAN': 'eva_clip_jax.transforms', 'OPENAI_STD': 'eva_clip_jax.transforms',
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+__all__ = ['CLIP', 'MODELS', 'ModelOptions', 'ModelSpec', 'TextSpec', 'VisionSpec', 'count_params',
+           'create_model', 'get_model_spec', 'list_models', 'param_counts', *_LAZY]

@@ -1,0 +1,113 @@
+"""Pieces both towers share: model options, layer factories, drop path and the stacked-layer runner.
+
+Blocks of a tower are stored stacked (one module whose parameters carry a leading `depth` axis). The same
+parameter layout then serves both execution modes: `scan_layers=True` runs a `lax.scan` (fast compiles for
+40- and 64-layer towers), `scan_layers=False` unrolls the same scan. Checkpoints and conversions never depend
+on how a model was run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    'none': None,  # no rematerialisation
+    'full': jax.checkpoint_policies.nothing_saveable,  # save only block inputs, recompute everything
+    'dots': jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the elementwise ops
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+}
+
+
+def as_dtype(dtype: Any) -> jnp.dtype:
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f'Unknown dtype {dtype!r}; use one of {list(DTYPES)}')
+    return jnp.dtype(DTYPES[dtype])
+  return jnp.dtype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """How a model runs; none of these change the parameters' names or shapes.
+
+  dtype: compute dtype of matmuls and activations. param_dtype: storage dtype of parameters.
+  attention: backend of `eva_clip_jax.ops.dot_product_attention` ('xla', 'cudnn', 'pallas', 'auto').
+  remat: per-block rematerialisation policy, a key of REMAT_POLICIES.
+  scan_layers: run blocks with a rolled `lax.scan` (True) or fully unrolled (False).
+  """
+  dtype: Any = 'float32'
+  param_dtype: Any = 'float32'
+  attention: str = 'xla'
+  remat: str = 'none'
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    object.__setattr__(self, 'dtype', as_dtype(self.dtype))
+    object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'Unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}')
+
+
+def trunc_normal(std: float) -> nnx.Initializer:
+  return nnx.initializers.truncated_normal(stddev=std)
+
+
+def linear(in_features: int, out_features: int, opts: ModelOptions, rngs: nnx.Rngs, *, use_bias: bool = True,
+           std: float = 0.02, normal: bool = False) -> nnx.Linear:
+  init = nnx.initializers.normal(std) if normal else trunc_normal(std)
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=init,
+                    bias_init=nnx.initializers.zeros_init(), dtype=opts.dtype, param_dtype=opts.param_dtype,
+                    rngs=rngs)
+
+
+def layer_norm(features: int, eps: float, opts: ModelOptions, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  # flax computes the statistics in float32 even for 16-bit inputs.
+  return nnx.LayerNorm(features, epsilon=eps, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+
+
+def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per sample, scaling survivors by 1/keep."""
+  if key is None:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
+
+
+def create_stacked(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `depth` independently initialised blocks as one module with stacked parameters."""
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=depth)
+  def make(rngs: nnx.Rngs):
+    return make_block(rngs)
+
+  return make(rngs)
+
+
+def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOptions,
+                **shared: Any) -> jax.Array:
+  """Applies stacked blocks in order: `x = block_i(x, **per_layer[i], **shared)`.
+
+  per_layer: a pytree whose leaves have a leading depth axis (drop-path rates and keys).
+  shared: inputs every layer sees (RoPE tables, flags), closed over by the scan body.
+  """
+  graphdef, state = nnx.split(blocks)
+
+  def body(carry, xs):
+    layer_state, layer_inputs = xs
+    block = nnx.merge(graphdef, layer_state)
+    return block(carry, **layer_inputs, **shared), None
+
+  policy = REMAT_POLICIES[opts.remat]
+  if opts.remat != 'none':
+    body = jax.checkpoint(body, policy=policy, prevent_cse=not opts.scan_layers)
+  x, _ = jax.lax.scan(body, x, (state, per_layer), unroll=1 if opts.scan_layers else True)
+  return x
