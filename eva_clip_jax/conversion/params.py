@@ -12,7 +12,7 @@ from flax import nnx
 
 def model_params(model: nnx.Module) -> dict[str, Any]:
   """The model's parameters as a nested dict of arrays (the layout the mappings produce)."""
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -34,7 +34,7 @@ def assign_params(model: nnx.Module, params: Mapping[str, Any], *, allow_missing
   current (freshly initialised) values.
   """
   state = nnx.state(model, nnx.Param)
-  current = _flatten(state.to_pure_dict())
+  current = _flatten(nnx.to_pure_dict(state))
   given = _flatten(params)
   missing = sorted(set(current) - set(given))
   unexpected = sorted(set(given) - set(current))
@@ -54,6 +54,6 @@ def assign_params(model: nnx.Module, params: Mapping[str, Any], *, allow_missing
     key = '/'.join(str(getattr(p, 'key', p)) for p in path)
     return jnp.asarray(given[key], dtype=old.dtype) if key in given else old
 
-  pure = jax.tree_util.tree_map_with_path(pick, state.to_pure_dict())
+  pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)

@@ -1,0 +1,26 @@
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+
+from eva_clip_jax.models import get_model_spec, replace_spec  # noqa: E402
+
+
+def small_eva01_spec():
+  """EVA-01 blocks (fused qkv, GELU MLP, pre-norm) at two layers, g/14's head dim 88."""
+  return replace_spec(get_model_spec('EVA01-CLIP-g-14'), name='eva01-small', embed_dim=32, vision__depth=2,
+                      vision__width=176, vision__num_heads=2, vision__mlp_dim=768, vision__image_size=56,
+                      text__depth=2, text__width=64, text__num_heads=2)
+
+
+def small_bige_spec():
+  """bigE blocks (fused qkv, GELU MLP, post-norm) at two layers, bigE's head dim 112."""
+  return replace_spec(get_model_spec('EVA02-CLIP-bigE-14'), name='bige-small', embed_dim=32, vision__depth=2,
+                      vision__width=224, vision__num_heads=2, vision__mlp_dim=960, vision__image_size=56,
+                      text__depth=2, text__width=64, text__num_heads=2)
+
+
+@pytest.fixture
+def tiny_spec():
+  return get_model_spec('tiny')
