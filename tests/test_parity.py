@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import small_bige_spec, small_eva01_spec
-from torch_reference import open_clip_model, state_dict_numpy, torch_features
+from eva_clip_jax.conversion.torch_reference import open_clip_model, state_dict_numpy, torch_features
 
 import eva_clip_jax as ec
 from eva_clip_jax.conversion import assign_params, params_from_open_clip

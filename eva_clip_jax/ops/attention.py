@@ -23,14 +23,16 @@ class AttentionFn(Protocol):
 
 
 def _xla_attention(q, k, v, *, causal: bool, scale: float):
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  # Heads-major matmuls with explicit transposes: XLA:CPU runs 'bhqk,bkhd->bqhd' about 3x slower than this.
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   if causal:
-    q_len, k_len = q.shape[1], k.shape[1]
+    q_len, k_len = q.shape[2], k.shape[2]
     mask = jnp.tril(jnp.ones((q_len, k_len), dtype=bool))
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   # Softmax in float32 whatever the compute dtype, as the fused kernels of the reference do.
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+  return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
 
 
 def _cudnn_attention(q, k, v, *, causal: bool, scale: float):

@@ -1,4 +1,7 @@
-"""Reference PyTorch models (open_clip + timm) with random weights, for numerical parity tests."""
+"""PyTorch reference models (open_clip + timm) for parity tests and side-by-side benchmarks.
+
+Imports torch, timm and open_clip: only the tests, the benchmark and the converter use this module.
+"""
 
 from __future__ import annotations
 

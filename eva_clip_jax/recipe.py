@@ -1,0 +1,64 @@
+"""The EVA-CLIP training recipe as an ml_collections ConfigDict; `configs/*.py` fill in each model's row.
+
+The values come from the paper and the EVA repository's released training commands (EVA-CLIP/README.md,
+`training/params.py` defaults); each config file names its sources. Architecture is not restated here:
+`config.model.name` points into the model registry.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SKIP_ON_INIT = ('visual.head', 'text.text_projection', 'logit_scale')  # start fresh, as the reference does
+
+
+def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_decay: float,
+                text_layer_decay: float, batch_size: int, samples_seen: float, visual_init: str = '',
+                text_init: str = '', drop_path_rate: float = 0.0, patch_dropout: float = 0.0,
+                base_lr: float = 5e-4, warmup_steps: int = 2000,
+                weight_decay: float = 0.05) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 4096  # the reference scripts' seed
+
+  config.model = ml_collections.ConfigDict(dict(
+      name=model,
+      # The paper trained with DeepSpeed fp16 + dynamic loss scaling; bfloat16 compute with float32 master
+      # weights is the JAX-native equivalent. 'float16' reproduces the reference exactly.
+      dtype='bfloat16', param_dtype='float32',
+      attention='auto', remat='none', scan_layers=True,
+      drop_path_rate=drop_path_rate,
+      patch_dropout=patch_dropout,  # FLIP-style random masking of patch tokens during training
+  ))
+  config.init = ml_collections.ConfigDict(dict(visual=visual_init, text=text_init, skip=SKIP_ON_INIT))
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name='lamb',  # LAMB as DeepSpeed ran it: trust ratio clamped to [0.01, 10], bias correction on
+      b1=0.9, b2=0.98, eps=1e-6,
+      grad_clip_norm=5.0,
+  ))
+  # Per-tower peak learning rate, weight decay and layer-wise decay; everything outside the two towers
+  # (logit_scale) uses the base rate.
+  config.lr = ml_collections.ConfigDict(dict(base=base_lr, visual=visual_lr, text=text_lr))
+  config.weight_decay = ml_collections.ConfigDict(dict(base=weight_decay, visual=weight_decay, text=weight_decay))
+  config.layer_decay = ml_collections.ConfigDict(dict(visual=visual_layer_decay, text=text_layer_decay))
+  config.schedule = ml_collections.ConfigDict(dict(warmup_steps=warmup_steps, decay='cosine', end_lr=0.0))
+
+  config.batch_size = batch_size  # global
+  config.samples_seen = int(samples_seen)
+  config.total_steps = int(samples_seen) // batch_size
+  config.label_smoothing = 0.0
+  return config
+
+
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """`--config=configs/b16.py:runlocal` shrinks a recipe to something a laptop CPU runs in minutes."""
+  if not arg:
+    return config
+  if arg != 'runlocal':
+    raise ValueError(f"unknown config argument {arg!r}; the only variant is 'runlocal'")
+  config.model.dtype = 'float32'
+  config.batch_size = 8
+  config.total_steps = 10
+  config.samples_seen = config.batch_size * config.total_steps
+  config.schedule.warmup_steps = 2
+  return config

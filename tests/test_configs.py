@@ -1,0 +1,61 @@
+"""Every config loads, names a registered model, carries the paper's recipe, and takes command-line overrides."""
+
+import pathlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import eva_clip_jax as ec
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+EXPECTED = {
+    'b16': 'EVA02-CLIP-B-16', 'l14': 'EVA02-CLIP-L-14', 'l14_336': 'EVA02-CLIP-L-14-336',
+    'g14': 'EVA01-CLIP-g-14', 'g14_plus': 'EVA01-CLIP-g-14-plus', 'e14': 'EVA02-CLIP-bigE-14',
+    'e14_plus': 'EVA02-CLIP-bigE-14-plus', 'tiny': 'tiny',
+}
+
+
+def _load(argv):
+  argv = ['prog', *argv]
+  values = flags.FlagValues()
+  # sys_argv: override flags (--config.x=y) are discovered from the argument list, as absl.app would pass it.
+  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_one_config_per_model():
+  assert {p.stem for p in CONFIG_DIR.glob('*.py')} == set(EXPECTED)
+
+
+@pytest.mark.parametrize('stem', sorted(EXPECTED))
+def test_config_names_its_model_and_recipe(stem):
+  config = _load([f'--config={CONFIG_DIR / stem}.py'])
+  assert config.model.name == EXPECTED[stem]
+  model = ec.create_model(abstract=True, **config.model.to_dict())  # every model field is a create_model knob
+  assert model.spec.name == EXPECTED[stem]
+  assert (config.optimizer.name, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (
+      'lamb', 0.9, 0.98, 1e-6)
+  assert config.weight_decay.visual == config.weight_decay.text == 0.05
+  assert config.total_steps == config.samples_seen // config.batch_size > 0
+  assert 0 < config.layer_decay.visual <= 1 and 0 < config.layer_decay.text <= 1
+  assert config.lr.visual > 0 and config.lr.text > 0
+
+
+def test_paper_rows():
+  b16 = _load([f'--config={CONFIG_DIR}/b16.py'])
+  assert (b16.lr.visual, b16.lr.text, b16.layer_decay.visual, b16.batch_size, b16.samples_seen) == (
+      2e-4, 2e-5, 0.75, 131_072, 8_000_000_000)
+  e14 = _load([f'--config={CONFIG_DIR}/e14.py'])
+  assert (e14.model.patch_dropout, e14.layer_decay.visual, e14.batch_size) == (0.5, 0.9, 115_200)
+  assert _load([f'--config={CONFIG_DIR}/g14.py']).model.drop_path_rate == 0.4
+
+
+def test_overrides_and_runlocal():
+  config = _load([f'--config={CONFIG_DIR}/l14.py:runlocal', '--config.batch_size=16',
+                  '--config.model.patch_dropout=0.5', '--config.lr.visual=1e-3'])
+  assert config.batch_size == 16 and config.model.patch_dropout == 0.5 and config.lr.visual == 1e-3
+  assert config.total_steps == 10 and config.model.dtype == 'float32'
+  with pytest.raises(Exception, match='unknown config argument'):
+    _load([f'--config={CONFIG_DIR}/l14.py:fast'])
