@@ -8,6 +8,7 @@ EVA02 model (timm inside). Prints one line per framework and the ratio. Numbers 
 
 from __future__ import annotations
 
+import logging
 import platform
 import time
 
@@ -66,6 +67,7 @@ def time_torch(spec, images: np.ndarray, iters: int) -> list[float]:
 
 def main(argv):
   del argv
+  logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every model build at INFO
   spec = ec.get_model_spec(_MODEL.value)
   size = spec.vision.image_size
   images = np.random.default_rng(0).normal(size=(_BATCH.value, size, size, 3)).astype(np.float32)
