@@ -10,8 +10,9 @@ on first use.
 
 import importlib
 
+from eva_clip_jax import models
 from eva_clip_jax.models import (CLIP, MODELS, ModelOptions, ModelSpec, TextSpec, VisionSpec, count_params,
-                                 create_model, get_model_spec, list_models, param_counts)
+                                 get_model_spec, list_models, param_counts)
 
 __version__ = '0.1.0'
 
@@ -20,6 +21,25 @@ _LAZY = {
     'tokenize': 'eva_clip_jax.tokenizer', 'image_transform': 'eva_clip_jax.transforms',
     'OPENAI_MEAN': 'eva_clip_jax.transforms', 'OPENAI_STD': 'eva_clip_jax.transforms',
 }
+
+
+def create_model(name, *, pretrained: str | None = None, **kwargs) -> CLIP:
+  """`eva_clip_jax.models.create_model(name, **kwargs)`, then the weights of `pretrained` loaded into it.
+
+  pretrained: a PyTorch file in the EVA or open_clip layout (.pt/.bin/.safetensors), a directory written by
+  `python -m eva_clip_jax.convert`, or 'hf-hub:org/repo' (needs network). Reading PyTorch files needs torch;
+  a converted directory needs only orbax.
+  """
+  model = models.create_model(name, **kwargs)
+  if pretrained:
+    if kwargs.get('abstract'):
+      raise ValueError('abstract=True builds shapes only; it cannot load pretrained weights')
+    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
+    api.load_pretrained(model, pretrained)
+  return model
+
+
+create_model.__doc__ += '\n\nModel arguments:\n' + (models.create_model.__doc__ or '')
 
 
 def __getattr__(name):

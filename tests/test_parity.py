@@ -8,7 +8,7 @@ from conftest import small_bige_spec, small_eva01_spec
 from eva_clip_jax.conversion.torch_reference import open_clip_model, state_dict_numpy, torch_features
 
 import eva_clip_jax as ec
-from eva_clip_jax.conversion import assign_params, params_from_open_clip
+from eva_clip_jax.conversion import assign_params, state_dict_to_params
 
 TOLERANCE = 1e-4  # max abs error, float32 (measured: ~2e-5 for B-16 image embeddings of magnitude ~4)
 
@@ -23,7 +23,7 @@ def _specs():
 
 def _converted(spec, ref):
   model = ec.create_model(spec)
-  assign_params(model, params_from_open_clip(state_dict_numpy(ref), spec))
+  assign_params(model, state_dict_to_params(state_dict_numpy(ref), spec))
   return model
 
 

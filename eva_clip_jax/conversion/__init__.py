@@ -1,7 +1,12 @@
-"""PyTorch <-> JAX parameter mappings. The mappings work on plain dicts of numpy arrays; only the file-reading
-entry points (added with the converter) import torch."""
+"""PyTorch <-> JAX checkpoint conversion.
 
+The key tables (`layouts`) and resizing (`resize`) are numpy-only; reading and writing PyTorch files
+(`torch_io`) and the reference models (`torch_reference`) import torch when used.
+"""
+
+from eva_clip_jax.conversion.api import (convert_file, detect_layout, export_file, init_towers, load_pretrained,
+                                         params_to_state_dict, read_params, state_dict_to_params)
 from eva_clip_jax.conversion.params import assign_params, model_params
-from eva_clip_jax.conversion.timm_layout import params_from_open_clip
 
-__all__ = ['assign_params', 'model_params', 'params_from_open_clip']
+__all__ = ['assign_params', 'convert_file', 'detect_layout', 'export_file', 'init_towers', 'load_pretrained',
+           'model_params', 'params_to_state_dict', 'read_params', 'state_dict_to_params']

@@ -1,0 +1,191 @@
+"""Key tables between this library's parameters and the PyTorch checkpoint layouts.
+
+Layouts:
+  eva        the EVA repository's own files (`EVA02_CLIP_B_psz16_s8B.pt`): `visual.blocks.N.attn.q_proj.weight`,
+             `attn.q_bias`, `attn.inner_attn_ln`, `mlp.w1/w2/ffn_ln/w3`, RoPE buffers, `text.transformer...`.
+  open_clip  open_clip / timm (`timm/EVA02-*` hub repos): `visual.trunk.*` in timm's Eva naming
+             (`attn.q_proj.bias`, `attn.norm`, `mlp.fc1_g/fc1_x/norm/fc2`), `text.*` or top-level text keys.
+
+A table is a list of `Entry(ours, theirs, kind)`; per-block entries hold `{i}` in the PyTorch key and are
+stacked on the leading depth axis of our parameters. Both directions read the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Literal, Mapping
+
+import numpy as np
+
+from eva_clip_jax.models.registry import ModelSpec, VisionSpec
+
+Kind = Literal['copy', 'linear', 'conv']
+LAYOUTS = ('eva', 'open_clip')
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  ours: tuple[str, ...]  # path in the nested parameter dict
+  theirs: str  # PyTorch state-dict key; '{i}' for a per-block entry
+  kind: Kind = 'copy'  # linear: torch [out, in] <-> ours [in, out]; conv: OIHW <-> HWIO
+  depth: int = 0  # > 0 for per-block entries
+
+
+def _linear(ours, theirs, bias=True, depth=0):
+  yield Entry(ours + ('kernel',), f'{theirs}.weight', 'linear', depth)
+  if bias:
+    yield Entry(ours + ('bias',), f'{theirs}.bias', 'copy', depth)
+
+
+def _norm(ours, theirs, depth=0):
+  yield Entry(ours + ('scale',), f'{theirs}.weight', 'copy', depth)
+  yield Entry(ours + ('bias',), f'{theirs}.bias', 'copy', depth)
+
+
+def vision_entries(spec: VisionSpec, layout: str, prefix: str) -> Iterator[Entry]:
+  """The vision tower; `prefix` is 'visual.' (eva), 'visual.trunk.' (open_clip) or '' (bare towers)."""
+  p, d, v = prefix, spec.depth, ('visual',)
+  yield Entry(v + ('patch_embed', 'kernel'), f'{p}patch_embed.proj.weight', 'conv')
+  yield Entry(v + ('patch_embed', 'bias'), f'{p}patch_embed.proj.bias')
+  yield Entry(v + ('cls_token',), f'{p}cls_token')
+  yield Entry(v + ('pos_embed',), f'{p}pos_embed')
+  b, blk = v + ('blocks',), f'{p}blocks.{{i}}'
+  yield from _norm(b + ('norm1',), f'{blk}.norm1', d)
+  yield from _norm(b + ('norm2',), f'{blk}.norm2', d)
+  a = b + ('attn',)
+  if spec.qkv == 'separate':
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+      yield from _linear(a + (name,), f'{blk}.attn.{name}', bias=False, depth=d)
+    if layout == 'eva':
+      yield Entry(a + ('q_bias',), f'{blk}.attn.q_bias', depth=d)
+      yield Entry(a + ('v_bias',), f'{blk}.attn.v_bias', depth=d)
+    else:  # timm keeps the q and v biases as the projections' own biases
+      yield Entry(a + ('q_bias',), f'{blk}.attn.q_proj.bias', depth=d)
+      yield Entry(a + ('v_bias',), f'{blk}.attn.v_proj.bias', depth=d)
+  else:
+    yield from _linear(a + ('qkv',), f'{blk}.attn.qkv', bias=False, depth=d)
+    yield Entry(a + ('q_bias',), f'{blk}.attn.q_bias', depth=d)
+    yield Entry(a + ('v_bias',), f'{blk}.attn.v_bias', depth=d)
+  if spec.subln:
+    yield from _norm(a + ('inner_attn_ln',), f'{blk}.attn.{"inner_attn_ln" if layout == "eva" else "norm"}', d)
+  yield from _linear(a + ('proj',), f'{blk}.attn.proj', depth=d)
+  m = b + ('mlp',)
+  if spec.mlp == 'swiglu':
+    names = ('w1', 'w2', 'w3') if layout == 'eva' else ('fc1_g', 'fc1_x', 'fc2')
+    for ours, theirs in zip(('w1', 'w2', 'w3'), names):
+      yield from _linear(m + (ours,), f'{blk}.mlp.{theirs}', depth=d)
+  else:
+    yield from _linear(m + ('fc1',), f'{blk}.mlp.fc1', depth=d)
+    yield from _linear(m + ('fc2',), f'{blk}.mlp.fc2', depth=d)
+  if spec.subln:
+    yield from _norm(m + ('ffn_ln',), f'{blk}.mlp.{"ffn_ln" if layout == "eva" else "norm"}', d)
+  if spec.layer_scale_init:
+    yield Entry(b + ('gamma_1',), f'{blk}.gamma_1', depth=d)
+    yield Entry(b + ('gamma_2',), f'{blk}.gamma_2', depth=d)
+  yield from _norm(v + ('norm',), f'{p}norm')
+  yield from _linear(v + ('head',), f'{p}head')
+
+
+def text_entries(spec: ModelSpec, prefix: str) -> Iterator[Entry]:
+  """The text tower; `prefix` is 'text.' (EVA, open_clip CustomTextCLIP) or '' (OpenAI CLIP layout)."""
+  p, d, t = prefix, spec.text.depth, ('text',)
+  yield Entry(t + ('token_embedding', 'embedding'), f'{p}token_embedding.weight')
+  yield Entry(t + ('positional_embedding',), f'{p}positional_embedding')
+  b, blk = t + ('blocks',), f'{p}transformer.resblocks.{{i}}'
+  yield from _norm(b + ('ln_1',), f'{blk}.ln_1', d)
+  yield Entry(b + ('attn', 'in_proj', 'kernel'), f'{blk}.attn.in_proj_weight', 'linear', d)
+  yield Entry(b + ('attn', 'in_proj', 'bias'), f'{blk}.attn.in_proj_bias', depth=d)
+  yield from _linear(b + ('attn', 'out_proj'), f'{blk}.attn.out_proj', depth=d)
+  yield from _norm(b + ('ln_2',), f'{blk}.ln_2', d)
+  yield from _linear(b + ('mlp', 'c_fc'), f'{blk}.mlp.c_fc', depth=d)
+  yield from _linear(b + ('mlp', 'c_proj'), f'{blk}.mlp.c_proj', depth=d)
+  yield from _norm(t + ('ln_final',), f'{p}ln_final')
+  yield Entry(t + ('text_projection',), f'{p}text_projection')
+
+
+PREFIXES = {'eva': ('visual.', 'text.'), 'open_clip': ('visual.trunk.', 'text.')}
+
+
+def entries(spec: ModelSpec, layout: str, *, vision_prefix: str | None = None,
+            text_prefix: str | None = None) -> list[Entry]:
+  """The full table of a layout. Prefixes default to the layout's own; bare towers pass ''."""
+  if layout not in LAYOUTS:
+    raise ValueError(f'unknown checkpoint layout {layout!r}; use one of {LAYOUTS}')
+  default_vision, default_text = PREFIXES[layout]
+  vision_prefix = default_vision if vision_prefix is None else vision_prefix
+  text_prefix = default_text if text_prefix is None else text_prefix
+  return [*vision_entries(spec.vision, layout, vision_prefix), *text_entries(spec, text_prefix),
+          Entry(('logit_scale',), 'logit_scale')]
+
+
+def rope_buffer_keys(spec: ModelSpec) -> list[str]:
+  """EVA's persistent RoPE buffers: once on the tower and again under every block's attention."""
+  if not spec.vision.rope:
+    return []
+  owners = ['visual.rope'] + [f'visual.blocks.{i}.attn.rope' for i in range(spec.vision.depth)]
+  return [f'{owner}.freqs_{part}' for owner in owners for part in ('cos', 'sin')]
+
+
+def _to_ours(array: np.ndarray, kind: Kind) -> np.ndarray:
+  if kind == 'linear':
+    return array.T
+  if kind == 'conv':
+    return array.transpose(2, 3, 1, 0)
+  return array
+
+
+def _to_theirs(array: np.ndarray, kind: Kind) -> np.ndarray:
+  if kind == 'linear':
+    return array.T
+  if kind == 'conv':
+    return array.transpose(3, 2, 0, 1)
+  return array
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def table_to_params(state_dict: Mapping[str, np.ndarray], table: list[Entry], *,
+                    allow_missing: bool = False) -> tuple[dict[str, Any], list[str]]:
+  """Applies a table to a flat state dict. Returns (nested params, keys the table did not use).
+
+  A per-block parameter is produced only when every block's key is present. Missing keys raise a KeyError
+  that lists them all, unless `allow_missing`.
+  """
+  params: dict[str, Any] = {}
+  used, missing = set(), []
+  for entry in table:
+    keys = [entry.theirs.format(i=i) for i in range(entry.depth)] if entry.depth else [entry.theirs]
+    absent = [k for k in keys if k not in state_dict]
+    if absent:
+      missing.extend(absent)
+      continue
+    arrays = [_to_ours(np.asarray(state_dict[k]), entry.kind) for k in keys]
+    _set(params, entry.ours, np.stack(arrays) if entry.depth else arrays[0])
+    used.update(keys)
+  if missing and not allow_missing:
+    shown = ', '.join(missing[:40]) + (f', ... ({len(missing)} in all)' if len(missing) > 40 else '')
+    raise KeyError(f'checkpoint is missing {len(missing)} keys: {shown}')
+  return params, sorted(set(state_dict) - used)
+
+
+def params_to_table(params: Mapping[str, Any], table: list[Entry]) -> dict[str, np.ndarray]:
+  """The inverse of `table_to_params`: a flat PyTorch-named dict of numpy arrays."""
+  out = {}
+  for entry in table:
+    value = np.asarray(_get(params, entry.ours))
+    if entry.depth:
+      for i in range(entry.depth):
+        out[entry.theirs.format(i=i)] = np.array(_to_theirs(value[i], entry.kind), order='C')
+    else:
+      out[entry.theirs] = np.array(_to_theirs(value, entry.kind), order='C')
+  return out

@@ -1,0 +1,308 @@
+"""Checkpoint interop with PyTorch: both layouts, both directions, files, safety, initialisation, resizing."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import small_bige_spec, small_eva01_spec
+from safetensors.torch import save_file
+
+import eva_clip_jax as ec
+from eva_clip_jax.conversion import api, model_params, torch_io
+from eva_clip_jax.conversion.torch_reference import (open_clip_model, randomize_, state_dict_numpy,
+                                                     timm_vision_trunk, torch_features)
+
+TOLERANCE = 1e-4
+
+
+def eva_native_state_dict(open_clip_state, spec):
+  """The EVA repository's key names for an open_clip state dict, written from the EVA source
+  (eva_clip/eva_vit_model.py), independently of the converter's tables, plus junk RoPE buffers that a
+  correct converter drops and recomputes."""
+  swiglu = spec.vision.mlp == 'swiglu'
+  out = {}
+  for key, value in open_clip_state.items():
+    if key.startswith('visual.trunk.'):
+      key = 'visual.' + key[len('visual.trunk.'):]
+      for old, new in (('.attn.q_proj.bias', '.attn.q_bias'), ('.attn.v_proj.bias', '.attn.v_bias'),
+                       ('.attn.norm.', '.attn.inner_attn_ln.'), ('.mlp.norm.', '.mlp.ffn_ln.'),
+                       ('.mlp.fc1_g.', '.mlp.w1.'), ('.mlp.fc1_x.', '.mlp.w2.')):
+        key = key.replace(old, new)
+      if swiglu:
+        key = key.replace('.mlp.fc2.', '.mlp.w3.')
+    out[key] = value
+  if spec.vision.rope:
+    n, hd = spec.vision.num_patches, spec.vision.head_dim
+    out['visual.rope.freqs_cos'] = torch.zeros(n, hd)
+    for i in range(spec.vision.depth):
+      out[f'visual.blocks.{i}.attn.rope.freqs_sin'] = torch.zeros(n, hd)
+  return out
+
+
+def _inputs(spec, batch=2):
+  size = spec.vision.image_size
+  images = np.random.default_rng(5).normal(size=(batch, size, size, 3)).astype(np.float32)
+  text = ec.get_tokenizer(context_length=spec.text.context_length)(['a cat on a mat', 'two dogs'][:batch])
+  return images, text
+
+
+def _assert_matches(model, reference_outputs, images, text):
+  ref_image, ref_text, ref_logits = reference_outputs
+  np.testing.assert_allclose(np.asarray(model.encode_image(jnp.asarray(images))), ref_image, atol=TOLERANCE,
+                             rtol=0)
+  np.testing.assert_allclose(np.asarray(model.encode_text(jnp.asarray(text))), ref_text, atol=TOLERANCE, rtol=0)
+  logits, _ = model.get_logits(jnp.asarray(images), jnp.asarray(text))
+  np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=TOLERANCE, rtol=0)
+
+
+def _specs():
+  return [pytest.param(ec.get_model_spec('EVA02-CLIP-B-16'), id='B-16'),
+          pytest.param(ec.get_model_spec('EVA02-CLIP-L-14'), id='L-14'),
+          pytest.param(small_eva01_spec(), id='eva01-style'), pytest.param(small_bige_spec(), id='bigE-style')]
+
+
+@pytest.mark.parametrize('spec', _specs())
+def test_both_pytorch_layouts_convert_to_matching_models(spec, tmp_path):
+  ref = open_clip_model(spec, seed=3)
+  images, text = _inputs(spec)
+  expected = torch_features(ref, images, text)
+  state = ref.state_dict()
+  save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / 'open_clip_model.safetensors'))
+  # EVA's own files: DeepSpeed's {'module': ...} wrapper, some keys with a DDP prefix.
+  eva = eva_native_state_dict(state, spec)
+  eva = {('module.' + k if i % 3 == 0 else k): v for i, (k, v) in enumerate(eva.items())}
+  torch.save({'module': eva, 'epoch': 7}, tmp_path / 'eva_native.pt')
+  del ref, state, eva
+  for name, layout in (('open_clip_model.safetensors', 'open_clip'), ('eva_native.pt', 'eva')):
+    src = str(tmp_path / name)
+    assert api.detect_layout(torch_io.load_state_dict(src)) == layout
+    out = tmp_path / f'jax_{layout}'
+    api.convert_file(src, str(out), spec)
+    _assert_matches(ec.create_model(spec, pretrained=str(out)), expected, images, text)
+
+
+@pytest.mark.parametrize('layout,suffix', [('eva', '.pt'), ('open_clip', '.bin'), ('open_clip', '.safetensors'),
+                                           ('eva', '.safetensors')])
+def test_jax_to_pytorch_to_jax_is_bit_exact(layout, suffix, tmp_path):
+  model = ec.create_model('tiny', seed=11)
+  path = str(tmp_path / f'exported{suffix}')
+  api.export_file(model, path, 'tiny', layout)
+  back = ec.create_model('tiny', seed=0, pretrained=path)
+  for a, b in zip(jax_leaves(model), jax_leaves(back)):
+    np.testing.assert_array_equal(a, b)
+
+
+def jax_leaves(model):
+  import jax
+  return [np.asarray(x) for x in jax.tree.leaves(model_params(model))]
+
+
+@pytest.mark.parametrize('spec', [pytest.param(ec.get_model_spec('tiny'), id='tiny'),
+                                  pytest.param(small_eva01_spec(), id='eva01-style')])
+def test_exported_open_clip_state_dict_loads_strictly_and_reproduces(spec, tmp_path):
+  model = ec.create_model(spec, seed=4)
+  randomized = open_clip_model(spec, seed=9)  # a fresh open_clip model to load into
+  path = str(tmp_path / 'open_clip_model.safetensors')
+  api.export_file(model, path, spec, 'open_clip')
+  from safetensors.torch import load_file
+  randomized.load_state_dict(load_file(path), strict=True)
+  images, text = _inputs(spec)
+  _assert_matches(model, torch_features(randomized, images, text), images, text)
+
+
+def test_exported_eva_file_has_the_references_keys(tmp_path):
+  spec = ec.get_model_spec('tiny')
+  path = str(tmp_path / 'eva.pt')
+  api.export_file(ec.create_model(spec), path, spec, 'eva')
+  state = torch.load(path, weights_only=True)
+  ref_keys = set(eva_native_state_dict(open_clip_model(spec).state_dict(), spec))
+  rope = {k for k in state if 'rope.freqs' in k}
+  assert len(rope) == 2 * (spec.vision.depth + 1)
+  assert set(state) - rope == ref_keys - {k for k in ref_keys if 'rope.freqs' in k}
+  assert state['visual.blocks.0.attn.rope.freqs_cos'].shape == (spec.vision.num_patches, spec.vision.head_dim)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_16_bit_eva_file_converts(dtype, tmp_path):
+  spec = ec.get_model_spec('tiny')
+  state = eva_native_state_dict(open_clip_model(spec).state_dict(), spec)
+  half = {k: v.to(dtype) for k, v in state.items()}
+  torch.save({'state_dict': half}, tmp_path / 'half.pt')
+  model = ec.create_model(spec, pretrained=str(tmp_path / 'half.pt'))
+  kernel = np.asarray(model.visual.blocks.attn.q_proj.kernel[...])[0]
+  expected = half['visual.blocks.0.attn.q_proj.weight'].float().numpy().T
+  np.testing.assert_array_equal(kernel, expected)
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path):
+  marker = tmp_path / 'pwned'
+
+  class Payload:
+
+    def __reduce__(self):
+      return (os.system, (f'touch {marker}',))
+
+  path = tmp_path / 'evil.pt'
+  with open(path, 'wb') as f:
+    pickle.dump({'state_dict': {'visual.cls_token': Payload()}}, f)
+  with pytest.raises(ValueError, match='refusing to load'):
+    ec.create_model('tiny', pretrained=str(path))
+  assert not marker.exists()
+
+
+def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path):
+  spec = ec.get_model_spec('tiny')
+  state = open_clip_model(spec).state_dict()
+  broken = dict(state)
+  del broken['visual.trunk.norm.weight']
+  broken['visual.trunk.extra.weight'] = torch.zeros(3)
+  torch.save(broken, tmp_path / 'broken.pt')
+  with pytest.raises(ValueError, match=r'missing 1 keys: visual\.trunk\.norm\.weight'):
+    ec.create_model(spec, pretrained=str(tmp_path / 'broken.pt'))
+  del broken['visual.trunk.extra.weight']
+  torch.save(broken, tmp_path / 'missing.pt')
+  model = ec.models.create_model(spec)
+  fresh = np.asarray(model.visual.norm.scale[...])
+  api.load_pretrained(model, str(tmp_path / 'missing.pt'), allow_missing=True)
+  np.testing.assert_array_equal(np.asarray(model.visual.norm.scale[...]), fresh)  # kept
+  np.testing.assert_array_equal(np.asarray(model.visual.norm.bias[...]),
+                                state['visual.trunk.norm.bias'].numpy())  # loaded
+  shaped = dict(state)
+  shaped['text.ln_final.weight'] = torch.zeros(7)
+  torch.save(shaped, tmp_path / 'shaped.pt')
+  with pytest.raises(ValueError, match=r'wrong shape \(1\): text/ln_final/scale: expected \(64,\), got \(7,\)'):
+    ec.create_model(spec, pretrained=str(tmp_path / 'shaped.pt'))
+  wrong_model = ec.models.replace_spec(spec, text__depth=3)
+  with pytest.raises(ValueError, match='missing 13 keys'):
+    ec.create_model(wrong_model, pretrained=str(tmp_path / 'missing.pt'))
+
+
+def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
+  path = tmp_path / 'out.pt'
+
+  def exploding_save(obj, f, *args, **kwargs):
+    with open(f, 'wb') as handle:
+      handle.write(b'half a file')
+    raise OSError('disk full')
+
+  monkeypatch.setattr(torch, 'save', exploding_save)
+  with pytest.raises(OSError, match='disk full'):
+    api.export_file(ec.create_model('tiny'), str(path), 'tiny', 'eva')
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_conversion_leaves_no_directory(tmp_path, monkeypatch):
+  from eva_clip_jax.conversion import orbax_io
+  model = ec.create_model('tiny')
+  monkeypatch.setattr(orbax_io.json, 'dump', lambda *a, **k: (_ for _ in ()).throw(OSError('interrupted')))
+  with pytest.raises(OSError, match='interrupted'):
+    orbax_io.save_params(model_params(model), str(tmp_path / 'out'), model_name='tiny')
+  assert list(tmp_path.iterdir()) == []
+
+
+def _mim_state(patch, image_size, width=64, depth=2):
+  """A bare timm EVA-02 MIM-layout vision state dict (no `visual.` prefix, no inner-attention LN, no head)."""
+  trunk = timm_vision_trunk(ec.models.replace_spec(
+      ec.get_model_spec('tiny'), embed_dim=8, vision__patch_size=patch, vision__image_size=image_size,
+      vision__width=width, vision__depth=depth))
+  trunk.head = torch.nn.Identity()
+  for block in trunk.blocks:
+    block.attn.norm = torch.nn.Identity()  # timm's MIM models have no sub-LN in attention
+  randomize_(trunk, seed=2)
+  return {k: v for k, v in trunk.state_dict().items()}
+
+
+def test_mim_checkpoint_initialises_a_patch16_tower(tmp_path):
+  spec = ec.models.replace_spec(ec.get_model_spec('tiny'), name='b16-shaped', vision__image_size=224,
+                                vision__patch_size=16)
+  mim = _mim_state(patch=14, image_size=224)  # a 16x16 grid of 14px patches, as EVA02_B_psz14
+  mim['lm_head.weight'] = torch.zeros(3, 3)  # MIM extras are ignored
+  torch.save(mim, tmp_path / 'mim.pt')
+  model = ec.models.create_model(spec)
+  fresh_head = np.asarray(model.visual.head.kernel[...])
+  report = api.init_towers(model, visual=str(tmp_path / 'mim.pt'))
+  kernel = np.asarray(model.visual.patch_embed.kernel[...])
+  assert kernel.shape == (16, 16, 3, 64)
+  expected = F.interpolate(mim['patch_embed.proj.weight'], size=(16, 16), mode='bicubic',
+                           align_corners=False).numpy().transpose(2, 3, 1, 0)
+  np.testing.assert_allclose(kernel, expected, atol=1e-5)
+  pos = mim['pos_embed'][:, 1:].reshape(1, 16, 16, 64).permute(0, 3, 1, 2)
+  pos = F.interpolate(pos, size=(14, 14), mode='bicubic', align_corners=False).permute(0, 2, 3, 1).reshape(1, 196,
+                                                                                                          64)
+  np.testing.assert_allclose(np.asarray(model.visual.pos_embed[...])[:, 1:], pos.numpy(), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(model.visual.pos_embed[...])[:, 0], mim['pos_embed'][:, 0].numpy())
+  np.testing.assert_array_equal(np.asarray(model.visual.head.kernel[...]), fresh_head)  # skipped: fresh
+  assert 'visual/blocks/attn/inner_attn_ln/scale' in report['fresh']
+  assert 'visual/blocks/mlp/w1/kernel' in report['loaded'] and 'visual/head/kernel' in report['fresh']
+  assert not any(path.startswith('text/') for path in report['loaded'])
+  assert np.isfinite(np.asarray(model.encode_image(jnp.zeros((1, 224, 224, 3))))).all()
+
+
+def test_text_tower_from_an_openai_layout_clip(tmp_path):
+  import open_clip
+  spec = ec.get_model_spec('tiny')
+  t = spec.text
+  clip = open_clip.CLIP(32, dict(image_size=32, layers=1, width=64, patch_size=16),
+                        dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
+                             heads=t.num_heads, layers=t.depth))
+  randomize_(clip, seed=6)
+  torch.save(clip.state_dict(), tmp_path / 'clip.pt')  # OpenAI layout: text keys at the top level
+  model = ec.models.create_model(spec)
+  fresh_projection = np.asarray(model.text.text_projection[...])
+  report = api.init_towers(model, text=str(tmp_path / 'clip.pt'))
+  np.testing.assert_array_equal(np.asarray(model.text.blocks.mlp.c_fc.kernel[...])[1],
+                                clip.state_dict()['transformer.resblocks.1.mlp.c_fc.weight'].numpy().T)
+  np.testing.assert_array_equal(np.asarray(model.text.text_projection[...]), fresh_projection)
+  assert all(path.startswith('text/') for path in report['loaded'])
+
+
+def test_224_checkpoint_runs_in_the_336_model(tmp_path):
+  small = ec.models.replace_spec(ec.get_model_spec('tiny'), name='l14-224', vision__image_size=56,
+                                 vision__patch_size=14)
+  large = ec.models.replace_spec(small, name='l14-336', vision__image_size=84)
+  ref = open_clip_model(small)
+  torch.save(ref.state_dict(), tmp_path / 'l14_224.pt')
+  model = ec.create_model(large, pretrained=str(tmp_path / 'l14_224.pt'))
+  pos = ref.visual.trunk.pos_embed.detach()[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+  pos = F.interpolate(pos, size=(6, 6), mode='bicubic', align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, 64)
+  np.testing.assert_allclose(np.asarray(model.visual.pos_embed[...])[:, 1:], pos.numpy(), atol=1e-5)
+  out = model.encode_image(jnp.asarray(np.random.default_rng(0).normal(size=(2, 84, 84, 3)), jnp.float32))
+  assert out.shape == (2, 64) and np.isfinite(np.asarray(out)).all()
+
+
+def test_hub_ids_fail_clearly_without_network(monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  with pytest.raises(RuntimeError, match='could not fetch hf-hub:timm/EVA02-B-16'):
+    ec.create_model('tiny', pretrained='hf-hub:timm/EVA02-B-16')
+
+
+def test_missing_file_and_wrong_model_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no checkpoint file'):
+    ec.create_model('tiny', pretrained=str(tmp_path / 'nope.pt'))
+  from eva_clip_jax.conversion import orbax_io
+  orbax_io.save_params(model_params(ec.create_model('tiny')), str(tmp_path / 'tiny_dir'), model_name='tiny')
+  with pytest.raises(ValueError, match='holds tiny parameters, not EVA02-CLIP-B-16'):
+    api.read_params(str(tmp_path / 'tiny_dir'), ec.get_model_spec('EVA02-CLIP-B-16'))
+
+
+def test_command_line_both_ways(tmp_path):
+  spec = ec.get_model_spec('tiny')
+  ref = open_clip_model(spec, seed=8)
+  save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / 'in.safetensors'))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'eva_clip_jax.convert', '--model=tiny', *args],
+                                     check=True, capture_output=True, text=True, env=env)
+  run(f'--src={tmp_path}/in.safetensors', f'--dst={tmp_path}/jax')
+  run(f'--src={tmp_path}/jax', f'--dst={tmp_path}/out.pt', '--layout=eva')
+  back = torch.load(tmp_path / 'out.pt', weights_only=True)
+  np.testing.assert_array_equal(back['visual.blocks.1.mlp.w1.weight'].numpy(),
+                                ref.state_dict()['visual.trunk.blocks.1.mlp.fc1_g.weight'].numpy())
+  failed = subprocess.run([sys.executable, '-m', 'eva_clip_jax.convert', '--model=tiny', f'--src={tmp_path}/jax',
+                           f'--dst={tmp_path}/out.pt', '--layout=eva'], capture_output=True, text=True, env=env)
+  assert failed.returncode != 0 and 'exists' in failed.stderr
