@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-SKIP_ON_INIT = ('visual.head', 'text.text_projection', 'logit_scale')  # start fresh, as the reference does
+from eva_clip_jax.conversion.layouts import SKIP_ON_INIT
 
 
 def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_decay: float,

@@ -277,7 +277,10 @@ def test_224_checkpoint_runs_in_the_336_model(tmp_path):
 
 
 def test_hub_ids_fail_clearly_without_network(monkeypatch):
+  import huggingface_hub
+  # The flag is read when huggingface_hub is imported (open_clip may have imported it already): set both.
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
   with pytest.raises(RuntimeError, match='could not fetch hf-hub:timm/EVA02-B-16'):
     ec.create_model('tiny', pretrained='hf-hub:timm/EVA02-B-16')
 
@@ -306,3 +309,20 @@ def test_command_line_both_ways(tmp_path):
   failed = subprocess.run([sys.executable, '-m', 'eva_clip_jax.convert', '--model=tiny', f'--src={tmp_path}/jax',
                            f'--dst={tmp_path}/out.pt', '--layout=eva'], capture_output=True, text=True, env=env)
   assert failed.returncode != 0 and 'exists' in failed.stderr
+
+
+def test_config_init_block_drives_tower_init(tmp_path):
+  from ml_collections import config_flags  # noqa: F401  (configs are ml_collections)
+  import importlib.util
+  spec_file = importlib.util.spec_from_file_location('b16', os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                                                         'b16.py'))
+  module = importlib.util.module_from_spec(spec_file)
+  spec_file.loader.exec_module(module)
+  config = module.get_config()
+  model = ec.models.create_model('tiny')
+  with pytest.raises(FileNotFoundError, match='--config.init.visual=/path/to/EVA02_B_psz14to16'):
+    api.init_from_config(model, config.init)
+  torch.save(_mim_state(patch=8, image_size=64), tmp_path / 'mim.pt')
+  config.init.visual, config.init.text = str(tmp_path / 'mim.pt'), ''
+  report = api.init_from_config(model, config.init)
+  assert 'visual/blocks/norm1/scale' in report['loaded'] and 'logit_scale' in report['fresh']

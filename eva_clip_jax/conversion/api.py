@@ -23,7 +23,7 @@ from eva_clip_jax.conversion.params import assign_params, model_params
 from eva_clip_jax.models.registry import ModelSpec, get_model_spec
 from eva_clip_jax.models.rope import rope_2d_tables
 
-SKIP_ON_INIT = ('visual.head', 'text.text_projection', 'logit_scale')
+SKIP_ON_INIT = layouts.SKIP_ON_INIT
 # Buffers the reference stores beside its parameters; recomputed or not needed here.
 IGNORED_SUFFIXES = ('rope.freqs_cos', 'rope.freqs_sin', 'attn_mask', 'attn.k_bias')
 
@@ -205,6 +205,16 @@ def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | Non
   assign_params(model, _unflatten(flat), allow_missing=True)
   all_paths = _flatten(model_params(model))
   return {'loaded': sorted(flat), 'fresh': sorted(set(all_paths) - set(flat))}
+
+
+def init_from_config(model: nnx.Module, init_config: Mapping[str, Any]) -> dict[str, list[str]]:
+  """`init_towers` driven by a config's `init` block (`visual`, `text`, `skip`); empty names are skipped."""
+  visual, text = init_config.get('visual') or None, init_config.get('text') or None
+  for tower, source in (('visual', visual), ('text', text)):
+    if source and not os.path.exists(source):
+      raise FileNotFoundError(f'config.init.{tower} = {source!r} is not a file. Download the checkpoint it names '
+                              f'and pass its path: --config.init.{tower}=/path/to/{os.path.basename(source)}.pt')
+  return init_towers(model, visual=visual, text=text, skip=tuple(init_config.get('skip', SKIP_ON_INIT)))
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
