@@ -14,4 +14,10 @@ def get_config(arg=None):
       patch_dropout=0.5,
   )
   config.model.dtype = 'float32'  # CPUs have no fast 16-bit matmuls
+  # The demo set, as `python -m eva_clip_jax.data.demo --dst=demo_data` writes it.
+  config.evals = dict(
+      demo_shapes=dict(kind='zero_shot', data='demo_data/val', format='shards', classnames='demo_data/classnames.txt',
+                       templates='demo_data/templates.txt', batch_size=128, every_steps=100),
+      demo_retrieval=dict(kind='retrieval', data='demo_data/val.csv', format='csv', batch_size=128, every_steps=100),
+  )
   return apply_variant(config, arg)

@@ -30,6 +30,15 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
       patch_dropout=patch_dropout,  # FLIP-style random masking of patch tokens during training
   ))
   config.init = ml_collections.ConfigDict(dict(visual=visual_init, text=text_init, skip=SKIP_ON_INIT))
+  config.pretrained = ''  # weights for evaluation: a PyTorch file, a converted directory or hf-hub:...
+
+  # Zero-shot evaluations (eva_clip_jax.evaluation); set `data` to run one, e.g.
+  # --config.evals.imagenet.data=/data/imagenet/val. every_steps: also run during training.
+  config.evals = ml_collections.ConfigDict(dict(
+      imagenet=dict(kind='zero_shot', data='', format='folder', classnames='imagenet', templates='openai',
+                    batch_size=256, every_steps=0),
+      flickr30k=dict(kind='retrieval', data='', format='csv', batch_size=256, every_steps=0),
+  ))
 
   config.optimizer = ml_collections.ConfigDict(dict(
       name='lamb',  # LAMB as DeepSpeed ran it: trust ratio clamped to [0.01, 10], bias correction on

@@ -17,7 +17,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _to_normalized_array(image: Image.Image, mean, std) -> np.ndarray:
+def normalize(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
+  """RGB, [0, 1], then (x - mean) / std per channel, as a float32 [H, W, 3] array."""
   array = np.asarray(image.convert('RGB'), dtype=np.float32) / 255.0
   return (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
@@ -71,12 +72,12 @@ def image_transform(image_size: int, is_train: bool = False, mean=OPENAI_MEAN, s
     def train_transform(image: Image.Image) -> np.ndarray:
       left, top, w, h = random_resized_crop_box(image.size[0], image.size[1], rng, scale=scale)
       crop = image.convert('RGB').crop((left, top, left + w, top + h))
-      return _to_normalized_array(crop.resize((image_size, image_size), Image.BICUBIC), mean, std)
+      return normalize(crop.resize((image_size, image_size), Image.BICUBIC), mean, std)
 
     return train_transform
 
   def eval_transform(image: Image.Image) -> np.ndarray:
     image = center_crop(resize_short_side(image.convert('RGB'), image_size), image_size)
-    return _to_normalized_array(image, mean, std)
+    return normalize(image, mean, std)
 
   return eval_transform

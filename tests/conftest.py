@@ -2,7 +2,15 @@ import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import jax  # noqa: E402
+
+# Eight fake CPU devices, for the sharding tests; unsharded code keeps running on the first.
+jax.config.update('jax_num_cpu_devices', 8)
+
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS(['pytest'])  # grain's worker processes read absl flags
 
 from eva_clip_jax.models import get_model_spec, replace_spec  # noqa: E402
 

@@ -1,0 +1,127 @@
+"""The bundled demo set: coloured shapes with captions, drawn deterministically (no download, no files shipped).
+
+  python -m eva_clip_jax.data.demo --dst=demo_data
+
+Each image is a shape (8 classes) in one of 6 colours on a textured background of another colour, at a random
+position, size and rotation, with a caption from several phrasings ("a red star on a blue background"). Written
+as webdataset shards through `ShardWriter`:
+
+  DST/train/{00000..00003}.tar   2,048 samples
+  DST/val/00000.tar              512 held-out samples, with class labels (the shape)
+  DST/val.csv                    the held-out images' captions (retrieval), DST/images/ their files
+  DST/classnames.txt, DST/templates.txt   zero-shot classification of the shape
+
+The images are synthetic: drawn here with Pillow from a fixed seed, so every machine makes the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from eva_clip_jax.data.writer import ShardWriter
+
+SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross', 'ring', 'hexagon')
+COLORS = {'red': (220, 30, 30), 'green': (30, 170, 60), 'blue': (40, 70, 220), 'yellow': (240, 210, 20),
+          'purple': (140, 50, 180), 'orange': (250, 130, 20)}
+TEMPLATES = ('a photo of a {}.', 'a drawing of a {}.', 'a {} shape.', 'a picture of a {}.')
+CAPTIONS = ('a {color} {shape}', 'a {color} {shape} on a {background} background',
+            'a picture of a {color} {shape}', '{color} {shape}, {size}', 'a {size} {color} {shape}')
+IMAGE_SIZE = 80
+
+
+def _polygon(cx, cy, radius, sides, rotation, inner=None):
+  points = []
+  count = sides * (2 if inner else 1)
+  for i in range(count):
+    r = radius if not inner or i % 2 == 0 else radius * inner
+    angle = rotation + 2 * math.pi * i / count
+    points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+  return points
+
+
+def draw_sample(rng: np.random.Generator) -> tuple[Image.Image, dict]:
+  shape = SHAPES[rng.integers(len(SHAPES))]
+  names = list(COLORS)
+  color = names[rng.integers(len(names))]
+  background = names[(names.index(color) + 1 + rng.integers(len(names) - 1)) % len(names)]
+  base = np.array(COLORS[background], np.float32) * 0.35 + 160  # pale background, still named by its hue
+  pixels = base + rng.normal(0, 12, (IMAGE_SIZE, IMAGE_SIZE, 3))
+  image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(image)
+  radius = float(rng.uniform(14, 30))
+  cx, cy = (float(rng.uniform(radius + 2, IMAGE_SIZE - radius - 2)) for _ in range(2))
+  rotation = float(rng.uniform(0, 2 * math.pi))
+  fill = COLORS[color]
+  if shape == 'circle':
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+  elif shape == 'ring':
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), outline=fill, width=max(3, int(radius / 3)))
+  elif shape == 'cross':
+    w = radius / 3
+    draw.rectangle((cx - radius, cy - w, cx + radius, cy + w), fill=fill)
+    draw.rectangle((cx - w, cy - radius, cx + w, cy + radius), fill=fill)
+  else:
+    sides, inner, rot = {'square': (4, None, math.pi / 4), 'triangle': (3, None, -math.pi / 2),
+                         'diamond': (4, None, 0.0), 'star': (5, 0.45, -math.pi / 2),
+                         'hexagon': (6, None, 0.0)}[shape]
+    if shape in ('star', 'hexagon', 'triangle'):
+      rot += rotation
+    draw.polygon(_polygon(cx, cy, radius, sides, rot, inner), fill=fill)
+  size = 'large' if radius > 24 else 'small' if radius < 18 else 'medium-sized'
+  meta = {'shape': shape, 'color': color, 'background': background, 'size': size,
+          'label': SHAPES.index(shape)}
+  return image, meta
+
+
+def _jpeg(image: Image.Image) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format='JPEG', quality=90)
+  return buffer.getvalue()
+
+
+def write_demo_set(dst: str, *, num_train: int = 2048, num_val: int = 512, samples_per_shard: int = 512,
+                   seed: int = 0) -> dict[str, str]:
+  """Draws the demo set into `dst` (see the module docstring). Returns the paths of its parts."""
+  rng = np.random.default_rng(seed)
+  with ShardWriter(os.path.join(dst, 'train'), samples_per_shard) as writer:
+    for i in range(num_train):
+      image, meta = draw_sample(rng)
+      caption = CAPTIONS[rng.integers(len(CAPTIONS))].format(**meta)
+      writer.write(f'{i:06d}', _jpeg(image), 'jpg', caption, label=meta['label'], meta=meta)
+  os.makedirs(os.path.join(dst, 'images'), exist_ok=True)
+  rows = ['path,caption,label']
+  with ShardWriter(os.path.join(dst, 'val'), num_val) as writer:
+    for i in range(num_val):
+      image, meta = draw_sample(rng)
+      caption = f"a {meta['color']} {meta['shape']} on a {meta['background']} background"
+      data = _jpeg(image)
+      writer.write(f'{i:06d}', data, 'jpg', caption, label=meta['label'], meta=meta)
+      with open(os.path.join(dst, 'images', f'{i:06d}.jpg'), 'wb') as f:
+        f.write(data)
+      rows.append(f'images/{i:06d}.jpg,{caption},{meta["label"]}')
+  with open(os.path.join(dst, 'val.csv'), 'w') as f:
+    f.write('\n'.join(rows) + '\n')
+  with open(os.path.join(dst, 'classnames.txt'), 'w') as f:
+    f.write('\n'.join(SHAPES) + '\n')
+  with open(os.path.join(dst, 'templates.txt'), 'w') as f:
+    f.write('\n'.join(TEMPLATES) + '\n')
+  return {'train': os.path.join(dst, 'train'), 'val': os.path.join(dst, 'val'),
+          'val_csv': os.path.join(dst, 'val.csv'), 'classnames': os.path.join(dst, 'classnames.txt'),
+          'templates': os.path.join(dst, 'templates.txt')}
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  _DST = flags.DEFINE_string('dst', 'demo_data', 'output folder')
+
+  def main(argv):
+    del argv
+    parts = write_demo_set(_DST.value)
+    print('\n'.join(f'{k}: {v}' for k, v in parts.items()))
+
+  app.run(main)

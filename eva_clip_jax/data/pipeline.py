@@ -1,0 +1,215 @@
+"""grain input pipelines: webdataset shards -> decoded, augmented, tokenised, batched examples.
+
+Training: each process takes its share of the shards (shards[process_index::process_count]); the shard order
+is reshuffled every epoch from the seed; several shards are read at once (interleave) and a sample buffer
+shuffles across them; sources mix by weight; decoding runs in `num_workers` processes. Evaluation: one pass,
+in order, last batch kept.
+
+Samples that cannot be used (truncated tar, undecodable image, missing or non-UTF-8 or empty caption) are
+dropped and counted: every example carries `skipped`, the number of samples of each reason in SKIP_REASONS
+dropped since the previous good one, so counts survive worker processes and batching (sum over the batch).
+A finite pass that ends in bad samples yields one placeholder example with `valid` False and label -1.
+
+The iterator is checkpointable: `it.get_state()` / `it.set_state(state)` resume with exactly the next batches.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from eva_clip_jax import transforms
+from eva_clip_jax.data.shards import ERROR_KEY, TarShardIterDataset, list_shards
+from eva_clip_jax.tokenizer import get_tokenizer
+
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
+SKIP_REASONS = ('corrupt_tar', 'missing_image', 'bad_image', 'missing_caption', 'bad_caption', 'empty_caption')
+SKIP_KEY = '__skip__'
+
+
+class _EpochShuffledShards(grain.MapDataset):
+  """Shard paths for `num_epochs` epochs, each epoch in its own seeded order."""
+
+  def __init__(self, shards: Sequence[str], seed: int, num_epochs: int, shuffle: bool):
+    super().__init__()
+    self._shards, self._seed, self._num_epochs, self._shuffle = list(shards), seed, num_epochs, shuffle
+
+  def __len__(self) -> int:
+    return len(self._shards) * self._num_epochs
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, position = divmod(index, len(self._shards))
+    if not self._shuffle:
+      return self._shards[position]
+    order = np.random.default_rng([self._seed, epoch]).permutation(len(self._shards))
+    return self._shards[order[position]]
+
+
+def _decode_image(data: bytes) -> Image.Image:
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decodes now, so truncated or corrupt files fail here
+  return image.convert('RGB')
+
+
+class DecodeSample(grain.transforms.RandomMap):
+  """Raw shard sample -> {'image' [S, S, 3] float32, 'text' [L] int32, 'label' int32} or a skip record."""
+
+  def __init__(self, image_size: int, context_length: int, is_train: bool, scale=(0.9, 1.0)):
+    self.image_size, self.context_length, self.is_train, self.scale = image_size, context_length, is_train, scale
+    self._eval_transform = transforms.image_transform(image_size, is_train=False)
+
+  def random_map(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if ERROR_KEY in sample:
+      return {SKIP_KEY: sample[ERROR_KEY]}
+    image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if image_ext is None:
+      return {SKIP_KEY: 'missing_image'}
+    if 'txt' not in sample:
+      return {SKIP_KEY: 'missing_caption'}
+    try:
+      caption = sample['txt'].decode('utf-8')
+    except UnicodeDecodeError:
+      return {SKIP_KEY: 'bad_caption'}
+    if not caption.strip():
+      return {SKIP_KEY: 'empty_caption'}
+    try:
+      image = _decode_image(sample[image_ext])
+    except Exception:  # pylint: disable=broad-except  (PIL raises many types for bad files)
+      return {SKIP_KEY: 'bad_image'}
+    if self.is_train:
+      left, top, w, h = transforms.random_resized_crop_box(image.size[0], image.size[1], rng, scale=self.scale)
+      crop = image.crop((left, top, left + w, top + h)).resize((self.image_size, self.image_size), Image.BICUBIC)
+      pixels = transforms.normalize(crop)
+    else:
+      pixels = self._eval_transform(image)
+    tokens = get_tokenizer(context_length=self.context_length)([caption])[0]
+    return {'image': pixels, 'text': tokens, 'label': np.int32(_label(sample))}
+
+
+def _label(sample: dict[str, Any]) -> int:
+  """The class index from `KEY.cls`, or `label` in `KEY.json`; -1 when the sample has none."""
+  try:
+    if 'cls' in sample:
+      return int(sample['cls'].decode().strip())
+    if 'json' in sample:
+      return int(json.loads(sample['json']).get('label', -1))
+  except (ValueError, UnicodeDecodeError, AttributeError):
+    pass
+  return -1
+
+
+class _SkipAndCountIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self._template: dict[str, Any] | None = None
+    self._done = False
+
+  def __next__(self) -> dict[str, Any]:
+    if self._done:
+      raise StopIteration
+    counts = np.zeros(len(SKIP_REASONS), np.int32)
+    while True:
+      try:
+        element = next(self._parent)
+      except StopIteration:
+        if counts.any() and self._template is not None:
+          # A finite pass that ends in bad samples: one placeholder (valid=False, label -1) carries their count.
+          self._done = True
+          return {**{k: np.zeros_like(v) for k, v in self._template.items()}, 'label': np.int32(-1),
+                  'valid': np.bool_(False), 'skipped': counts}
+        raise
+      if SKIP_KEY in element:
+        counts[SKIP_REASONS.index(element[SKIP_KEY])] += 1
+        continue
+      if self._template is None:
+        self._template = {k: v for k, v in element.items() if k in ('image', 'text')}
+      element['valid'] = np.bool_(True)
+      element['skipped'] = counts
+      return element
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+class SkipAndCountIterDataset(grain.IterDataset):
+  """Drops skip records, attaching their per-reason counts to the next good example."""
+
+  def __iter__(self):
+    return _SkipAndCountIterator(self._parent.__iter__())
+
+
+def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, batch_size: int, image_size: int,
+                 context_length: int = 77, is_train: bool = True, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1, num_epochs: int | None = None, shuffle_buffer: int = 1000,
+                 cycle_length: int = 4, num_workers: int = 0) -> grain.IterDataset:
+  """A batched grain dataset over webdataset shards.
+
+  Args:
+    sources: a shard pattern ('data/{00000..00099}.tar', a glob, a directory), a list of them (one source), or
+      [(pattern, weight), ...] to mix sources by sampling weight (the paper's LAION-2B + COYO-700M).
+    batch_size: examples per batch on this process.
+    num_epochs: passes over the shards; None means 1 for evaluation and (practically) unbounded for training.
+  """
+  if isinstance(sources, str) or (sources and isinstance(sources[0], str)):
+    sources = [(sources, 1.0)]  # one source, however many patterns
+  if not is_train and len(sources) > 1:
+    raise ValueError('a weighted mixture of sources is for training; evaluate each source on its own')
+  if num_epochs is None:
+    num_epochs = 100_000 if is_train else 1
+  datasets, weights = [], []
+  for index, (pattern, weight) in enumerate(sources):
+    shards = list_shards(pattern)
+    mine = shards[process_index::process_count]
+    if len(shards) < process_count:  # checked on every process, so all of them fail alike
+      raise ValueError(f'{pattern!r} has {len(shards)} shards, fewer than the {process_count} processes reading '
+                       'it: write more, smaller shards')
+    shard_paths = _EpochShuffledShards(mine, seed + 1000 * index, num_epochs, shuffle=is_train)
+    ds = grain.experimental.InterleaveIterDataset(shard_paths.map(TarShardIterDataset),
+                                                  cycle_length=min(cycle_length, len(mine)) if is_train else 1)
+    if is_train and shuffle_buffer > 1:
+      ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_buffer, seed=seed + index)
+    datasets.append(ds)
+    weights.append(float(weight))
+  ds = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
+  ds = ds.random_map(DecodeSample(image_size, context_length, is_train), seed=seed)
+  ds = SkipAndCountIterDataset(ds)
+  ds = ds.batch(batch_size, drop_remainder=is_train)
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+def make_synthetic_dataset(*, batch_size: int, image_size: int, context_length: int = 77, seed: int = 0,
+                           num_batches: int = 1_000_000) -> grain.MapDataset:
+  """Random images and token ids at full speed (one batch made once, served `num_batches` times)."""
+  rng = np.random.default_rng(seed)
+  batch = {
+      'image': rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+      'text': np.concatenate([np.full((batch_size, 1), 49406),
+                              rng.integers(1, 49406, (batch_size, context_length - 2)),
+                              np.full((batch_size, 1), 49407)], axis=1).astype(np.int32),
+      'label': np.full((batch_size,), -1, np.int32),
+      'valid': np.ones((batch_size,), bool),
+      'skipped': np.zeros((batch_size, len(SKIP_REASONS)), np.int32),
+  }
+  return grain.MapDataset.range(num_batches).map(lambda _: batch)
+
+
+def skipped_counts(batch: dict[str, Any]) -> dict[str, int]:
+  """{'skipped/bad_image': n, ...} for a batch, ready for the training metrics."""
+  totals = np.asarray(batch['skipped']).sum(axis=0)
+  return {f'skipped/{reason}': int(n) for reason, n in zip(SKIP_REASONS, totals)}

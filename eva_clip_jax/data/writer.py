@@ -1,0 +1,130 @@
+"""Writing webdataset shards: `KEY.jpg|png|webp` + `KEY.txt` (+ `KEY.cls`, `KEY.json`), N samples per tar.
+
+  python -m eva_clip_jax.data.writer --src=photos/ --dst=shards/ --samples_per_shard=1000
+  python -m eva_clip_jax.data.writer --src=captions.csv --dst=shards/
+
+A folder holds images with a caption file of the same name (`cat.jpg` + `cat.txt`); a CSV has columns `path`,
+`caption` and optionally `label`. Each shard is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+import time
+from typing import Any
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
+
+
+class ShardWriter:
+  """`with ShardWriter(dst) as w: w.write(key, image_bytes, 'jpg', caption, label=3)`."""
+
+  def __init__(self, directory: str, samples_per_shard: int = 1000, prefix: str = ''):
+    if samples_per_shard < 1:
+      raise ValueError(f'samples_per_shard must be positive, got {samples_per_shard}')
+    self.directory, self.samples_per_shard, self.prefix = directory, samples_per_shard, prefix
+    os.makedirs(directory, exist_ok=True)
+    self.shards: list[str] = []
+    self.count = 0
+    self._tar: tarfile.TarFile | None = None
+    self._tmp = ''
+
+  def _add(self, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    self._tar.addfile(info, io.BytesIO(data))
+
+  def write(self, key: str, image: bytes, image_ext: str, caption: str, *, label: int | None = None,
+            meta: dict[str, Any] | None = None) -> None:
+    if self._tar is None or self.count % self.samples_per_shard == 0:
+      self._finish_shard()
+      path = os.path.join(self.directory, f'{self.prefix}{len(self.shards):05d}.tar')
+      self._tmp = path + '.tmp'
+      self._tar = tarfile.open(self._tmp, 'w')
+      self.shards.append(path)
+    self._add(f'{key}.{image_ext.lstrip(".").lower()}', image)
+    self._add(f'{key}.txt', caption.encode('utf-8'))
+    if label is not None:
+      self._add(f'{key}.cls', str(int(label)).encode())
+    if meta is not None:
+      self._add(f'{key}.json', json.dumps(meta).encode())
+    self.count += 1
+
+  def _finish_shard(self) -> None:
+    if self._tar is not None:
+      self._tar.close()
+      os.replace(self._tmp, self.shards[-1])
+      self._tar = None
+
+  def close(self) -> None:
+    self._finish_shard()
+
+  def __enter__(self) -> 'ShardWriter':
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    if exc_type is not None and self._tar is not None:  # leave no half-written shard behind
+      self._tar.close()
+      os.remove(self._tmp)
+      self.shards.pop()
+      self._tar = None
+    self.close()
+
+
+def _read(path: str) -> bytes:
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def write_from_folder(src: str, dst: str, samples_per_shard: int = 1000) -> list[str]:
+  """Images with same-named .txt captions under `src` (recursively) -> shards in `dst`."""
+  pairs = []
+  for root, _, files in sorted(os.walk(src)):
+    for name in sorted(files):
+      stem, suffix = os.path.splitext(name)
+      caption = os.path.join(root, stem + '.txt')
+      if suffix.lower() in IMAGE_SUFFIXES and os.path.exists(caption):
+        pairs.append((os.path.join(root, name), caption))
+  if not pairs:
+    raise FileNotFoundError(f'no image with a same-named .txt caption under {src}')
+  with ShardWriter(dst, samples_per_shard) as writer:
+    for index, (image, caption) in enumerate(pairs):
+      with open(caption, encoding='utf-8') as f:
+        writer.write(f'{index:09d}', _read(image), os.path.splitext(image)[1], f.read().strip())
+  return writer.shards
+
+
+def write_from_csv(src: str, dst: str, samples_per_shard: int = 1000) -> list[str]:
+  """A CSV with columns path, caption[, label] (paths relative to the CSV's folder) -> shards in `dst`."""
+  base = os.path.dirname(os.path.abspath(src))
+  with open(src, newline='', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  if not rows or not {'path', 'caption'} <= set(rows[0]):
+    raise ValueError(f'{src} needs a header with columns path and caption (and optionally label)')
+  with ShardWriter(dst, samples_per_shard) as writer:
+    for index, row in enumerate(rows):
+      path = os.path.join(base, row['path'])
+      label = int(row['label']) if row.get('label') not in (None, '') else None
+      writer.write(f'{index:09d}', _read(path), os.path.splitext(path)[1], row['caption'], label=label)
+  return writer.shards
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  src, dst, n = flags.FLAGS.src, flags.FLAGS.dst, flags.FLAGS.samples_per_shard
+  shards = write_from_csv(src, dst, n) if src.endswith('.csv') else write_from_folder(src, dst, n)
+  print(f'wrote {len(shards)} shards to {dst}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('src', None, 'a folder of images + .txt captions, or a CSV (path, caption[, label])',
+                      required=True)
+  flags.DEFINE_string('dst', None, 'output folder for the .tar shards', required=True)
+  flags.DEFINE_integer('samples_per_shard', 1000, 'samples per shard')
+  app.run(main)
