@@ -19,8 +19,13 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def normalize(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
   """RGB, [0, 1], then (x - mean) / std per channel, as a float32 [H, W, 3] array."""
-  array = np.asarray(image.convert('RGB'), dtype=np.float32) / 255.0
-  return (array - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  array = np.asarray(image.convert('RGB')).astype(np.float32)  # via uint8: PIL -> float directly is slow
+  # (x / 255 - mean) / std as one multiply and one subtract, in place.
+  scale = (1.0 / (255.0 * np.asarray(std, np.float64))).astype(np.float32)
+  shift = (np.asarray(mean, np.float64) / np.asarray(std, np.float64)).astype(np.float32)
+  array *= scale
+  array -= shift
+  return array
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -71,8 +76,8 @@ def image_transform(image_size: int, is_train: bool = False, mean=OPENAI_MEAN, s
 
     def train_transform(image: Image.Image) -> np.ndarray:
       left, top, w, h = random_resized_crop_box(image.size[0], image.size[1], rng, scale=scale)
-      crop = image.convert('RGB').crop((left, top, left + w, top + h))
-      return normalize(crop.resize((image_size, image_size), Image.BICUBIC), mean, std)
+      out = image.convert('RGB').resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + w, top + h))
+      return normalize(out, mean, std)
 
     return train_transform
 

@@ -88,8 +88,8 @@ class DecodeSample(grain.transforms.RandomMap):
       return {SKIP_KEY: 'bad_image'}
     if self.is_train:
       left, top, w, h = transforms.random_resized_crop_box(image.size[0], image.size[1], rng, scale=self.scale)
-      crop = image.crop((left, top, left + w, top + h)).resize((self.image_size, self.image_size), Image.BICUBIC)
-      pixels = transforms.normalize(crop)
+      box = (left, top, left + w, top + h)
+      pixels = transforms.normalize(image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box))
     else:
       pixels = self._eval_transform(image)
     tokens = get_tokenizer(context_length=self.context_length)([caption])[0]

@@ -1,0 +1,134 @@
+"""Zero-shot classification, retrieval and sharded feature extraction, on fixtures whose answers are known."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import eva_clip_jax as ec
+from eva_clip_jax.data import demo
+from eva_clip_jax.evaluation import (FeatureExtractor, data_mesh, evaluate_zero_shot, retrieval_recall,
+                                     topk_accuracy, zero_shot_classifier)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_topk_accuracy_by_hand():
+  logits = np.array([[0.1, 0.9, 0.0, 0.2],   # label 1: top-1 hit
+                     [0.8, 0.1, 0.3, 0.2],   # label 2: second -> top-2 hit only
+                     [0.0, 0.1, 0.2, 0.3]])  # label 0: last -> miss at k <= 3
+  labels = np.array([1, 2, 0])
+  assert topk_accuracy(logits, labels, ks=(1, 2, 4)) == {'top1': 1 / 3, 'top2': 2 / 3, 'top4': 1.0}
+
+
+def test_recall_at_k_by_hand():
+  # 3 images, 5 captions: image 0 has captions 0, 1; image 1 has 2, 3; image 2 has 4.
+  images = np.eye(3)
+  texts = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0], [0.9, 0.8, 0], [0, 0, 0.5]])
+  text_to_image = [0, 0, 1, 1, 2]
+  r = retrieval_recall(images, texts, text_to_image, ks=(1, 2))
+  # text->image ranks: t0->img0 rank 0; t1 (best img2) -> img0 rank 1; t2 -> img1 rank 0;
+  # t3 scores (0.9, 0.8, 0) -> img1 rank 1; t4 -> img2 rank 0.
+  assert r['text_to_image_R@1'] == pytest.approx(3 / 5) and r['text_to_image_R@2'] == 1.0
+  # image->text: img0 best caption t0 rank 0 (t3 0.9 < 1.0); img1 sims (0,0,1,0.8,0): t2 rank 0;
+  # img2 sims (0,1,0,0,0.5): t4 rank 1 (t1 beats it).
+  assert r['image_to_text_R@1'] == pytest.approx(2 / 3) and r['image_to_text_R@2'] == 1.0
+  with pytest.raises(ValueError, match='at least one caption'):
+    retrieval_recall(images, texts[:4], [0, 0, 1, 1])
+
+
+class _KnownTextFeatures:
+  """A stand-in extractor: every prompt's feature is fixed by its class and template, so the classifier and
+  the accuracy can be worked out by hand."""
+
+  def __init__(self, table):
+    self.table = table
+
+  def texts(self, prompts):
+    return np.stack([self.table[p] for p in prompts])
+
+  def images_from(self, batches):
+    batches = list(batches)
+    return np.concatenate([b['image'] for b in batches]), [{'label': b['label']} for b in batches]
+
+
+def test_zero_shot_classifier_averages_templates_and_renormalises():
+  table = {'a cat': np.array([1.0, 0.0]), 'the cat': np.array([0.0, 1.0]),
+           'a dog': np.array([-1.0, 0.0]), 'the dog': np.array([-1.0, 0.0])}
+  extractor = _KnownTextFeatures(table)
+  classifier = zero_shot_classifier(extractor, lambda prompts: prompts, ['cat', 'dog'], ['a {}', 'the {}'])
+  np.testing.assert_allclose(classifier[:, 0], [np.sqrt(0.5), np.sqrt(0.5)])  # mean (0.5, 0.5), renormalised
+  np.testing.assert_allclose(classifier[:, 1], [-1.0, 0.0])
+  images = np.array([[1.0, 1.0], [0.2, 1.0], [-1.0, 0.1], [-0.1, -1.0]])
+  labels = np.array([0, 0, 1, 1])  # the last image sits closer to 'dog' (-0.1) than to 'cat' (-0.78): a hit
+  result = evaluate_zero_shot(extractor, lambda p: p, [{'image': images, 'label': labels}], ['cat', 'dog'],
+                              ['a {}', 'the {}'])
+  assert result['top1'] == 1.0 and result['num_samples'] == 4
+  with pytest.raises(ValueError, match="must contain"):
+    zero_shot_classifier(extractor, lambda p: p, ['cat'], ['no placeholder'])
+
+
+def test_features_on_8_devices_equal_one_device():
+  assert jax.device_count() == 8
+  model = ec.create_model('tiny', seed=2)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(13, 64, 64, 3)).astype(np.float32)  # not a multiple of 8: padded and trimmed
+  tokens = ec.tokenize([f'caption {i}' for i in range(11)], 32)
+  sharded = FeatureExtractor(model, data_mesh())
+  single = FeatureExtractor(model, data_mesh(jax.devices()[:1]))
+  np.testing.assert_allclose(sharded.images(images), single.images(images), atol=1e-5)
+  np.testing.assert_allclose(sharded.texts(tokens), single.texts(tokens), atol=1e-5)
+  assert sharded.images(images).shape == (13, 64)
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp('demo')
+  demo.write_demo_set(str(root / 'demo_data'), num_train=16, num_val=64, samples_per_shard=16)
+  return root
+
+
+def test_evaluate_command_on_the_demo_set(demo_root):
+  out = demo_root / 'results.json'
+  result = subprocess.run([sys.executable, '-m', 'eva_clip_jax.evaluate', f'--config={ROOT}/configs/tiny.py',
+                           f'--output={out}'], cwd=demo_root, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  metrics = json.loads(out.read_text())
+  assert metrics['demo_shapes/num_samples'] == 64
+  for key in ('demo_shapes/top1', 'demo_shapes/top5', 'demo_retrieval/image_to_text_R@1',
+              'demo_retrieval/text_to_image_R@10'):
+    assert 0.0 <= metrics[key] <= 1.0
+  assert 'demo_shapes/top1' in result.stdout  # the table
+
+
+def test_zero_shot_notebook_runs(demo_root, monkeypatch):
+  notebook = json.load(open(os.path.join(ROOT, 'colabs', 'zero_shot_eval.ipynb')))
+  monkeypatch.chdir(demo_root)
+  scope = {}
+  for cell in notebook['cells']:
+    if cell['cell_type'] == 'code':
+      exec(compile(''.join(cell['source']), 'zero_shot_eval.ipynb', 'exec'), scope)  # pylint: disable=exec-used
+  assert 0.0 <= scope['results']['demo/top1'] <= 1.0 and 'demo_retrieval/text_to_image_R@1' in scope['results']
+  assert scope['probs'].shape == (4, 3)
+
+
+def test_tfds_split_is_read_through_tensorflow_datasets(monkeypatch):
+  """tensorflow-datasets is optional; a stand-in module checks the calls and the conversion."""
+  import types
+  from eva_clip_jax.evaluation import datasets
+  calls = {}
+  examples = [{'image': np.full((40, 50, 3), i * 50, np.uint8), 'label': i} for i in range(3)]
+  fake = types.SimpleNamespace(
+      load=lambda name, **kw: calls.update(name=name, **kw) or examples,
+      as_numpy=lambda ds: iter(ds))
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
+  batches = list(datasets.tfds_batches('imagenet2012', 32, batch_size=2, data_dir='/data/tfds'))
+  assert calls == {'name': 'imagenet2012', 'split': 'validation', 'data_dir': '/data/tfds', 'download': False,
+                   'shuffle_files': False}
+  assert [b['image'].shape for b in batches] == [(2, 32, 32, 3), (1, 32, 32, 3)]
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), [0, 1, 2])
