@@ -30,6 +30,12 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
       patch_dropout=patch_dropout,  # FLIP-style random masking of patch tokens during training
   ))
   config.init = ml_collections.ConfigDict(dict(visual=visual_init, text=text_init, skip=SKIP_ON_INIT))
+  # Training data: webdataset shard patterns and their sampling weights. The paper's Merged-2B is 1.6B
+  # LAION-2B + 0.4B COYO-700M samples, hence 0.8 / 0.2. Set the patterns to your copies.
+  config.data = ml_collections.ConfigDict(dict(
+      sources=(('', 0.8), ('', 0.2)),  # e.g. ('/data/laion2b/{00000..231349}.tar', 0.8)
+      shuffle_buffer=10_000, cycle_length=16, num_workers=16,
+  ))
   config.pretrained = ''  # weights for evaluation: a PyTorch file, a converted directory or hf-hub:...
 
   # Zero-shot evaluations (eva_clip_jax.evaluation); set `data` to run one, e.g.

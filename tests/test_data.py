@@ -223,3 +223,22 @@ def test_synthetic_input():
   batch = data.make_synthetic_dataset(batch_size=3, image_size=32, context_length=8)[0]
   assert batch['image'].shape == (3, 32, 32, 3) and batch['text'].shape == (3, 8)
   assert (batch['text'][:, 0] == 49406).all() and (batch['text'][:, -1] == 49407).all()
+
+
+def test_iterator_state_is_json_and_config_sources(tmp_path):
+  import json
+  import ml_collections
+  _write(tmp_path / 'a', 8, 4)
+  config = ml_collections.ConfigDict(dict(sources=((str(tmp_path / 'a'), 1.0),), shuffle_buffer=4, cycle_length=2,
+                                          num_workers=0))
+  ds = data.make_dataset_from_config(config, batch_size=2, image_size=16, context_length=8, seed=0)
+  it = iter(ds)
+  next(it)
+  state = json.loads(json.dumps(it.get_state()))  # goes into the training checkpoint as JSON
+  expected = next(it)['label']
+  resumed = iter(ds)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)['label'], expected)
+  config.sources = (('', 0.8), (str(tmp_path / 'a'), 0.2))
+  with pytest.raises(ValueError, match='no shard pattern for source'):
+    data.make_dataset_from_config(config, batch_size=2, image_size=16, context_length=8, seed=0)

@@ -132,3 +132,15 @@ def test_tfds_split_is_read_through_tensorflow_datasets(monkeypatch):
                    'shuffle_files': False}
   assert [b['image'].shape for b in batches] == [(2, 32, 32, 3), (1, 32, 32, 3)]
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), [0, 1, 2])
+
+
+def test_retrieval_from_shards(demo_root):
+  """Retrieval straight from shards (one caption per image): the plumbing, on the tiny model. The arithmetic of
+  Recall@K is checked by hand in test_recall_at_k_by_hand."""
+  from eva_clip_jax.evaluation import RetrievalEvaluator
+  model = ec.create_model('tiny')
+  result = RetrievalEvaluator('r', dict(data=str(demo_root / 'demo_data' / 'val'), format='shards',
+                                        batch_size=32)).run(model)
+  assert set(result) == {f'r/{d}_R@{k}' for d in ('image_to_text', 'text_to_image') for k in (1, 5, 10)}
+  assert all(0.0 <= v <= 1.0 for v in result.values())
+  assert result['r/text_to_image_R@10'] >= result['r/text_to_image_R@1']

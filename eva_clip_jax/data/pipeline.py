@@ -193,6 +193,21 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
   return ds
 
 
+def make_dataset_from_config(data_config, *, batch_size: int, image_size: int, context_length: int, seed: int,
+                             process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The training dataset of a config's `data` block (`sources`, `shuffle_buffer`, `cycle_length`,
+  `num_workers`)."""
+  sources = [(pattern, float(weight)) for pattern, weight in data_config.sources]
+  empty = [i for i, (pattern, _) in enumerate(sources) if not pattern]
+  if empty:
+    raise ValueError(f'config.data.sources has no shard pattern for source(s) {empty}: set them, e.g. '
+                     "--config.data.sources=\"(('/data/laion/{00000..00999}.tar', 1.0),)\"")
+  return make_dataset(sources, batch_size=batch_size, image_size=image_size, context_length=context_length,
+                      is_train=True, seed=seed, process_index=process_index, process_count=process_count,
+                      shuffle_buffer=data_config.shuffle_buffer, cycle_length=data_config.cycle_length,
+                      num_workers=data_config.num_workers)
+
+
 def make_synthetic_dataset(*, batch_size: int, image_size: int, context_length: int = 77, seed: int = 0,
                            num_batches: int = 1_000_000) -> grain.MapDataset:
   """Random images and token ids at full speed (one batch made once, served `num_batches` times)."""

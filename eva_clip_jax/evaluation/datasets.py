@@ -68,7 +68,7 @@ def shard_batches(pattern: str, image_size: int, batch_size: int = 64, context_l
   iterator = iter(ds)
   try:
     for batch in iterator:
-      yield {'image': batch['image'], 'label': batch['label'], 'text': batch['text']}
+      yield {'image': batch['image'], 'label': batch['label'], 'text': batch['text'], 'valid': batch['valid']}
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()

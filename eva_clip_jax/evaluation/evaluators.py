@@ -82,15 +82,24 @@ class RetrievalEvaluator:
 
   def run(self, model: nnx.Module) -> dict[str, float]:
     cfg, spec = self.cfg, model.spec
-    if cfg.get('format', 'csv') != 'csv':
-      raise ValueError(f"{self.name}: retrieval reads a CSV of path,caption rows (format='csv')")
-    paths, captions, text_to_image = datasets.caption_pairs(cfg['data'])
-    batch_size = int(cfg.get('batch_size', 64))
+    fmt, batch_size = cfg.get('format', 'csv'), int(cfg.get('batch_size', 64))
     extractor = FeatureExtractor(model)
-    tokenizer = get_tokenizer(context_length=spec.text.context_length)
-    image_features, _ = extractor.images_from(datasets.image_batches(paths, spec.vision.image_size, batch_size))
-    text_features = np.concatenate([extractor.texts(tokenizer(captions[i:i + batch_size]))
-                                    for i in range(0, len(captions), batch_size)])
+    if fmt == 'csv':  # path,caption rows; several captions may share an image
+      paths, captions, text_to_image = datasets.caption_pairs(cfg['data'])
+      tokenizer = get_tokenizer(context_length=spec.text.context_length)
+      image_features, _ = extractor.images_from(datasets.image_batches(paths, spec.vision.image_size, batch_size))
+      text_features = np.concatenate([extractor.texts(tokenizer(captions[i:i + batch_size]))
+                                      for i in range(0, len(captions), batch_size)])
+    elif fmt == 'shards':  # one caption per image; every process reads all of it
+      batches = [b for b in datasets.shard_batches(cfg['data'], spec.vision.image_size, batch_size,
+                                                   spec.text.context_length, shard_by_process=False)]
+      image_features = np.concatenate([extractor.images(b['image']) for b in batches])
+      text_features = np.concatenate([extractor.texts(b['text']) for b in batches])
+      keep = np.concatenate([b['valid'] for b in batches])
+      image_features, text_features = image_features[keep], text_features[keep]
+      text_to_image = np.arange(image_features.shape[0])
+    else:
+      raise ValueError(f"{self.name}: retrieval reads format='csv' (path,caption rows) or 'shards'")
     recall = retrieval_recall(image_features, text_features, text_to_image)
     return {f'{self.name}/{k}': v for k, v in recall.items()}
 
