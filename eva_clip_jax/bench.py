@@ -26,6 +26,8 @@ _ITERS = flags.DEFINE_integer('iters', 5, 'timed forward passes (after one warm-
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'JAX compute dtype')
 _ATTENTION = flags.DEFINE_string('attention', 'xla', 'JAX attention backend')
 _TORCH = flags.DEFINE_bool('torch', True, 'also time open_clip (PyTorch) in the same run')
+_COMPILE = flags.DEFINE_bool('compile_only', False, 'instead: time compiling the image tower, scanned vs unrolled, '
+                             'from abstract parameters (nothing is allocated)')
 
 
 def _time(fn, iters: int) -> list[float]:
@@ -65,9 +67,27 @@ def time_torch(spec, images: np.ndarray, iters: int) -> list[float]:
   return _time(run, iters)
 
 
+def compile_seconds(spec, batch: int, scan_layers: bool) -> float:
+  """Lowering + compiling `encode_image` from shapes only (nnx.eval_shape), as a 64-layer tower needs."""
+  model = ec.create_model(spec, scan_layers=scan_layers, abstract=True)
+  graphdef, state = nnx.split(model)
+  size = spec.vision.image_size
+  images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+  start = time.perf_counter()
+  jax.jit(lambda s, x: nnx.merge(graphdef, s).encode_image(x)).lower(state, images).compile()
+  return time.perf_counter() - start
+
+
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every model build at INFO
+  if _COMPILE.value:
+    spec = ec.get_model_spec(_MODEL.value)
+    print(f'# {spec.name}: compile encode_image (batch {_BATCH.value}), jax {jax.__version__} on '
+          f'{jax.devices()[0].platform}')
+    for scan in (True, False):
+      print(f'scan_layers={scan!s:5s} {compile_seconds(spec, _BATCH.value, scan):7.1f} s')
+    return
   spec = ec.get_model_spec(_MODEL.value)
   size = spec.vision.image_size
   images = np.random.default_rng(0).normal(size=(_BATCH.value, size, size, 3)).astype(np.float32)
