@@ -326,3 +326,20 @@ def test_config_init_block_drives_tower_init(tmp_path):
   config.init.visual, config.init.text = str(tmp_path / 'mim.pt'), ''
   report = api.init_from_config(model, config.init)
   assert 'visual/blocks/norm1/scale' in report['loaded'] and 'logit_scale' in report['fresh']
+
+
+def test_eva01_giant_style_tower_initialises_the_eva01_model(tmp_path):
+  """An EVA-01 MIM/CLIP vision checkpoint (fused qkv with q/v biases, GELU MLP), bare keys as timm stores it."""
+  spec = small_eva01_spec()
+  trunk = timm_vision_trunk(spec)
+  randomize_(trunk, seed=12)
+  state = {k: v for k, v in trunk.state_dict().items() if not k.startswith('head.')}
+  state['rel_pos_bias.relative_position_bias_table'] = torch.zeros(3, 2)  # EVA-01 MIM extras are ignored
+  torch.save({'model': state}, tmp_path / 'eva01_g.pt')
+  model = ec.models.create_model(spec)
+  report = api.init_towers(model, visual=str(tmp_path / 'eva01_g.pt'))
+  np.testing.assert_array_equal(np.asarray(model.visual.blocks.attn.qkv.kernel[...])[1],
+                                state['blocks.1.attn.qkv.weight'].numpy().T)
+  np.testing.assert_array_equal(np.asarray(model.visual.blocks.attn.v_bias[...])[0],
+                                state['blocks.0.attn.v_bias'].numpy())
+  assert 'visual/blocks/mlp/fc2/kernel' in report['loaded'] and 'visual/head/kernel' in report['fresh']
