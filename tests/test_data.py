@@ -214,9 +214,9 @@ def test_demo_set_is_deterministic(tmp_path):
   a = demo.write_demo_set(str(tmp_path / 'a'), num_train=16, num_val=8, samples_per_shard=8)
   demo.write_demo_set(str(tmp_path / 'b'), num_train=16, num_val=8, samples_per_shard=8)
   assert digest(tmp_path / 'a') == digest(tmp_path / 'b')
-  assert open(a['classnames']).read().split() == list(demo.SHAPES)
+  assert open(a['classnames']).read().split() == list(demo.COLORS)
   batches, _ = _collect(data.make_dataset(a['val'], batch_size=8, image_size=64, is_train=False))
-  assert batches[0]['image'].shape == (8, 64, 64, 3) and set(batches[0]['label']) <= set(range(8))
+  assert batches[0]['image'].shape == (8, 64, 64, 3) and set(batches[0]['label']) <= set(range(10))
 
 
 def test_synthetic_input():

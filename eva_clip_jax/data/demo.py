@@ -2,14 +2,15 @@
 
   python -m eva_clip_jax.data.demo --dst=demo_data
 
-Each image is a shape (8 classes) in one of 6 colours on a textured background of another colour, at a random
-position, size and rotation, with a caption from several phrasings ("a red star on a blue background"). Written
-as webdataset shards through `ShardWriter`:
+Each image is one of 8 shapes in one of 10 colours on a textured grey background, at a random position, size
+and rotation, with a caption from several phrasings ("a large red star"). Zero-shot classification asks for the
+colour (10 classes, chance 10%): a two-layer model learns colour from captions in minutes on a CPU, while
+shape at 64 px takes it far longer. Written as webdataset shards through `ShardWriter`:
 
   DST/train/{00000..00003}.tar   2,048 samples
-  DST/val/00000.tar              512 held-out samples, with class labels (the shape)
+  DST/val/00000.tar              512 held-out samples, labelled with the colour's index
   DST/val.csv                    the held-out images' captions (retrieval), DST/images/ their files
-  DST/classnames.txt, DST/templates.txt   zero-shot classification of the shape
+  DST/classnames.txt, DST/templates.txt   zero-shot classification of the colour
 
 The images are synthetic: drawn here with Pillow from a fixed seed, so every machine makes the same files.
 """
@@ -26,11 +27,12 @@ from PIL import Image, ImageDraw
 from eva_clip_jax.data.writer import ShardWriter
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross', 'ring', 'hexagon')
-COLORS = {'red': (220, 30, 30), 'green': (30, 170, 60), 'blue': (40, 70, 220), 'yellow': (240, 210, 20),
-          'purple': (140, 50, 180), 'orange': (250, 130, 20)}
-TEMPLATES = ('a photo of a {}.', 'a drawing of a {}.', 'a {} shape.', 'a picture of a {}.')
-CAPTIONS = ('a {color} {shape}', 'a {color} {shape} on a {background} background',
-            'a picture of a {color} {shape}', '{color} {shape}, {size}', 'a {size} {color} {shape}')
+COLORS = {'red': (220, 30, 30), 'green': (30, 160, 50), 'blue': (40, 70, 220), 'yellow': (240, 220, 30),
+          'purple': (130, 40, 170), 'orange': (250, 140, 20), 'pink': (250, 120, 190), 'brown': (120, 70, 30),
+          'black': (20, 20, 20), 'cyan': (40, 210, 220)}
+TEMPLATES = ('a photo of a {} shape.', 'a drawing of something {}.', 'a {} object.', 'a picture of a {} thing.')
+CAPTIONS = ('a {color} {shape}', 'a {color} {shape} on a grey background', 'a picture of a {color} {shape}',
+            '{color} {shape}, {size}', 'a {size} {color} {shape}')
 IMAGE_SIZE = 80
 
 
@@ -48,8 +50,7 @@ def draw_sample(rng: np.random.Generator) -> tuple[Image.Image, dict]:
   shape = SHAPES[rng.integers(len(SHAPES))]
   names = list(COLORS)
   color = names[rng.integers(len(names))]
-  background = names[(names.index(color) + 1 + rng.integers(len(names) - 1)) % len(names)]
-  base = np.array(COLORS[background], np.float32) * 0.35 + 160  # pale background, still named by its hue
+  base = rng.uniform(120, 200) + rng.normal(0, 6, 3)  # a grey, slightly tinted
   pixels = base + rng.normal(0, 12, (IMAGE_SIZE, IMAGE_SIZE, 3))
   image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(image)
@@ -73,8 +74,7 @@ def draw_sample(rng: np.random.Generator) -> tuple[Image.Image, dict]:
       rot += rotation
     draw.polygon(_polygon(cx, cy, radius, sides, rot, inner), fill=fill)
   size = 'large' if radius > 24 else 'small' if radius < 18 else 'medium-sized'
-  meta = {'shape': shape, 'color': color, 'background': background, 'size': size,
-          'label': SHAPES.index(shape)}
+  meta = {'shape': shape, 'color': color, 'size': size, 'label': names.index(color)}
   return image, meta
 
 
@@ -98,7 +98,7 @@ def write_demo_set(dst: str, *, num_train: int = 2048, num_val: int = 512, sampl
   with ShardWriter(os.path.join(dst, 'val'), num_val) as writer:
     for i in range(num_val):
       image, meta = draw_sample(rng)
-      caption = f"a {meta['color']} {meta['shape']} on a {meta['background']} background"
+      caption = f"a {meta['color']} {meta['shape']}"
       data = _jpeg(image)
       writer.write(f'{i:06d}', data, 'jpg', caption, label=meta['label'], meta=meta)
       with open(os.path.join(dst, 'images', f'{i:06d}.jpg'), 'wb') as f:
@@ -107,7 +107,7 @@ def write_demo_set(dst: str, *, num_train: int = 2048, num_val: int = 512, sampl
   with open(os.path.join(dst, 'val.csv'), 'w') as f:
     f.write('\n'.join(rows) + '\n')
   with open(os.path.join(dst, 'classnames.txt'), 'w') as f:
-    f.write('\n'.join(SHAPES) + '\n')
+    f.write('\n'.join(COLORS) + '\n')
   with open(os.path.join(dst, 'templates.txt'), 'w') as f:
     f.write('\n'.join(TEMPLATES) + '\n')
   return {'train': os.path.join(dst, 'train'), 'val': os.path.join(dst, 'val'),
