@@ -18,7 +18,7 @@ def get_config(arg=None):
   config.data.sources = (('demo_data/train', 1.0),)
   config.data.update(dict(shuffle_buffer=512, cycle_length=4, num_workers=2))
   config.evals = dict(
-      demo_shapes=dict(kind='zero_shot', data='demo_data/val', format='shards', classnames='demo_data/classnames.txt',
+      demo_zero_shot=dict(kind='zero_shot', data='demo_data/val', format='shards', classnames='demo_data/classnames.txt',
                        templates='demo_data/templates.txt', batch_size=128, every_steps=100),
       demo_retrieval=dict(kind='retrieval', data='demo_data/val.csv', format='csv', batch_size=128, every_steps=100),
   )

@@ -99,11 +99,11 @@ def test_evaluate_command_on_the_demo_set(demo_root):
                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert result.returncode == 0, result.stderr[-2000:]
   metrics = json.loads(out.read_text())
-  assert metrics['demo_shapes/num_samples'] == 64
-  for key in ('demo_shapes/top1', 'demo_shapes/top5', 'demo_retrieval/image_to_text_R@1',
+  assert metrics['demo_zero_shot/num_samples'] == 64
+  for key in ('demo_zero_shot/top1', 'demo_zero_shot/top5', 'demo_retrieval/image_to_text_R@1',
               'demo_retrieval/text_to_image_R@10'):
     assert 0.0 <= metrics[key] <= 1.0
-  assert 'demo_shapes/top1' in result.stdout  # the table
+  assert 'demo_zero_shot/top1' in result.stdout  # the table
 
 
 def test_zero_shot_notebook_runs(demo_root, monkeypatch):

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from eva_clip_jax.conversion import layouts, orbax_io, resize
-from eva_clip_jax.conversion.params import assign_params, model_params
+from eva_clip_jax.conversion.params import assign_params, flatten, model_params, unflatten
 from eva_clip_jax.models.registry import ModelSpec, get_model_spec
 from eva_clip_jax.models.rope import rope_2d_tables
 
@@ -200,10 +200,10 @@ def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | Non
       raise ValueError(f'{source} holds no {tower} tower parameters that fit {spec.name}')
     params.update(loaded)
   _adapt_vision(params, spec)
-  flat = _flatten(params)
+  flat = flatten(params)
   flat = {k: v for k, v in flat.items() if not k.replace('/', '.').startswith(skip)}
-  assign_params(model, _unflatten(flat), allow_missing=True)
-  all_paths = _flatten(model_params(model))
+  assign_params(model, unflatten(flat), allow_missing=True)
+  all_paths = flatten(model_params(model))
   return {'loaded': sorted(flat), 'fresh': sorted(set(all_paths) - set(flat))}
 
 
@@ -215,24 +215,3 @@ def init_from_config(model: nnx.Module, init_config: Mapping[str, Any]) -> dict[
       raise FileNotFoundError(f'config.init.{tower} = {source!r} is not a file. Download the checkpoint it names '
                               f'and pass its path: --config.init.{tower}=/path/to/{os.path.basename(source)}.pt')
   return init_towers(model, visual=visual, text=text, skip=tuple(init_config.get('skip', SKIP_ON_INIT)))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f'{prefix}{key}/'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree

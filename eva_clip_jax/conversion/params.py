@@ -15,15 +15,28 @@ def model_params(model: nnx.Module) -> dict[str, Any]:
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
   flat = {}
   for key, value in tree.items():
     path = f'{prefix}{key}'
     if isinstance(value, Mapping):
-      flat.update(_flatten(value, path + '/'))
+      flat.update(flatten(value, path + '/'))
     else:
       flat[path] = value
   return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split('/')
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return tree
 
 
 def assign_params(model: nnx.Module, params: Mapping[str, Any], *, allow_missing: bool = False) -> None:
@@ -34,8 +47,8 @@ def assign_params(model: nnx.Module, params: Mapping[str, Any], *, allow_missing
   current (freshly initialised) values.
   """
   state = nnx.state(model, nnx.Param)
-  current = _flatten(nnx.to_pure_dict(state))
-  given = _flatten(params)
+  current = flatten(nnx.to_pure_dict(state))
+  given = flatten(params)
   missing = sorted(set(current) - set(given))
   unexpected = sorted(set(given) - set(current))
   mis_shaped = [f'{k}: expected {tuple(current[k].shape)}, got {tuple(np.shape(given[k]))}'
