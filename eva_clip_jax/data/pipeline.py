@@ -39,6 +39,7 @@ class _EpochShuffledShards(grain.MapDataset):
   def __init__(self, shards: Sequence[str], seed: int, num_epochs: int, shuffle: bool):
     super().__init__()
     self._shards, self._seed, self._num_epochs, self._shuffle = list(shards), seed, num_epochs, shuffle
+    self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation): computed once per epoch
 
   def __len__(self) -> int:
     return len(self._shards) * self._num_epochs
@@ -49,8 +50,9 @@ class _EpochShuffledShards(grain.MapDataset):
     epoch, position = divmod(index, len(self._shards))
     if not self._shuffle:
       return self._shards[position]
-    order = np.random.default_rng([self._seed, epoch]).permutation(len(self._shards))
-    return self._shards[order[position]]
+    if self._order is None or self._order[0] != epoch:
+      self._order = (epoch, np.random.default_rng([self._seed, epoch]).permutation(len(self._shards)))
+    return self._shards[self._order[1][position]]
 
 
 def _decode_image(data: bytes) -> Image.Image:
