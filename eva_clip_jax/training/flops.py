@@ -17,13 +17,14 @@ embed_dim 512, under 0.1% of B-16's 41 GFLOPs) and would make a per-sample figur
 
 Training = 3 x forward (the backward pass does two matmuls per forward matmul), the MFU convention. Remat
 recomputation is not model work and is not counted (counting it would give hardware FLOPs utilisation). One
-small over-count follows from the convention: the patch embedding needs
-no input gradient, so its backward really runs one matmul, not two (0.2% of B-16's training FLOPs).
+small over-count follows from the convention: the patch embedding needs no input gradient, so its backward
+really runs one matmul, not two (0.2% of B-16's training FLOPs).
 
-Checked in tests/test_flops.py against XLA's own `cost_analysis()` (which also counts elementwise work: 0.5-2.5%
-more at B-16 widths, up to 15% more at the tiny model's width 64) and against open_clip's published profile (`docs/model_profile.csv`, measured with
-`torch.utils.flop_counter.FlopCounterMode`, which counts matmuls, convolutions and attention at 2 FLOPs per
-multiply-add, as here): EVA02-B-16 35.13 image / 5.96 text GFLOPs, EVA02-L-14 162.00 / 13.30.
+Checked in tests/test_flops.py against XLA's own `cost_analysis()`, which also counts elementwise work (0.5-2.5%
+more at B-16 widths, up to 15% more at the tiny model's width 64), and against open_clip's published profile
+(`docs/model_profile.csv`, measured with `torch.utils.flop_counter.FlopCounterMode`, which counts matmuls,
+convolutions and attention at 2 FLOPs per multiply-add, as here): EVA02-B-16 35.13 image / 5.96 text GFLOPs,
+EVA02-L-14 162.00 / 13.30.
 """
 
 from __future__ import annotations
