@@ -1,0 +1,225 @@
+"""The EVA-CLIP optimizer: per-parameter learning-rate scales and weight decay, per-tower schedules, and LAMB as
+DeepSpeed's FusedLamb ran it (or AdamW), as one `optax.GradientTransformation`.
+
+Rules are keyed by '/'-joined parameter paths ('visual/blocks/attn/q_proj/kernel'), the names
+`eva_clip_jax.conversion.params.flatten` gives. Every leaf under a tower's 'blocks' is stacked: its leading axis is
+the layer, so its layer ids and learning-rate scales are arrays along that axis, and LAMB takes its norms per layer,
+as the reference did on each layer's own tensor.
+
+Sources: baaivision/EVA EVA-CLIP/rei/training/{optim,scheduler}.py (groups, layer ids, schedule) and DeepSpeed's
+csrc/lamb/fused_lamb_cuda_kernel.cu (the update). One difference remains: the reference ran LAMB under ZeRO stage 1,
+which hands the optimizer flat per-group partitions; the trust ratios here are per parameter tensor, as LAMB means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+TOWERS = ('visual', 'text')
+# The reference's layer-0 names (get_num_layer_for_transformer), matched against whole path components.
+EMBEDDINGS = frozenset({'patch_embed', 'pos_embed', 'cls_token', 'mask_token', 'conv1', 'positional_embedding',
+                        'token_embedding'})
+# Besides rank <= 1 and '*bias': the towers' and the model's no_weight_decay() sets.
+NO_DECAY = frozenset({'pos_embed', 'positional_embedding', 'cls_token', 'logit_scale'})
+OPTIMIZERS = ('lamb', 'adamw', 'optax_lamb')
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamRule:
+  """How one parameter is trained. For stacked leaves `layer_ids` and `lr_scale` have one entry per layer; the
+  'base' tower (logit_scale, anything outside the towers) has layer id 0 and scale 1."""
+  tower: str
+  shape: tuple[int, ...]
+  layer_ids: np.ndarray | int
+  lr_scale: np.ndarray | float
+  weight_decay: float
+  stacked: bool
+
+
+def path_name(path: tuple) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def param_rules(params: Any, *, visual_depth: int, text_depth: int, config) -> dict[str, ParamRule]:
+  """One rule per leaf of `params` (arrays or ShapeDtypeStructs), in tree order."""
+  depths = {'visual': visual_depth, 'text': text_depth}
+  rules = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name, shape = path_name(path), tuple(leaf.shape)
+    keys = name.split('/')
+    tower = keys[0] if keys[0] in TOWERS and len(keys) > 1 else 'base'
+    stacked = tower != 'base' and keys[1] == 'blocks'
+    if tower == 'base':
+      ids, scale = 0, 1.0
+    else:
+      depth = depths[tower]
+      if stacked:
+        if not shape or shape[0] != depth:
+          raise ValueError(f'{name}: stacked leaf of shape {shape} does not lead with the {tower} depth {depth}')
+        ids = np.arange(1, depth + 1)
+      else:
+        ids = 0 if any(k in EMBEDDINGS for k in keys) else depth + 1
+      # The reference's LayerDecayValueAssigner: decay^(L + 1 - id), so the tower's last group trains at 1x.
+      scale = float(config.layer_decay[tower]) ** (depth + 1 - ids)  # an array for stacked ids, else a float
+    rank = len(shape) - int(stacked)  # a stacked [L, D] bias is one rank-1 tensor per layer
+    no_decay = rank <= 1 or keys[-1].endswith('bias') or keys[-1] in NO_DECAY
+    rules[name] = ParamRule(tower=tower, shape=shape, layer_ids=ids, lr_scale=scale,
+                            weight_decay=0.0 if no_decay else float(config.weight_decay[tower]), stacked=stacked)
+  return rules
+
+
+def _short(values, fmt: str) -> str:
+  values = np.atleast_1d(values)
+  if len(values) > 4:
+    return f'{values[0]:{fmt}} .. {values[-1]:{fmt}}'
+  return ', '.join(f'{v:{fmt}}' for v in values)
+
+
+def format_rules(rules: dict[str, ParamRule]) -> str:
+  rows = [('parameter', 'shape', 'tower', 'layer', 'lr scale', 'wd')]
+  for name, rule in rules.items():
+    layer = '-' if rule.tower == 'base' else _short(rule.layer_ids, 'd')
+    rows.append((name, str(rule.shape), rule.tower, layer, _short(rule.lr_scale, '.4g'), f'{rule.weight_decay:g}'))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _schedule(peak: float, warmup: int, total: int, decay: str, end: float) -> Callable[[Any], jax.Array]:
+  def lr(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * (step + 1) / max(warmup, 1)
+    if decay == 'constant':
+      after = jnp.full_like(step, peak)
+    else:
+      # 0.5 * (1 + cos(pi e / es)) written as sin(pi (es - e) / (2 es))^2: the same value, but float32 keeps its
+      # relative precision to the last step instead of cancelling in 1 + cos(~pi).
+      left = jnp.clip((total - step) / max(total - warmup, 1), 0.0, 1.0)
+      after = end + jnp.square(jnp.sin(0.5 * jnp.pi * left)) * (peak - end)
+    return jnp.where(step < warmup, warm, after)
+  return lr
+
+
+def make_schedules(config) -> dict[str, Callable[[Any], jax.Array]]:
+  """Per-tower peak-rate schedules (step -> lr), the reference's warmup_cosine_lr with an optional floor."""
+  decay = config.schedule.decay
+  if decay not in ('cosine', 'constant'):
+    raise ValueError(f"unknown schedule decay {decay!r}; use 'cosine' or 'constant'")
+  return {tower: _schedule(float(config.lr[tower]), int(config.schedule.warmup_steps), int(config.total_steps),
+                           decay, float(config.schedule.get('end_lr', 0.0)))
+          for tower in ('visual', 'text', 'base')}
+
+
+def current_lrs(config, step) -> dict[str, jax.Array]:
+  """Each tower's peak rate at `step`, for logging (a layer's rate is this times its lr scale)."""
+  return {tower: fn(step) for tower, fn in make_schedules(config).items()}
+
+
+def clip_by_global_norm(grads: Any, max_norm: float) -> tuple[Any, jax.Array]:
+  """torch.nn.utils.clip_grad_norm_ (and DeepSpeed's gradient_clipping): scales by max_norm / (norm + 1e-6) when
+  that is below 1. Returns the clipped gradients and the norm before clipping."""
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+  factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+  return jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads), norm
+
+
+def clamp_logit_scale(params: dict, max_value: float = math.log(100)) -> dict:
+  """The reference clamps logit_scale to [0, ln 100] after every step."""
+  return {**params, 'logit_scale': jnp.clip(params['logit_scale'], 0.0, max_value)}
+
+
+class OptState(NamedTuple):
+  count: jax.Array  # updates applied so far (skipped steps restore the old state, so they do not count)
+  mu: Any
+  nu: Any
+
+
+def _norm(x: jax.Array, stacked: bool) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(int(stacked), x.ndim)), keepdims=True))
+
+
+def _lamb(p, m, v, *, lr, scale, wd, stacked, bc1, bc2, hp):
+  """DeepSpeed FusedLamb: eps outside the square root of the uncorrected v, bias correction on the step size, trust
+  ratio ||p|| / ||u|| clamped, for every tensor (weight decay or not)."""
+  u = m / (jnp.sqrt(v) + hp['eps']) + wd * p
+  w_norm, u_norm = _norm(p, stacked), _norm(u, stacked)
+  trust = jnp.clip(w_norm / jnp.where(u_norm > 0, u_norm, 1.0), hp['min_trust'], hp['max_trust'])
+  trust = jnp.where((w_norm > 0) & (u_norm > 0), trust, 1.0)
+  return -(lr * jnp.sqrt(bc2) / bc1 * scale * trust) * u
+
+
+def _adamw(p, m, v, *, lr, scale, wd, stacked, bc1, bc2, hp):
+  """torch.optim.AdamW: decoupled decay p *= 1 - lr * wd, then the bias-corrected Adam step."""
+  lr = lr * scale
+  return -(lr * wd) * p - (lr / bc1) * m / (jnp.sqrt(v) / jnp.sqrt(bc2) + hp['eps'])
+
+
+def _optax_lamb(p, m, v, *, lr, scale, wd, stacked, bc1, bc2, hp):
+  """optax.lamb: bias-corrected Adam direction plus decay, unclamped trust ratio. Like optax, the norms are over the
+  whole leaf, so a stacked leaf counts as one tensor (unlike 'lamb', which is per layer)."""
+  u = (m / bc1) / (jnp.sqrt(v / bc2) + hp['eps']) + wd * p
+  w_norm, u_norm = _norm(p, False), _norm(u, False)
+  trust = jnp.where((w_norm > 0) & (u_norm > 0), w_norm / jnp.where(u_norm > 0, u_norm, 1.0), 1.0)
+  return -(lr * scale * trust) * u
+
+
+_RULES = {'lamb': _lamb, 'adamw': _adamw, 'optax_lamb': _optax_lamb}
+
+
+def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -> optax.GradientTransformationExtraArgs:
+  """The recipe's optimizer for `params` (arrays or ShapeDtypeStructs; only names and shapes are read).
+
+  `update(grads, state, params, step=None)` clips the gradients, then returns updates to add to the parameters.
+  The schedules read `step` when given (the reference indexes them by iteration, skipped fp16 steps included) and
+  the count of applied updates otherwise.
+  """
+  opt = config.optimizer
+  if opt.name not in _RULES:
+    raise ValueError(f'unknown optimizer {opt.name!r}; use one of {OPTIMIZERS}')
+  rule_fn = _RULES[opt.name]
+  rules = param_rules(params, visual_depth=visual_depth, text_depth=text_depth, config=config)
+  schedules = make_schedules(config)
+  hp = dict(b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps), min_trust=float(opt.get('min_trust', 0.01)),
+            max_trust=float(opt.get('max_trust', 10.0)))
+  max_norm = opt.get('grad_clip_norm', None)
+
+  def init(params):
+    # jax.tree.map keeps this valid for optax.tree_map_params, which calls init on a leafless placeholder.
+    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)  # noqa: E731
+    return OptState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+
+  def update(grads, state, params=None, *, step=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError('the EVA-CLIP optimizer needs the parameters (weight decay, trust ratios)')
+    if max_norm:
+      grads, _ = clip_by_global_norm(grads, float(max_norm))
+    count = state.count + 1
+    t = count.astype(jnp.float32)
+    bc1, bc2 = 1 - hp['b1'] ** t, 1 - hp['b2'] ** t  # bias corrections
+    lrs = {tower: fn(state.count if step is None else step) for tower, fn in schedules.items()}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    ps, ms, vs = (treedef.flatten_up_to(tree) for tree in (params, state.mu, state.nu))
+    updates, mus, nus = [], [], []
+    for (path, g), p, m, v in zip(leaves, ps, ms, vs):
+      rule = rules[path_name(path)]
+      g, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
+      m = hp['b1'] * m + (1 - hp['b1']) * g
+      v = hp['b2'] * v + (1 - hp['b2']) * g * g
+      scale = np.asarray(rule.lr_scale, np.float32)
+      scale = scale.reshape(scale.shape + (1,) * (p.ndim - scale.ndim))  # per layer along a stacked leaf's axis 0
+      u = rule_fn(p32, m, v, lr=lrs[rule.tower], scale=scale, wd=rule.weight_decay, stacked=rule.stacked, bc1=bc1,
+                  bc2=bc2, hp=hp)
+      updates.append(u.astype(p.dtype))
+      mus.append(m)
+      nus.append(v)
+    unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
+    return unflat(updates), OptState(count, unflat(mus), unflat(nus))
+
+  return optax.GradientTransformationExtraArgs(init, update)
