@@ -1,5 +1,8 @@
 """Shape-level operations shared by the towers. Knows nothing about models."""
 
 from eva_clip_jax.ops.attention import available_backends, dot_product_attention, register_backend
+# Importing the kernel module registers the 'pallas' attention backend. It imports Pallas's Triton and TPU
+# modules only when a kernel is first traced, so this costs `import eva_clip_jax` little.
+from eva_clip_jax.ops.flash_attention import flash_attention
 
-__all__ = ['available_backends', 'dot_product_attention', 'register_backend']
+__all__ = ['available_backends', 'dot_product_attention', 'flash_attention', 'register_backend']

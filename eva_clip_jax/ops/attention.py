@@ -4,8 +4,11 @@ All backends take q, k, v shaped [batch, seq, heads, head_dim] (the layout of `j
 and return the same shape. Backends:
   xla    plain einsum + float32 softmax; runs everywhere and is the numerical reference.
   cudnn  cuDNN's fused attention through `jax.nn.dot_product_attention`; NVIDIA GPUs only.
-  pallas the project's flash-attention kernel; registered by `eva_clip_jax.ops.flash_attention` once it
-         exists (see `register_backend`).
+  pallas the project's flash-attention kernel (`eva_clip_jax.ops.flash_attention`: Triton on GPU, Mosaic on
+         TPU, the Pallas interpreter on CPU, where it is correct but slow). That module registers itself
+         through `register_backend` when `eva_clip_jax.ops` imports it.
+  auto   'xla' for now, on every platform. Whether GPUs and TPUs should default to 'pallas' (or 'cudnn') awaits
+         benchmarks of the kernels on that hardware; on CPU it stays 'xla' (the kernels only interpret there).
 """
 
 from __future__ import annotations
@@ -63,8 +66,7 @@ def _resolve(backend: str) -> AttentionFn:
     # Until the kernel benchmarks decide otherwise, XLA is the safe fastest-available choice everywhere.
     backend = 'xla'
   if backend not in _BACKENDS:
-    hint = (' The Pallas flash-attention kernel is not part of this build yet.' if backend == 'pallas' else '')
-    raise ValueError(f'Unknown attention backend {backend!r}; available: {available_backends()}.{hint}')
+    raise ValueError(f'Unknown attention backend {backend!r}; available: {available_backends()}.')
   return _BACKENDS[backend]
 
 
