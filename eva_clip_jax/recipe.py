@@ -58,6 +58,21 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   config.layer_decay = ml_collections.ConfigDict(dict(visual=visual_layer_decay, text=text_layer_decay))
   config.schedule = ml_collections.ConfigDict(dict(warmup_steps=warmup_steps, decay='cosine', end_lr=0.0))
 
+  # One mesh for every scale: ('data', 'fsdp', 'tensor'); -1 takes the remaining devices. The batch is sharded
+  # over data x fsdp. strategy: dp | zero1 (the paper's ZeRO-1) | fsdp (parameters sharded over 'fsdp' by the
+  # rules: set --config.mesh.fsdp=-1 --config.mesh.data=1). Rules map logical parameter axes to mesh axes.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding = ml_collections.ConfigDict(dict(
+      strategy='zero1',
+      rules=(('layers', None), ('embed', 'fsdp'), ('mlp', 'tensor'), ('vocab', 'tensor')),
+  ))
+  # float16 only: DeepSpeed's dynamic loss scaling as the reference ran it.
+  config.loss_scale = ml_collections.ConfigDict(dict(initial_power=16, window=1000, hysteresis=2, min_scale=1.0))
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, asynchronous=True))
+  config.log_every_steps = 50
+  config.prefetch = 2  # batches in flight to the devices
+  config.peak_flops_per_device = 0.0  # for MFU where the device table has no entry (0: look it up)
+
   config.batch_size = batch_size  # global
   config.samples_seen = int(samples_seen)
   config.total_steps = int(samples_seen) // batch_size
@@ -76,4 +91,6 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
   config.total_steps = 10
   config.samples_seen = config.batch_size * config.total_steps
   config.schedule.warmup_steps = 2
+  config.log_every_steps = 2
+  config.checkpoint.every_steps = 5
   return config

@@ -1,0 +1,1 @@
+"""The training recipe: optimizer, loss, sharding, train state and step, checkpoints, metrics."""
