@@ -35,6 +35,7 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   config.data = ml_collections.ConfigDict(dict(
       sources=(('', 0.8), ('', 0.2)),  # e.g. ('/data/laion2b/{00000..231349}.tar', 0.8)
       shuffle_buffer=10_000, cycle_length=16, num_workers=16,
+      synthetic=False,  # random images and tokens instead of the sources (benchmarks, tests)
   ))
   config.pretrained = ''  # weights for evaluation: a PyTorch file, a converted directory or hf-hub:...
 
@@ -71,6 +72,7 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, asynchronous=True))
   config.log_every_steps = 50
   config.prefetch = 2  # batches in flight to the devices
+  config.log_batch_fingerprints = False  # workdir/batches.process<i>.txt: step -> hash of the batch it drew
   config.peak_flops_per_device = 0.0  # for MFU where the device table has no entry (0: look it up)
 
   config.batch_size = batch_size  # global

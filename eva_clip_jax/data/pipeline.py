@@ -211,14 +211,21 @@ def make_dataset_from_config(data_config, *, batch_size: int, image_size: int, c
 
 
 def make_synthetic_dataset(*, batch_size: int, image_size: int, context_length: int = 77, seed: int = 0,
-                           num_batches: int = 1_000_000) -> grain.MapDataset:
-  """Random images and token ids at full speed (one batch made once, served `num_batches` times)."""
+                           num_batches: int = 1_000_000, process_index: int = 0,
+                           process_count: int = 1) -> grain.MapDataset:
+  """Random images and token ids at full speed (one batch made once, served `num_batches` times).
+
+  batch_size is per process; the global batch (batch_size x process_count) is drawn from `seed` and each process
+  serves its slice, so a run's global batch does not depend on how many processes share it.
+  """
   rng = np.random.default_rng(seed)
+  total = batch_size * process_count
+  rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
   batch = {
-      'image': rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
-      'text': np.concatenate([np.full((batch_size, 1), 49406),
-                              rng.integers(1, 49406, (batch_size, context_length - 2)),
-                              np.full((batch_size, 1), 49407)], axis=1).astype(np.int32),
+      'image': rng.normal(size=(total, image_size, image_size, 3)).astype(np.float32)[rows],
+      'text': np.concatenate([np.full((total, 1), 49406),
+                              rng.integers(1, 49406, (total, context_length - 2)),
+                              np.full((total, 1), 49407)], axis=1).astype(np.int32)[rows],
       'label': np.full((batch_size,), -1, np.int32),
       'valid': np.ones((batch_size,), bool),
       'skipped': np.zeros((batch_size, len(SKIP_REASONS)), np.int32),

@@ -57,3 +57,17 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def read_state(step_dir: str) -> Any:
+  """A saved train state as host numpy arrays, whatever mesh or process count wrote it (for inspection, export
+  and tests). `step_dir` is `<workdir>/checkpoints/<step>`."""
+  import jax
+  import numpy as np
+  path = os.path.join(os.path.abspath(step_dir), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  tree = getattr(metadata, 'item_metadata', metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, target))

@@ -9,8 +9,10 @@ and checkpoint saves (orbax copies to host, then writes in the background).
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 import signal
+import time
 from typing import Any, Iterator
 
 import jax
@@ -31,16 +33,22 @@ class DevicePrefetcher:
   """Draws batches ahead and starts their transfer to the devices, remembering the iterator position (for the
   checkpoint) and the skipped-sample counts (for the metrics) of each."""
 
-  def __init__(self, iterator, mesh, depth: int):
+  def __init__(self, iterator, mesh, depth: int, *, fingerprint: bool = False):
     self.iterator, self.mesh, self.depth = iterator, mesh, max(int(depth), 1)
+    self.fingerprint = fingerprint
     self._queue: collections.deque = collections.deque()
 
   def _fill(self) -> None:
     while len(self._queue) < self.depth:
       batch = next(self.iterator)
       position = self.iterator.get_state()
-      skipped = pipeline.skipped_counts(batch) if 'skipped' in batch else {}
-      self._queue.append((step_lib.device_batch(batch, self.mesh), position, skipped))
+      info = pipeline.skipped_counts(batch) if 'skipped' in batch else {}
+      if self.fingerprint:  # which examples this process fed the step (for determinism checks)
+        digest = hashlib.sha1()
+        for key in step_lib.BATCH_KEYS:
+          digest.update(np.ascontiguousarray(batch[key]).tobytes())
+        info = {**info, 'fingerprint': digest.hexdigest()}
+      self._queue.append((step_lib.device_batch(batch, self.mesh), position, info))
 
   def __next__(self):
     self._fill()
@@ -50,7 +58,8 @@ class DevicePrefetcher:
 def make_train_dataset(config, local_batch: int, image_size: int, context_length: int):
   if config.data.get('synthetic', False):
     return pipeline.make_synthetic_dataset(batch_size=local_batch, image_size=image_size,
-                                           context_length=context_length, seed=config.seed)
+                                           context_length=context_length, seed=config.seed,
+                                           process_index=jax.process_index(), process_count=jax.process_count())
   return pipeline.make_dataset_from_config(config.data, batch_size=local_batch, image_size=image_size,
                                            context_length=context_length, seed=config.seed,
                                            process_index=jax.process_index(), process_count=jax.process_count())
@@ -104,6 +113,7 @@ def _flops_and_peak(config, spec) -> tuple[float | None, float | None]:
 
 def train_and_evaluate(config, workdir: str, *, inject_nonfinite_at: tuple[int, ...] = ()) -> dict[str, Any]:
   """Trains to `config.total_steps` (resuming from `workdir` if it holds checkpoints); returns the last metrics."""
+  os.makedirs(workdir, exist_ok=True)
   mesh = sharding_lib.make_mesh(config.mesh)
   dp = sharding_lib.data_parallel_size(mesh)
   if config.batch_size % dp or config.batch_size % jax.process_count():
@@ -135,7 +145,11 @@ def train_and_evaluate(config, workdir: str, *, inject_nonfinite_at: tuple[int, 
   throughput = metrics_lib.Throughput(global_batch=config.batch_size, num_devices=jax.device_count(),
                                       total_steps=config.total_steps, flops_per_sample=flops_per_sample,
                                       peak_flops_per_device=peak)
-  prefetcher = DevicePrefetcher(iterator, mesh, config.get('prefetch', 2))
+  log_batches = bool(config.get('log_batch_fingerprints', False))
+  prefetcher = DevicePrefetcher(iterator, mesh, config.get('prefetch', 2), fingerprint=log_batches)
+  fingerprints = open(os.path.join(workdir, f'batches.process{jax.process_index()}.txt'), 'a') if log_batches else None
+  # Tests of crash recovery: stop making progress after this step's checkpoint, waiting to be killed.
+  hang_after = int(os.environ.get('EVA_CLIP_JAX_TEST_HANG_AFTER_STEP', '0'))
   preemption = _Preemption()
   step = int(jax.device_get(state['step']))
   total = int(config.total_steps)
@@ -146,11 +160,14 @@ def train_and_evaluate(config, workdir: str, *, inject_nonfinite_at: tuple[int, 
   throughput.start(step)
   try:
     while step < total:
-      batch, position, skipped = next(prefetcher)
+      batch, position, info = next(prefetcher)
       state, step_metrics = train_step(state, batch)
       step += 1
       history.append(step_metrics)
-      skipped_data.update(skipped)
+      if fingerprints:
+        fingerprints.write(f'{step} {info.pop("fingerprint")}\n')
+        fingerprints.flush()
+      skipped_data.update(info)
       if step % log_every == 0 or step == total:
         summary = metrics_lib.mean_metrics(history)
         summary.update(throughput.measure(step))
@@ -168,11 +185,18 @@ def train_and_evaluate(config, workdir: str, *, inject_nonfinite_at: tuple[int, 
         throughput.start(step)  # evaluation time is not training throughput
       stop = step % log_every == 0 and preemption.any_process()
       checkpointer.save(step, state, position, force=stop or step == total)
+      if hang_after and step == hang_after:
+        checkpointer.wait()
+        logging.warning('EVA_CLIP_JAX_TEST_HANG_AFTER_STEP=%d: waiting to be killed.', step)
+        while True:
+          time.sleep(1)
       if stop:
         logging.warning('Stopped at step %d after a preemption notice; restart with the same workdir to resume.',
                         step)
         break
   finally:
+    if fingerprints:
+      fingerprints.close()
     checkpointer.close()
     writer.flush()
     preemption.restore()
