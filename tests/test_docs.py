@@ -29,3 +29,14 @@ def test_quickstart_notebook_runs():
     if cell['cell_type'] == 'code':
       exec(compile(''.join(cell['source']), 'quickstart.ipynb', 'exec'), scope)  # pylint: disable=exec-used
   assert scope['logits_per_image'].shape == (1, 3)
+
+
+def test_readme_commands_are_what_ci_and_the_demo_run():
+  readme = (ROOT / 'README.md').read_text()
+  ci = (ROOT / '.ci' / 'run').read_text().strip().splitlines()
+  test_command = '.venv/bin/python -m pytest -q -n 2'
+  assert ci[-1] == test_command and f'`{test_command}`' in readme
+  main_job = re.search(r'```bash\n(python3 -m venv .*?)\n```', readme).group(1)
+  assert 'pip install -q -r requirements.txt' in main_job
+  assert '-m eva_clip_jax.data.demo --dst=demo_data' in main_job
+  assert '-m eva_clip_jax.train --config=configs/tiny.py --workdir=' in main_job

@@ -84,3 +84,24 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, data_root):
   seen_straight, seen_resumed = _fingerprints(straight), _fingerprints(interrupted)
   assert sorted(seen_straight) == list(range(1, 7))
   assert seen_resumed == seen_straight
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path, data_root):
+  """A preemption notice (SIGTERM) makes the run save at the next log step and exit 0; it then resumes there."""
+  workdir = str(tmp_path / 'preempted')
+  command = _command(workdir, data_root)
+  command[command.index('--config.total_steps=6')] = '--config.total_steps=100000'
+  command[command.index('--config.checkpoint.every_steps=1')] = '--config.checkpoint.every_steps=100000'
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+  fingerprints = os.path.join(workdir, 'batches.process0.txt')
+  deadline = time.time() + 900
+  while not (os.path.exists(fingerprints) and os.path.getsize(fingerprints)) and time.time() < deadline:
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr.decode()[-3000:]
+  assert 'after a preemption notice' in stderr.decode()
+  saved = max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert saved >= 2 and saved % 2 == 0  # a log step (every 2), beyond orbax's initial save at step 1
+  assert int(read_state(os.path.join(workdir, 'checkpoints', str(saved)))['step']) == saved

@@ -198,7 +198,7 @@ def train_and_evaluate(config, workdir: str, *, inject_nonfinite_at: tuple[int, 
     if fingerprints:
       fingerprints.close()
     checkpointer.close()
-    writer.flush()
+    writer.close()
     preemption.restore()
     close = getattr(iterator, 'close', None)
     if close:

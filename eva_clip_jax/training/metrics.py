@@ -6,6 +6,8 @@ Only process 0 writes; the others log nothing.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import Any, Mapping
 
@@ -13,9 +15,33 @@ import jax
 import numpy as np
 
 
-def create_writer(workdir: str):
-  from clu import metric_writers  # imports TensorFlow; keep it out of module import time
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+class Writer:
+  """clu's default writer (TensorBoard events + console) plus `metrics.jsonl`, one JSON line per write, for
+  scripts and tests that want the history without TensorFlow."""
+
+  def __init__(self, workdir: str):
+    from clu import metric_writers  # imports TensorFlow; keep it out of module import time
+    self._primary = jax.process_index() == 0
+    self._clu = metric_writers.create_default_writer(workdir, just_logging=not self._primary, asynchronous=True)
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if self._primary else None
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._clu.write_scalars(step, scalars)
+    if self._jsonl:
+      self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+      self._jsonl.flush()
+
+  def flush(self) -> None:
+    self._clu.flush()
+
+  def close(self) -> None:
+    self._clu.close()
+    if self._jsonl:
+      self._jsonl.close()
+
+
+def create_writer(workdir: str) -> Writer:
+  return Writer(workdir)
 
 
 class Throughput:
