@@ -33,9 +33,18 @@ def _batch(config, seed=0):
           'text': rng.integers(1, 49407, (config.batch_size, 32)).astype(np.int32)}
 
 
-def _run(config, mesh, steps=1, inject_nonfinite_at=None):
+@pytest.fixture(scope='module')
+def initial_params():
+  """The tiny model's initial parameters, made once (random initialisation compiles slowly on CPU) and placed
+  onto each test's mesh by `init_state`."""
+  config = _config()
+  trainer = step_lib.make_trainer(config, _single_device_mesh())
+  return jax.device_get(step_lib.init_state(trainer)['params'])
+
+
+def _run(config, mesh, params, steps=1, inject_nonfinite_at=None):
   trainer = step_lib.make_trainer(config, mesh)
-  state = step_lib.init_state(trainer)
+  state = step_lib.init_state(trainer, params)
   train_step = step_lib.make_train_step(trainer, inject_nonfinite_at=inject_nonfinite_at)
   history = []
   for i in range(steps):
@@ -49,18 +58,18 @@ def _single_device_mesh():
 
 
 @pytest.fixture(scope='module')
-def reference():
+def reference(initial_params):
   config = _config()
-  _, state, history = _run(config, _single_device_mesh())
+  _, state, history = _run(config, _single_device_mesh(), initial_params)
   return jax.device_get(state), history
 
 
 @pytest.mark.parametrize('strategy,mesh_shape', [('dp', dict(data=8)), ('zero1', dict(data=8)),
                                                  ('fsdp', dict(data=2, fsdp=4))])
-def test_sharded_step_equals_single_device(reference, strategy, mesh_shape):
+def test_sharded_step_equals_single_device(reference, initial_params, strategy, mesh_shape):
   expected_state, expected_history = reference
   config = _config(**{'sharding.strategy': strategy})
-  trainer, state, history = _run(config, sharding_lib.make_mesh(mesh_shape))
+  trainer, state, history = _run(config, sharding_lib.make_mesh(mesh_shape), initial_params)
   np.testing.assert_allclose(history[0]['loss'], expected_history[0]['loss'], rtol=1e-6)
   np.testing.assert_allclose(history[0]['grad_norm'], expected_history[0]['grad_norm'], rtol=1e-5)
   got = jax.device_get(state)
@@ -74,11 +83,11 @@ def test_sharded_step_equals_single_device(reference, strategy, mesh_shape):
     assert kernel.sharding.shard_shape(kernel.shape)[1] == kernel.shape[1] // 4
 
 
-def test_zero1_shards_the_optimizer_state_eight_ways():
+def test_zero1_shards_the_optimizer_state_eight_ways(initial_params):
   config = _config(**{'sharding.strategy': 'zero1'})
   mesh = sharding_lib.make_mesh(dict(data=8))
   trainer = step_lib.make_trainer(config, mesh)
-  state = step_lib.init_state(trainer)
+  state = step_lib.init_state(trainer, initial_params)
   total = per_device = 0
   for leaf in jax.tree.leaves(state['opt_state']):
     shard = leaf.sharding.shard_shape(leaf.shape)
@@ -92,7 +101,7 @@ def test_zero1_shards_the_optimizer_state_eight_ways():
     assert leaf.sharding.is_fully_replicated
 
 
-def test_float16_skips_non_finite_steps_and_backs_off_the_scale():
+def test_float16_skips_non_finite_steps_and_backs_off_the_scale(initial_params):
   """DeepSpeed's scaler with the reference's hysteresis 2: the first overflow is tolerated (scale kept), the second
   halves the scale; both steps are skipped and leave parameters and moments untouched."""
   # The tiny model's own float16 gradients overflow at the reference's 2^16 (its random-init head gradient is ~1.6e3),
@@ -100,7 +109,7 @@ def test_float16_skips_non_finite_steps_and_backs_off_the_scale():
   config = _config(**{'model.dtype': 'float16', 'loss_scale.initial_power': 4})
   mesh = _single_device_mesh()
   trainer = step_lib.make_trainer(config, mesh)
-  state = step_lib.init_state(trainer)
+  state = step_lib.init_state(trainer, initial_params)
   train_step = step_lib.make_train_step(trainer, inject_nonfinite_at=(1, 2))
   states, history = [], []
   for i in range(4):
