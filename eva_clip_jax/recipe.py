@@ -26,6 +26,7 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
       # weights is the JAX-native equivalent. 'float16' reproduces the reference exactly.
       dtype='bfloat16', param_dtype='float32',
       attention='auto', remat='none', scan_layers=True,
+      mlp_pad_multiple=0,  # e.g. 128: vision MLP hidden size padded in-graph (L/14: 2730 -> 2816), same results
       drop_path_rate=drop_path_rate,
       patch_dropout=patch_dropout,  # FLIP-style random masking of patch tokens during training
   ))

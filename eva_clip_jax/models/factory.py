@@ -16,7 +16,8 @@ from eva_clip_jax.ops.attention import validate_backend
 
 def create_model(name: str | ModelSpec, *, seed: int = 0, dtype: Any = 'float32', param_dtype: Any = 'float32',
                  attention: str = 'xla', remat: str = 'none', scan_layers: bool = True,
-                 drop_path_rate: float = 0.0, patch_dropout: float = 0.0, abstract: bool = False) -> CLIP:
+                 drop_path_rate: float = 0.0, patch_dropout: float = 0.0, mlp_pad_multiple: int = 0,
+                 abstract: bool = False) -> CLIP:
   """Builds an EVA-CLIP model with freshly initialised parameters.
 
   Args:
@@ -32,7 +33,7 @@ def create_model(name: str | ModelSpec, *, seed: int = 0, dtype: Any = 'float32'
   """
   spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
   opts = ModelOptions(dtype=dtype, param_dtype=param_dtype, attention=validate_backend(attention), remat=remat,
-                      scan_layers=scan_layers)
+                      scan_layers=scan_layers, mlp_pad_multiple=mlp_pad_multiple)
 
   def build() -> CLIP:
     return CLIP(spec, opts, drop_path_rate=drop_path_rate, patch_dropout=patch_dropout, rngs=nnx.Rngs(seed))

@@ -16,11 +16,15 @@ from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.models.common import (ModelOptions, create_stacked, drop_path, layer_norm, linear,
                                         run_stacked, trunc_normal)
 from eva_clip_jax.models.registry import VisionSpec
-from eva_clip_jax.ops import dot_product_attention
+from eva_clip_jax.ops import dot_product_attention, flash_attention
 
 
 class EvaAttention(nnx.Module):
-  """Self-attention with q and v biases but no k bias; optional sub-LN and 2D RoPE (CLS excluded)."""
+  """Self-attention with q and v biases but no k bias; optional sub-LN and 2D RoPE (CLS excluded).
+
+  With the 'pallas' backend the RoPE rotation is fused into the flash-attention kernels; other backends rotate
+  q and k first.
+  """
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
     width = spec.width
@@ -47,44 +51,92 @@ class EvaAttention(nnx.Module):
     q = q + self.q_bias[...].astype(self.dtype)
     v = v + self.v_bias[...].astype(self.dtype)
     q, k, v = (t.reshape(batch, seq, self.num_heads, -1) for t in (q, k, v))
-    if rope is not None:
-      q = rope_lib.apply_rope_skip_cls(q, *rope)
-      k = rope_lib.apply_rope_skip_cls(k, *rope)
-    out = dot_product_attention(q, k, v, backend=self.backend).reshape(batch, seq, width)
+    if rope is not None and self.backend == 'pallas':
+      # Fused: the kernels rotate each q/k block as they load it, so the rotated q and k (and, in training,
+      # their saved copies) never exist in memory. Tables are [seq - 1, D], or [B, kept, D] under patch dropout.
+      out = flash_attention(q, k, v, rope=rope)
+    else:
+      if rope is not None:
+        q = rope_lib.apply_rope_skip_cls(q, *rope)
+        k = rope_lib.apply_rope_skip_cls(k, *rope)
+      out = dot_product_attention(q, k, v, backend=self.backend)
+    out = out.reshape(batch, seq, width)
     if self.inner_attn_ln is not None:
       out = self.inner_attn_ln(out)
     return self.proj(out)
 
 
+def hidden_padding(mlp_dim: int, multiple: int) -> int:
+  """Zero columns that round the MLP hidden size up to a multiple of `multiple` (0 or 1: none)."""
+  return -mlp_dim % multiple if multiple > 1 else 0
+
+
+def _dense(layer: nnx.Linear, x: jax.Array, *, pad_out: int = 0, pad_in: int = 0) -> jax.Array:
+  """layer(x) with the kernel zero-padded to [in + pad_in, out + pad_out] (and the bias to out + pad_out).
+
+  The padding is made per call from the stored (true-shape) parameters, so checkpoints never see it; its
+  gradient is a slice. Padded output columns are exactly 0; padded input rows multiply x's padding by 0.
+  """
+  if not (pad_out or pad_in):
+    return layer(x)
+  kernel = jnp.pad(layer.kernel[...].astype(layer.dtype), ((0, pad_in), (0, pad_out)))
+  y = jnp.dot(x.astype(layer.dtype), kernel, precision=layer.precision)
+  if layer.bias is not None:
+    y = y + jnp.pad(layer.bias[...].astype(layer.dtype), (0, pad_out))
+  return y
+
+
+def _sub_ln(ln: nnx.LayerNorm | None, x: jax.Array, pad: int) -> jax.Array:
+  """The MLP's sub-LN over the true hidden features of x, whose last `pad` columns are zero padding.
+
+  A plain LayerNorm over the padded width would count the zeros in the mean and variance; here both statistics
+  are masked to the true features (as flax computes them: float32, E[x^2] - E[x]^2), and the padding stays 0
+  (zero scale and bias there), so the next layer's zero rows see zeros.
+  """
+  if ln is None or not pad:
+    return x if ln is None else ln(x)
+  # Mirrors nnx.LayerNorm's arithmetic (inputs and scale/bias in ln.dtype, statistics in float32 or wider).
+  x = x.astype(ln.dtype)
+  stats = x.astype(jnp.promote_types(ln.dtype, jnp.float32))
+  mask = jnp.arange(x.shape[-1]) < x.shape[-1] - pad
+  mean = jnp.mean(stats, axis=-1, keepdims=True, where=mask)
+  var = jnp.maximum(0.0, jnp.mean(stats * stats, axis=-1, keepdims=True, where=mask) - mean * mean)
+  scale, bias = (jnp.pad(p[...].astype(ln.dtype), (0, pad)) for p in (ln.scale, ln.bias))
+  return ((x - mean) * (jax.lax.rsqrt(var + ln.epsilon) * scale) + bias).astype(ln.dtype)
+
+
 class SwiGLU(nnx.Module):
-  """EVA-02's MLP: w3(ffn_ln(silu(w1 x) * w2 x))."""
+  """EVA-02's MLP: w3(ffn_ln(silu(w1 x) * w2 x)), optionally computed at a padded hidden size.
+
+  With `opts.mlp_pad_multiple` the hidden activations are padded with zero columns (silu(0) * 0 = 0) so the
+  three matmuls get tile-aligned shapes (L/14: 2730 -> 2816); results equal the unpadded MLP's.
+  """
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
+    self.pad = hidden_padding(spec.mlp_dim, opts.mlp_pad_multiple)
     self.w1 = linear(spec.width, spec.mlp_dim, opts, rngs)
     self.w2 = linear(spec.width, spec.mlp_dim, opts, rngs)
     self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
     self.w3 = linear(spec.mlp_dim, spec.width, opts, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jax.nn.silu(self.w1(x)) * self.w2(x)
-    if self.ffn_ln is not None:
-      x = self.ffn_ln(x)
-    return self.w3(x)
+    pad = self.pad
+    x = jax.nn.silu(_dense(self.w1, x, pad_out=pad)) * _dense(self.w2, x, pad_out=pad)
+    return _dense(self.w3, _sub_ln(self.ffn_ln, x, pad), pad_in=pad)
 
 
 class GeluMlp(nnx.Module):
-  """EVA-01 / bigE MLP: fc2(gelu(fc1 x)) with the exact (erf) GELU."""
+  """EVA-01 / bigE MLP: fc2(gelu(fc1 x)) with the exact (erf) GELU; padded like SwiGLU (gelu(0) = 0)."""
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
+    self.pad = hidden_padding(spec.mlp_dim, opts.mlp_pad_multiple)
     self.fc1 = linear(spec.width, spec.mlp_dim, opts, rngs)
     self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
     self.fc2 = linear(spec.mlp_dim, spec.width, opts, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jax.nn.gelu(self.fc1(x), approximate=False)
-    if self.ffn_ln is not None:
-      x = self.ffn_ln(x)
-    return self.fc2(x)
+    x = jax.nn.gelu(_dense(self.fc1, x, pad_out=self.pad), approximate=False)
+    return _dense(self.fc2, _sub_ln(self.ffn_ln, x, self.pad), pad_in=self.pad)
 
 
 class EvaBlock(nnx.Module):

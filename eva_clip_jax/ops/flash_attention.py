@@ -32,8 +32,8 @@ becomes elementwise on two half-width operands: q.k = q_even.k_even + q_odd.k_od
 loaded block, and in the backward its transpose (dq_pre = R^T dq_post), happen in the kernels; the rotated
 q and k never exist in memory. No gradient flows to the cos/sin tables. Caveats: on TPU each half is padded to
 128 lanes (head_dim 64 then costs the matmul width of 256; packing both halves into one tile is a TPU to-do),
-and the attention seam (`dot_product_attention`) takes no tables, so the vision tower still rotates q and k
-itself before calling the 'pallas' backend; using the fused path there means calling `flash_attention` directly.
+and the attention seam (`dot_product_attention`) takes no tables, so the vision tower calls `flash_attention`
+with its (patch-dropout-gathered) tables directly when its backend is 'pallas' (`models.vision.EvaAttention`).
 
 Numerics: softmax statistics and all accumulators are float32; probabilities and ds are cast to the input dtype
 before their matmuls (as in FlashAttention). Matmuls use the target's default precision for the input dtype,

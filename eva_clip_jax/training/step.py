@@ -49,7 +49,8 @@ class Trainer:
 def model_kwargs(config) -> dict:
   m = config.model
   return dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-              scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout)
+              scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout,
+              mlp_pad_multiple=m.get('mlp_pad_multiple', 0))
 
 
 def make_trainer(config, mesh: Mesh) -> Trainer:

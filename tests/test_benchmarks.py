@@ -1,0 +1,64 @@
+"""The benchmarks (written for GPUs) run on CPU at toy settings and print tables that parse. No timing is asserted."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args):
+  # No timing is checked, so XLA:CPU may skip LLVM's optimisations: the tiny train step compiles ~2x faster.
+  flags = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
+  proc = subprocess.run([sys.executable, str(ROOT / 'benchmarks' / script), *args], capture_output=True, text=True,
+                        env=env, cwd=ROOT, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def _table(stdout, header_start):
+  """Rows of the markdown table whose header starts with `header_start`, as lists of stripped cells."""
+  lines = stdout.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+  rows = []
+  for line in lines[start + 2:]:
+    if not line.startswith('|'):
+      continue
+    rows.append([cell.strip() for cell in line.strip('|').split('|')])
+  return [cell.strip() for cell in lines[start].strip('|').split('|')], rows
+
+
+def test_attention_benchmark_on_cpu():
+  out = _run('attention.py', '--batch_size=1', '--iters=1', '--repeats=1', '--dtype=float32',
+             '--cases=B/16 50% masked', '--backends=pallas')  # per-sample RoPE tables, fused in 'pallas'
+  header, rows = _table(out, '| case |')
+  assert len(rows) == 2 * 2  # backends x (fwd, fwd+bwd)
+  for row in rows:
+    cell = dict(zip(header, row))
+    assert float(cell['ms']) > 0 and float(cell['TFLOP/s']) > 0
+    if cell['backend'] == 'pallas':  # the interpreted kernel, fused RoPE included, agrees with XLA
+      assert float(cell['err vs xla']) < 1e-4
+  assert {r[header.index('pass')] for r in rows} == {'fwd', 'fwd+bwd'}
+
+
+def test_train_step_benchmark_on_cpu():
+  # One process for both frameworks (--noisolate) keeps this quick; the subprocess path is the same code.
+  out = _run('train_step.py', '--model=tiny', '--batch_size=8', '--steps=1', '--warmup=1', '--dtype=float32',
+             '--masks=0.5', '--noisolate')
+  header, rows = _table(out, '| framework |')
+  assert [r[0].split()[0] for r in rows] == ['jax', 'torch']
+  for row in rows:
+    cell = dict(zip(header, row))
+    assert float(cell['samples/s']) > 0 and float(cell['step ms']) > 0 and float(cell['memory GiB']) > 0
+    assert cell['MFU'].endswith('%') and 'measured matmul' in cell['peak']
+  assert 'jax/torch samples/s ratio' in out
+
+
+def test_mlp_padding_benchmark_on_cpu():
+  out = _run('mlp_padding.py', '--model=tiny', '--batch_size=2', '--iters=1', '--repeats=1', '--dtype=float32')
+  header, rows = _table(out, '| hidden |')
+  assert [(r[1], r[2]) for r in rows] == [('170', 'fwd'), ('170', 'fwd+bwd'), ('256', 'fwd'), ('256', 'fwd+bwd')]
+  for row in rows[2:]:  # the padded MLP computes the same function
+    assert float(dict(zip(header, row))['max abs diff vs unpadded']) < 1e-5
