@@ -96,4 +96,8 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
   config.schedule.warmup_steps = 2
   config.log_every_steps = 2
   config.checkpoint.every_steps = 5
+  # A smoke run of the recipe's shapes: no checkpoints to download, no data to point at (override to use them).
+  config.init.visual = config.init.text = ''
+  config.data.synthetic = True
+  config.evals = {}
   return config

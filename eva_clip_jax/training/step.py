@@ -117,6 +117,10 @@ def init_state(trainer: Trainer, params: Any | None = None) -> dict:
   return jax.jit(lambda: init(None), out_shardings=trainer.state_shardings)()
 
 
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(trainer: Trainer, *, inject_nonfinite_at: Sequence[int] = ()) -> Callable:
   """The jitted step: (state, batch) -> (state, metrics). The state is donated.
 
@@ -158,7 +162,7 @@ def make_train_step(trainer: Trainer, *, inject_nonfinite_at: Sequence[int] = ()
     }
     lrs = optimizer_lib.current_lrs(config, step)
     metrics = {
-        'loss': loss, 'logit_scale': logit_scale, 'grad_norm': optax.global_norm(grads),
+        'loss': loss, 'logit_scale': logit_scale, 'grad_norm': _global_norm(grads),
         'loss_scale': scale, 'skipped_steps': new_state['skipped'],
         **{f'lr/{tower}': lr for tower, lr in lrs.items()},
     }
