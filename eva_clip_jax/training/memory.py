@@ -1,0 +1,170 @@
+"""Per-device memory of the train step, read from an ahead-of-time compile of abstract inputs.
+
+Nothing is allocated: the trainer's state is `ShapeDtypeStruct`s carrying their shardings, the batch likewise, and
+`jax.jit(...).lower(...).compile()` runs XLA up to buffer assignment and code generation, whose
+`memory_analysis()` gives the bytes of arguments, outputs, donated (aliased) buffers and temporaries of one device's
+program. The parameter and optimizer-state bytes come from the shardings' shard shapes, independently of XLA.
+
+What is compiled is XLA's program for the devices it has: on a machine without accelerators, CPU devices. See
+launch/README.md for how that differs from a GPU's or a TPU's compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from eva_clip_jax.models import get_model_spec
+from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax.training import step as step_lib
+
+# Buffer assignment runs on the optimised HLO, before LLVM; these options only make LLVM's work cheaper (about half
+# of a CPU compile) and leave every buffer as it was (tests/test_plan.py compares with a default compile).
+FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Bytes per device of one compiled train step."""
+  strategy: str
+  remat: str
+  mesh: Mapping[str, int]
+  batch_per_device: int
+  params: int  # from the shardings' shard shapes
+  opt_state: int
+  other_state: int  # step, rng, loss scale, skip count
+  batch: int
+  argument: int  # from XLA's memory_analysis(); state + batch
+  output: int
+  alias: int  # outputs written into donated arguments (the new state over the old)
+  temp: int  # activations, gradients, collectives' buffers
+  compile_seconds: float
+
+  @property
+  def total(self) -> int:
+    """Peak bytes the step needs on a device: live arguments, outputs that do not reuse them, temporaries."""
+    return self.argument + self.output - self.alias + self.temp
+
+
+def shard_bytes(tree: Any) -> int:
+  """Bytes of one device's shards of a tree of sharded arrays or ShapeDtypeStructs."""
+  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+             for leaf in jax.tree.leaves(tree))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data:8,fsdp:8' -> {'data': 8, 'fsdp': 8, 'tensor': 1}."""
+  mesh = dict.fromkeys(sharding_lib.MESH_AXES, 1)
+  for part in filter(None, text.replace(' ', '').split(',')):
+    axis, _, size = part.partition(':')
+    if axis not in mesh or not size.isdigit() or int(size) < 1:
+      raise ValueError(f'bad mesh entry {part!r}: expected axis:size with an axis in {sharding_lib.MESH_AXES}')
+    mesh[axis] = int(size)
+  return mesh
+
+
+def format_mesh(mesh: Mapping[str, int]) -> str:
+  return ','.join(f'{axis}:{size}' for axis, size in mesh.items() if size > 1) or 'data:1'
+
+
+def strategy_mesh(mesh: Mapping[str, int], strategy: str) -> dict[str, int]:
+  """fsdp shards parameters over the 'fsdp' axis only; a mesh without one gets its data devices moved there."""
+  mesh = dict(mesh)
+  if strategy == 'fsdp' and mesh.get('fsdp', 1) == 1:
+    mesh['fsdp'], mesh['data'] = mesh.get('data', 1), 1
+  return mesh
+
+
+def abstract_batch(config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  spec = get_model_spec(config.model.name)
+  sharding = sharding_lib.batch_sharding(mesh)
+  size, batch = spec.vision.image_size, config.batch_size
+  return {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharding),
+          'text': jax.ShapeDtypeStruct((batch, spec.text.context_length), jnp.int32, sharding=sharding)}
+
+
+def compile_train_step(config, mesh: Mesh, batch_per_device: int, *,
+                       compiler_options: Mapping[str, Any] | None = FAST_COMPILE_OPTIONS):
+  """(compiled step, MemoryEstimate) for `config` with `batch_per_device` samples on each data-parallel device."""
+  config = copy.deepcopy(config)
+  config.batch_size = batch_per_device * sharding_lib.data_parallel_size(mesh)
+  trainer = step_lib.make_trainer(config, mesh)
+  batch = abstract_batch(config, mesh)
+  start = time.perf_counter()
+  lowered = step_lib.make_train_step(trainer).lower(trainer.abstract_state, batch)
+  compiled = lowered.compile(compiler_options=dict(compiler_options) if compiler_options else None)
+  seconds = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  state = trainer.abstract_state
+  estimate = MemoryEstimate(
+      strategy=config.sharding.strategy, remat=config.model.remat, mesh=dict(mesh.shape),
+      batch_per_device=batch_per_device, params=shard_bytes(state['params']),
+      opt_state=shard_bytes(state['opt_state']),
+      other_state=shard_bytes({k: v for k, v in state.items() if k not in ('params', 'opt_state')}),
+      batch=shard_bytes(batch), argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
+      alias=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes, compile_seconds=seconds)
+  return compiled, estimate
+
+
+def _granule(batch: int) -> int:
+  """Search resolution: 1/16 of the batch, a power of two (answers read 1536 or 1472, not 1517)."""
+  return max(1, 2 ** int(math.log2(max(batch, 1))) // 16)
+
+
+def _line_guess(measured: Mapping[int, int], a: int, b: int, budget: int) -> int | None:
+  """Just short of where the line through the measurements at batches `a` and `b` meets the budget: memory grows
+  a little faster than linearly (the contrastive logits), and a guess that fits narrows the bracket from below."""
+  slope = (measured[b] - measured[a]) / (b - a)
+  return int(a + 0.97 * (budget - measured[a]) / slope) if slope > 0 else None
+
+
+def largest_batch(measure: Callable[[int], int], budget: int, *, start: int = 16, limit: int = 1 << 16,
+                  max_measurements: int = 5) -> tuple[int, dict[int, int]]:
+  """The largest per-device batch whose `measure` (bytes; a compile each) stays within `budget`, and the measurements.
+
+  Activation memory grows about linearly with the batch, so each guess is where the line through two measurements
+  meets the budget (the bracket's ends once one batch has failed), rounded down to the resolution; bisection takes
+  over when a guess leaves the bracket. Typically 4 or 5 compiles. Returns 0 when one sample does not fit.
+  """
+  measured: dict[int, int] = {}
+
+  def fits(batch: int) -> bool:
+    if batch not in measured:
+      measured[batch] = measure(batch)
+    return measured[batch] <= budget
+
+  batch, hi = start, None  # hi, once known, does not fit
+  while not fits(batch):
+    if batch == 1:
+      return 0, measured
+    hi, batch = batch, batch // 2
+  lo = batch  # fits
+  while len(measured) < max_measurements and lo < limit:
+    step = _granule(lo)
+    if hi is not None and hi - lo <= step:
+      break
+    # The line through the bracket, else through lo and the measurement before it, else a first long stride.
+    other = hi if hi is not None else max((b for b in measured if b < lo), default=None)
+    guess = _line_guess(measured, lo, other, budget) if other is not None else 4 * lo
+    guess = min(guess if guess is not None else 2 * lo, 64 * lo, limit)
+    guess -= guess % _granule(guess)
+    if guess <= lo:
+      guess = lo + step
+    if hi is not None and guess >= hi:
+      guess = (lo + hi) // 2
+      guess -= guess % step
+      if guess <= lo:
+        break
+    if fits(guess):
+      lo = guess
+    else:
+      hi = guess
+  return lo, measured

@@ -1,0 +1,126 @@
+"""The memory planner: its compile of abstract inputs is the real step's, its byte counts add up, its batch search
+finds the largest fitting batch, and it plans B/16, L/14 and bigE/14 without allocating them."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from eva_clip_jax.models import count_params, create_model, get_model_spec
+from eva_clip_jax.training import memory
+from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax.training import step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(name: str):
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', ROOT / 'configs' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _live_bytes() -> int:
+  return sum(a.nbytes for a in jax.live_arrays())
+
+
+def test_plan_of_tiny_is_the_compiled_train_step():
+  config = _config('tiny')
+  config.sharding.strategy = 'zero1'
+  mesh = sharding_lib.make_mesh({'data': 8})
+  live = _live_bytes()
+  _, planned = memory.compile_train_step(config, mesh, 4)
+  assert _live_bytes() - live < planned.params / 10  # no parameters (or anything their size) were allocated
+
+  # The shard shapes of the state and batch account for every argument byte XLA assigned.
+  assert planned.params + planned.opt_state + planned.other_state + planned.batch == planned.argument
+  n_params = count_params(create_model('tiny', abstract=True))
+  assert planned.params == 4 * n_params  # zero1: float32 parameters, replicated
+  assert planned.opt_state < planned.params  # ... and the two moments sharded 8 ways
+
+  # The step the training loop runs, on real arrays, compiled with XLA's default options: the same buffers.
+  config.batch_size = 4 * 8
+  trainer = step_lib.make_trainer(config, mesh)
+  # Values do not change buffers: zeros placed like init_state's output (its compile would add 10 s here).
+  state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), trainer.abstract_state)
+  spec = get_model_spec('tiny')
+  rng = np.random.default_rng(0)
+  size, length = spec.vision.image_size, spec.text.context_length
+  batch = step_lib.device_batch({'image': rng.normal(size=(32, size, size, 3)).astype(np.float32),
+                                 'text': rng.integers(1, 100, (32, length)).astype(np.int32)}, mesh)
+  stats = step_lib.make_train_step(trainer).lower(state, batch).compile().memory_analysis()
+  assert (stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.alias_size_in_bytes,
+          stats.temp_size_in_bytes) == (planned.argument, planned.output, planned.alias, planned.temp)
+
+
+@pytest.mark.parametrize('fixed,per_sample,quadratic,budget', [
+    (1e9, 4e8, 0.0, 72e9),  # B/16-like: fits ~177 per device
+    (16e6, 1.5e6, 150.0, 0.9e9),  # tiny-like: the contrastive logits grow with batch^2
+    (2e9, 3e6, 0.0, 70e9),  # thousands per device
+])
+def test_search_finds_the_largest_batch_that_fits(fixed, per_sample, quadratic, budget):
+  calls = []
+
+  def cost(batch):
+    return int(fixed + per_sample * batch + quadratic * batch * batch)
+
+  def measure(batch):
+    calls.append(batch)
+    return cost(batch)
+
+  found, measured = memory.largest_batch(measure, int(budget), max_measurements=6)
+  edge = max(b for b in range(1, 1 << 16) if cost(b) <= budget)
+  assert cost(found) <= budget
+  assert edge - found <= memory._granule(edge)  # pylint: disable=protected-access
+  assert len(set(calls)) == len(measured) <= 6
+
+
+def test_search_when_nothing_fits_or_everything_does():
+  assert memory.largest_batch(lambda b: 10 + b, 5)[0] == 0
+  assert memory.largest_batch(lambda b: 1 + b, 10, start=16)[0] == 9  # halving, then up again
+  assert memory.largest_batch(lambda b: b, 10**9, limit=4096, max_measurements=8)[0] == 4096
+
+
+def test_mesh_specs():
+  assert memory.parse_mesh('data:8,fsdp:4') == {'data': 8, 'fsdp': 4, 'tensor': 1}
+  assert memory.strategy_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 'fsdp') == {'data': 1, 'fsdp': 64, 'tensor': 1}
+  assert memory.strategy_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 'zero1')['data'] == 64
+  assert memory.format_mesh({'data': 1, 'fsdp': 64, 'tensor': 1}) == 'fsdp:64'
+  with pytest.raises(ValueError, match='bad mesh entry'):
+    memory.parse_mesh('pipeline:4')
+
+
+@pytest.mark.parametrize('name,mesh,strategy,remat', [
+    ('b16', 'data:16', 'zero1', 'none'),
+    ('l14', 'data:16', 'zero1', 'full'),
+    ('e14', 'fsdp:16', 'fsdp', 'full'),
+])
+def test_big_models_are_planned_without_being_allocated(tmp_path, name, mesh, strategy, remat):
+  out = tmp_path / 'plan.json'
+  command = [sys.executable, '-m', 'eva_clip_jax.plan', f'--config=configs/{name}.py', f'--mesh={mesh}',
+             f'--strategies={strategy}', f'--remat={remat}', '--batch_per_device=8', f'--json={out}']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  output = process.stdout.read().decode()
+  _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS
+  assert status == 0, output[-3000:]
+  row, = json.loads(out.read_text())
+  assert row['params'] + row['opt_state'] + row['other_state'] + row['batch'] == row['argument']
+  n_params = count_params(create_model(_config(name).model.name, abstract=True))
+  devices = math.prod(memory.parse_mesh(mesh).values())
+  if strategy == 'zero1':
+    assert row['params'] == 4 * n_params
+  else:
+    assert row['params'] < 1.05 * 4 * n_params / devices  # fsdp: sharded 16 ways, but for small leaves
+  # Allocated on 16 CPU devices the state alone would take argument x 16 bytes of host memory (11-56 GB).
+  peak = usage.ru_maxrss * 1024
+  assert peak < min(3 * 2**30, row['argument'] * devices / 4), (peak, row)
