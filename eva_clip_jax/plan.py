@@ -40,8 +40,7 @@ _HEADER = (f"{'strategy':8} {'remat':13} {'mesh':16} {'params':>7} {'opt':>7} {'
 
 
 def _gib(n: float) -> str:
-  from eva_clip_jax.training.memory import GIB
-  return f'{n / GIB:7.2f}'
+  return f'{n / 2**30:7.2f}'
 
 
 def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: int, batch_per_device: int = 0,
@@ -67,7 +66,7 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
     chosen = batch_per_device
   else:
     chosen, _ = memory.largest_batch(measure, budget, start=start, limit=limit, max_measurements=max_compiles)
-  at = estimates[chosen] if chosen else estimates[min(estimates)]
+  at = estimates[chosen] if chosen else estimates[min(estimates)]  # nothing fits: show the smallest batch tried
   per_sample = fixed = None
   others = sorted((b for b in estimates if b != at.batch_per_device), key=lambda b: abs(b - at.batch_per_device))
   if others:
@@ -84,7 +83,7 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
 def format_row(row: dict) -> str:
   per_sample = f"{row['per_sample'] / 2**20:8.1f}" if row['per_sample'] is not None else f"{'-':>8}"
   fixed = _gib(row['fixed']) if row['fixed'] is not None else f"{'-':>7}"
-  batch = row['batch_per_device'] if row['largest'] is None or row['largest'] else f"0 (<{row['batch_per_device']})"
+  batch = row['batch_per_device'] if row['largest'] is None or row['largest'] else 0  # not one sample fits
   return (f"{row['strategy']:8} {row['remat']:13} {row['mesh']:16} {_gib(row['params'])} {_gib(row['opt_state'])} "
           f"{fixed} {per_sample} {batch!s:>9} {row['global_batch']:8d} {_gib(row['temp'])} {_gib(row['total'])} "
           f"{'yes' if row['fits'] else 'no':>4} {row['compiles']:3d} ({row['compile_seconds']:3.0f}s)")
