@@ -15,6 +15,7 @@ from eva_clip_jax import ops
 from eva_clip_jax.models import create_model
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.ops import attention as attention_lib
+from test_attention import _numpy_attention  # the float64 reference both attention test files use
 
 
 def _inputs(seq, head_dim, *, batch=1, heads=2, seed=0):
@@ -36,15 +37,6 @@ def _xla(causal=False, rope=None):
       q, k = (rope_lib.apply_rope_skip_cls(t, *rope) for t in (q, k))
     return ops.dot_product_attention(q, k, v, causal=causal)
   return attend
-
-
-def _numpy_attention(q, k, v, causal):
-  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  if causal:
-    logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  return np.einsum('bhqk,bkhd->bqhd', weights / weights.sum(-1, keepdims=True), v)
 
 
 def _assert_close(got, want, atol, names=('out', 'dq', 'dk', 'dv')):
