@@ -9,6 +9,7 @@ on how a model was run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -43,6 +44,9 @@ class ModelOptions:
   scan_layers: run blocks with a rolled `lax.scan` (True) or fully unrolled (False).
   mlp_pad_multiple: pad the vision MLP's hidden size to a multiple of this inside the computation (0: off), e.g.
     L/14's 2730 -> 2816 with 128, for tile-aligned matmuls. Parameters keep their true shapes (`vision.SwiGLU`).
+  activation_sharding: a `jax.sharding.Sharding` of the [batch, ...] residual stream between blocks (None: let
+    XLA choose). Training sets it to batch-over-data-parallel-axes: without it, under fsdp XLA propagates the
+    weights' sharding into the activations and per-device activation memory grows with the device count.
   """
   dtype: Any = 'float32'
   param_dtype: Any = 'float32'
@@ -50,6 +54,7 @@ class ModelOptions:
   remat: str = 'none'
   scan_layers: bool = True
   mlp_pad_multiple: int = 0
+  activation_sharding: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', as_dtype(self.dtype))
@@ -97,6 +102,19 @@ def create_stacked(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rng
   return make(rngs)
 
 
+def constrain_batch(x: jax.Array, opts: ModelOptions) -> jax.Array:
+  """Pins activations to `opts.activation_sharding` when their batch divides it (evaluation batches may not)."""
+  sharding = opts.activation_sharding
+  if sharding is None:
+    return x
+  spec = getattr(sharding, 'spec', None)
+  if spec is not None and len(spec) and spec[0] is not None:
+    axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
+    if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in axes):
+      return x
+  return jax.lax.with_sharding_constraint(x, sharding)
+
+
 def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOptions,
                 **shared: Any) -> jax.Array:
   """Applies stacked blocks in order: `x = block_i(x, **per_layer[i], **shared)`.
@@ -109,10 +127,10 @@ def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOpt
   def body(carry, xs):
     layer_state, layer_inputs = xs
     block = nnx.merge(graphdef, layer_state)
-    return block(carry, **layer_inputs, **shared), None
+    return constrain_batch(block(constrain_batch(carry, opts), **layer_inputs, **shared), opts), None
 
   policy = REMAT_POLICIES[opts.remat]
   if opts.remat != 'none':
     body = jax.checkpoint(body, policy=policy, prevent_cse=not opts.scan_layers)
-  x, _ = jax.lax.scan(body, x, (state, per_layer), unroll=1 if opts.scan_layers else True)
+  x, _ = jax.lax.scan(body, constrain_batch(x, opts), (state, per_layer), unroll=1 if opts.scan_layers else True)
   return x

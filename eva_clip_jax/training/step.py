@@ -46,15 +46,19 @@ class Trainer:
     return nnx.merge(self.graphdef, state)
 
 
-def model_kwargs(config) -> dict:
+def model_kwargs(config, mesh: Mesh | None = None) -> dict:
+  """create_model's arguments from the config; with a mesh, activations between blocks are pinned batch-sharded."""
   m = config.model
-  return dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-              scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout,
-              mlp_pad_multiple=m.get('mlp_pad_multiple', 0))
+  kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
+                scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout,
+                mlp_pad_multiple=m.get('mlp_pad_multiple', 0))
+  if mesh is not None and sharding_lib.data_parallel_size(mesh) > 1:
+    kwargs['activation_sharding'] = sharding_lib.batch_sharding(mesh)
+  return kwargs
 
 
 def make_trainer(config, mesh: Mesh) -> Trainer:
-  abstract_model = create_model(config.model.name, seed=config.seed, abstract=True, **model_kwargs(config))
+  abstract_model = create_model(config.model.name, seed=config.seed, abstract=True, **model_kwargs(config, mesh))
   graphdef, param_template = nnx.split(abstract_model, nnx.Param)
   abstract_params = param_template.to_pure_dict()
   spec = abstract_model.spec
