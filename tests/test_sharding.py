@@ -1,6 +1,7 @@
 """The mesh from the config, logical parameter axes and the per-strategy shardings (no training, no compiles)."""
 
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -84,6 +85,20 @@ def test_indivisible_dimensions_stay_whole(abstract_params):
   mesh7 = sharding_lib.make_mesh(dict(fsdp=7), devices=jax.devices()[:7])
   params = sharding_lib.param_shardings(abstract_params, mesh7, 'fsdp', RULES)
   assert params['visual']['blocks']['mlp']['w1']['kernel'].spec == P(None, None, None)
+
+
+def test_zero1_moments_use_the_axes_that_divide_when_their_product_does_not():
+  mesh = sharding_lib.make_mesh(dict(data=2, fsdp=4))
+  replicated = sharding_lib.replicated(mesh)
+  leaves = {'both': jax.ShapeDtypeStruct((3, 16), np.float32),  # 8 divides 16: every axis on one dimension
+            'split': jax.ShapeDtypeStruct((12, 6), np.float32),  # 8 divides neither: fsdp on 12, data on 6
+            'part': jax.ShapeDtypeStruct((12,), np.float32),  # only fsdp divides: replicated over data
+            'none': jax.ShapeDtypeStruct((3, 5), np.float32)}
+  specs = sharding_lib.optimizer_state_shardings(jax.tree.map(lambda _: replicated, leaves), leaves, mesh, 'zero1')
+  assert {k: v.spec for k, v in specs.items()} == {
+      'both': P(None, ('data', 'fsdp')), 'split': P('fsdp', 'data'), 'part': P('fsdp'), 'none': P(None, None)}
+  for name, leaf in leaves.items():  # every spec is valid for its shape
+    jax.device_put(np.zeros(leaf.shape, leaf.dtype), specs[name])
 
 
 def test_batch_must_divide_over_the_data_parallel_devices(tmp_path):
