@@ -115,6 +115,20 @@ def constrain_batch(x: jax.Array, opts: ModelOptions) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
+def gathered(weight: jax.Array, opts: ModelOptions) -> jax.Array:
+  """An embedding table or position embedding, replicated where it is used when training shards activations.
+
+  Under fsdp these weights are split along the width; left alone, XLA reshards their batch-sharded cotangents to
+  match (a full replication of [batch, seq, width]: "Involuntary full rematerialization"). Gathering the weight
+  instead makes its gradient a local partial sum that is reduce-scattered, as for every other fsdp weight.
+  """
+  sharding = opts.activation_sharding
+  if sharding is None or not hasattr(sharding, 'mesh'):
+    return weight
+  return jax.lax.with_sharding_constraint(weight, jax.sharding.NamedSharding(sharding.mesh,
+                                                                            jax.sharding.PartitionSpec()))
+
+
 def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOptions,
                 **shared: Any) -> jax.Array:
   """Applies stacked blocks in order: `x = block_i(x, **per_layer[i], **shared)`.

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eva_clip_jax.models.common import ModelOptions, create_stacked, layer_norm, linear, run_stacked
+from eva_clip_jax.models.common import (ModelOptions, constrain_batch, create_stacked, gathered, layer_norm, linear,
+                                        run_stacked)
 from eva_clip_jax.models.registry import TextSpec
 from eva_clip_jax.ops import dot_product_attention
 
@@ -77,7 +78,9 @@ class TextTransformer(nnx.Module):
       raise ValueError(f'expected token ids [batch, <= {spec.context_length}], got {text.shape}')
     if not jnp.issubdtype(text.dtype, jnp.integer):
       raise ValueError(f'expected integer token ids, got {text.dtype}')
-    x = self.token_embedding(text) + self.positional_embedding[...][:text.shape[1]].astype(opts.dtype)
+    table = gathered(self.token_embedding.embedding[...], opts)
+    x = jnp.take(table, text, axis=0).astype(opts.dtype)
+    x = constrain_batch(x, opts) + gathered(self.positional_embedding[...], opts)[:text.shape[1]].astype(opts.dtype)
     x = run_stacked(self.blocks, x, {}, opts)
     x = self.ln_final(x)
     # The end-of-text token has the largest id in the vocabulary, so argmax finds it.
