@@ -44,8 +44,8 @@ class ModelOptions:
   scan_layers: run blocks with a rolled `lax.scan` (True) or fully unrolled (False).
   mlp_pad_multiple: pad the vision MLP's hidden size to a multiple of this inside the computation (0: off), e.g.
     L/14's 2730 -> 2816 with 128, for tile-aligned matmuls. Parameters keep their true shapes (`vision.SwiGLU`).
-  activation_sharding: a `jax.sharding.Sharding` of the [batch, ...] residual stream between blocks (None: let
-    XLA choose). Training sets it to batch-over-data-parallel-axes: without it, under fsdp XLA propagates the
+  activation_sharding: a `NamedSharding` (batch axes first) of the [batch, ...] residual stream between blocks
+    (None: let XLA choose). Training sets it to batch-over-data-parallel-axes: without it, under fsdp XLA propagates the
     weights' sharding into the activations and per-device activation memory grows with the device count.
   """
   dtype: Any = 'float32'
@@ -107,11 +107,10 @@ def constrain_batch(x: jax.Array, opts: ModelOptions) -> jax.Array:
   sharding = opts.activation_sharding
   if sharding is None:
     return x
-  spec = getattr(sharding, 'spec', None)
-  if spec is not None and len(spec) and spec[0] is not None:
-    axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
-    if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in axes):
-      return x
+  batch_axes = sharding.spec[0]
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in batch_axes):
+    return x
   return jax.lax.with_sharding_constraint(x, sharding)
 
 
@@ -122,11 +121,10 @@ def gathered(weight: jax.Array, opts: ModelOptions) -> jax.Array:
   match (a full replication of [batch, seq, width]: "Involuntary full rematerialization"). Gathering the weight
   instead makes its gradient a local partial sum that is reduce-scattered, as for every other fsdp weight.
   """
-  sharding = opts.activation_sharding
-  if sharding is None or not hasattr(sharding, 'mesh'):
+  if opts.activation_sharding is None:
     return weight
-  return jax.lax.with_sharding_constraint(weight, jax.sharding.NamedSharding(sharding.mesh,
-                                                                            jax.sharding.PartitionSpec()))
+  mesh = opts.activation_sharding.mesh
+  return jax.lax.with_sharding_constraint(weight, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOptions,
@@ -141,7 +139,8 @@ def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOpt
   def body(carry, xs):
     layer_state, layer_inputs = xs
     block = nnx.merge(graphdef, layer_state)
-    return constrain_batch(block(constrain_batch(carry, opts), **layer_inputs, **shared), opts), None
+    # The carry in is the initial x or the previous output, both pinned.
+    return constrain_batch(block(carry, **layer_inputs, **shared), opts), None
 
   policy = REMAT_POLICIES[opts.remat]
   if opts.remat != 'none':

@@ -30,7 +30,8 @@ def create_model(name: str | ModelSpec, *, seed: int = 0, dtype: Any = 'float32'
     drop_path_rate: stochastic depth, linearly increasing over the vision blocks (training only).
     patch_dropout: fraction of patch tokens dropped per sample in training (the paper's 0.5 masking).
     mlp_pad_multiple: pad the vision MLP's hidden size to this multiple inside the computation (0: off).
-    activation_sharding: a `jax.sharding.Sharding` for the residual stream between blocks (training sets it).
+    activation_sharding: a `NamedSharding` (batch axes first) for the residual stream between blocks (training
+      sets it).
     abstract: return a model whose parameters are `jax.ShapeDtypeStruct`s (no memory), via `nnx.eval_shape`.
   """
   spec = name if isinstance(name, ModelSpec) else get_model_spec(name)

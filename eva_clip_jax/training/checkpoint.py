@@ -30,7 +30,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every_steps: int, keep: int, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(save_interval_steps=max(int(every_steps), 1), max_to_keep=keep,
+    self.every_steps = max(int(every_steps), 1)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=self.every_steps, max_to_keep=keep,
                                            enable_async_checkpointing=asynchronous, create=True,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'), options=options)
@@ -40,9 +41,11 @@ class Checkpointer:
 
   def save(self, step: int, state: dict, iterator_state: Any, *, force: bool = False) -> bool:
     """Starts saving (returns at once when asynchronous); False when `step` is not a save step."""
+    if not force and step % self.every_steps:
+      return False  # decided here: orbax's own check costs ~1.6 ms per step
     return self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state))), force=force)
+        data=grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state))), force=True)
 
   def restore(self, step: int, abstract_state: dict, iterator) -> dict:
     """The state at `step`, laid out as `abstract_state`'s shardings; moves `iterator` to its saved position."""

@@ -184,8 +184,7 @@ def train_and_evaluate(config, workdir: str, *, inject_nonfinite_at: tuple[int, 
           last_metrics.update(results)
         throughput.start(step)  # evaluation time is not training throughput
       stop = step % log_every == 0 and preemption.any_process()
-      if stop or step == total or step % max(int(ckpt_cfg.every_steps), 1) == 0:  # skips orbax's 1.6 ms no-op check
-        checkpointer.save(step, state, position, force=True)
+      checkpointer.save(step, state, position, force=stop or step == total)
       if hang_after and step == hang_after:
         checkpointer.wait()
         logging.warning('EVA_CLIP_JAX_TEST_HANG_AFTER_STEP=%d: waiting to be killed.', step)
