@@ -8,8 +8,9 @@ def get_config(arg=None):
       model='tiny',
       visual_lr=1e-3, text_lr=1e-3, base_lr=1e-3,
       visual_layer_decay=1.0, text_layer_decay=1.0,
+      data='demo',
       batch_size=64,
-      samples_seen=64 * 500,
+      epochs=1, virtual_epoch=64 * 500, loader_workers=1,  # 500 steps
       warmup_steps=50,
       patch_dropout=0.5,
   )

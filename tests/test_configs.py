@@ -35,21 +35,20 @@ def test_config_names_its_model_and_recipe(stem):
   assert config.model.name == EXPECTED[stem]
   model = ec.create_model(abstract=True, **config.model.to_dict())  # every model field is a create_model knob
   assert model.spec.name == EXPECTED[stem]
-  assert (config.optimizer.name, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (
-      'lamb', 0.9, 0.98, 1e-6)
-  assert config.weight_decay.visual == config.weight_decay.text == 0.05
-  assert config.total_steps == config.samples_seen // config.batch_size > 0
+  assert config.optimizer.name in ('lamb', 'adamw')  # the rows: test_paper_recipes.py
+  assert config.total_steps * config.batch_size == config.samples_seen > 0
   assert 0 < config.layer_decay.visual <= 1 and 0 < config.layer_decay.text <= 1
   assert config.lr.visual > 0 and config.lr.text > 0
 
 
 def test_paper_rows():
   b16 = _load([f'--config={CONFIG_DIR}/b16.py'])
-  assert (b16.lr.visual, b16.lr.text, b16.layer_decay.visual, b16.batch_size, b16.samples_seen) == (
-      2e-4, 2e-5, 0.75, 131_072, 8_000_000_000)
+  assert (b16.lr.visual, b16.lr.text, b16.layer_decay.visual, b16.batch_size, b16.total_steps) == (
+      2e-4, 2e-5, 0.75, 131_072, 64_000)
   e14 = _load([f'--config={CONFIG_DIR}/e14.py'])
   assert (e14.model.patch_dropout, e14.layer_decay.visual, e14.batch_size) == (0.5, 0.9, 115_200)
-  assert _load([f'--config={CONFIG_DIR}/g14.py']).model.drop_path_rate == 0.4
+  g14 = _load([f'--config={CONFIG_DIR}/g14.py'])
+  assert (g14.optimizer.name, g14.model.drop_path_rate, g14.data.name) == ('adamw', 0.0, 'LAION-400M')
 
 
 def test_overrides_and_runlocal():
