@@ -5,6 +5,12 @@ Parameter groups are keyed by '/'-joined parameter paths ('visual/blocks/attn/q_
 leaf under a tower's 'blocks' is stacked: its leading axis is the layer, so its layer ids and learning-rate scales
 are arrays along that axis, and LAMB takes its norms per layer, as the reference did on each layer's own tensor.
 
+Locked towers (open_clip's --lock-image / --lock-text, `config.lock`): a parameter's group says how many of its
+leading rows are frozen (`ParamGroup.frozen`): all of a locked leaf, the first layers of a stacked leaf whose last
+blocks stay unlocked. The optimizer works on the trainable view of the parameters (`trainable_view`): a frozen
+leaf is an empty array there, a partly frozen stacked leaf its trainable layers, so frozen parameters have no
+moments, no gradient and no update; `merge_trainable` puts the view back into the whole parameters.
+
 Sources: baaivision/EVA EVA-CLIP/rei/training/{optim,scheduler}.py (groups, layer ids, schedule) and DeepSpeed's
 csrc/lamb/fused_lamb_cuda_kernel.cu (the update). One difference remains: the reference ran LAMB under ZeRO stage 1,
 which hands the optimizer flat per-group partitions; the trust ratios here are per parameter tensor, as LAMB means.
@@ -46,11 +52,27 @@ class ParamGroup:
   lr_scale: np.ndarray | float
   weight_decay: float
   stacked: bool
+  frozen: int = 0  # leading rows (layers of a stacked leaf) that are locked; 'all' rows: see `fully_frozen`
+
+  @property
+  def fully_frozen(self) -> bool:
+    return self.frozen > 0 and self.frozen >= (self.shape[0] if self.stacked else 1)
+
+
+def _frozen_rows(tower: str, ids, stacked: bool, depths: dict, lock) -> int:
+  """How many leading rows of a leaf a locked tower freezes: the tower's layer groups (ids 0 .. depth + 1) below
+  the last `unlocked_groups` are locked."""
+  if tower == 'base' or not lock or not lock.get(tower, False):
+    return 0
+  first_unlocked = depths[tower] + 2 - int(lock.get(f'{tower}_unlocked_groups', 0))
+  locked = np.atleast_1d(ids) < first_unlocked
+  return int(locked.sum()) if stacked else int(locked[0])
 
 
 def param_groups(params: Any, *, visual_depth: int, text_depth: int, config) -> dict[str, ParamGroup]:
   """One group per leaf of `params` (arrays or ShapeDtypeStructs), in tree order."""
   depths = {'visual': visual_depth, 'text': text_depth}
+  lock = config.get('lock')
   groups = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     name, shape = path_name(path), tuple(leaf.shape)
@@ -74,8 +96,40 @@ def param_groups(params: Any, *, visual_depth: int, text_depth: int, config) -> 
     rank = len(shape) - int(stacked)  # a stacked [L, D] bias is one rank-1 tensor per layer
     decay = decay and rank > 1 and not keys[-1].endswith('bias')
     groups[name] = ParamGroup(tower=tower, shape=shape, layer_ids=ids, lr_scale=scale,
-                              weight_decay=float(config.weight_decay[tower]) if decay else 0.0, stacked=stacked)
+                              weight_decay=float(config.weight_decay[tower]) if decay else 0.0, stacked=stacked,
+                              frozen=_frozen_rows(tower, ids, stacked, depths, lock))
   return groups
+
+
+def trainable_view(params: Any, groups: dict[str, ParamGroup]) -> Any:
+  """`params` as the optimizer sees them: a locked leaf is an empty (0,) array, a partly locked stacked leaf its
+  trainable layers, every other leaf itself (no copy). The tree keeps the parameters' structure."""
+  def view(path, p):
+    group = groups[path_name(path)]
+    if group.fully_frozen:
+      return jnp.zeros((0,), p.dtype)
+    return p[group.frozen:] if group.frozen else p
+  return jax.tree_util.tree_map_with_path(view, params)
+
+
+def _view_shape(group: ParamGroup, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """A leaf's shape in the trainable view, from shapes alone (init also runs on ShapeDtypeStructs)."""
+  if group.fully_frozen:
+    return (0,)
+  return (shape[0] - group.frozen, *shape[1:]) if group.frozen else tuple(shape)
+
+
+def merge_trainable(params: Any, view: Any, groups: dict[str, ParamGroup]) -> Any:
+  """The whole parameters: `view`'s trainable parts with the locked parts of `params` (no gradient flows into
+  these even when `params` is being differentiated)."""
+  def merge(path, p, v):
+    group = groups[path_name(path)]
+    if group.fully_frozen:
+      return jax.lax.stop_gradient(p)
+    if group.frozen:
+      return jnp.concatenate([jax.lax.stop_gradient(p[:group.frozen]), v.astype(p.dtype)], axis=0)
+    return v
+  return jax.tree_util.tree_map_with_path(merge, params, view)
 
 
 def _short(values, fmt: str) -> str:
@@ -88,7 +142,10 @@ def _short(values, fmt: str) -> str:
 def describe_group(group: ParamGroup) -> tuple[str, str, str, str]:
   """(tower, layer ids, lr scale, weight decay) as short strings, for the start-up parameter table."""
   layer = '-' if group.tower == 'base' else _short(group.layer_ids, 'd')
-  return group.tower, layer, _short(group.lr_scale, '.4g'), f'{group.weight_decay:g}'
+  if group.fully_frozen:
+    return group.tower, layer, 'locked', f'{group.weight_decay:g}'
+  scale = _short(group.lr_scale, '.4g') + (f' (layers < {group.frozen} locked)' if group.frozen else '')
+  return group.tower, layer, scale, f'{group.weight_decay:g}'
 
 
 def _schedule(peak: float, warmup: int, total: int, decay: str, end: float) -> Callable[[Any], jax.Array]:
@@ -185,7 +242,8 @@ def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -
 
   `tx.update(grads, state, params, step=None)` clips the gradients, then returns updates to add to the parameters.
   The schedules read `step` when given (the reference indexes them by iteration, skipped fp16 steps included) and
-  the count of applied updates otherwise.
+  the count of applied updates otherwise. With locked parameters (`config.lock`), `init`, `update`, the gradients
+  and the parameters it is given are all `trainable_view`s; without, the view is the parameters themselves.
   """
   opt = config.optimizer
   if opt.name not in UPDATE_FNS:
@@ -198,9 +256,11 @@ def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -
   max_norm = opt.get('grad_clip_norm', None)
 
   def init(params):
-    # jax.tree.map keeps this valid for optax.tree_map_params, which calls init on a leafless placeholder.
-    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)  # noqa: E731
-    return OptState(jnp.zeros([], jnp.int32), jax.tree.map(zeros, params), jax.tree.map(zeros, params))
+    # Moments of the trainable view: none for locked parameters. tree_map keeps this valid for
+    # optax.tree_map_params, which calls init on a leafless placeholder.
+    zeros = lambda path, p: jnp.zeros(_view_shape(groups[path_name(path)], jnp.shape(p)), jnp.float32)  # noqa
+    moments = lambda: jax.tree_util.tree_map_with_path(zeros, params)  # noqa: E731
+    return OptState(jnp.zeros([], jnp.int32), moments(), moments())
 
   def update(grads, state, params=None, *, step=None, **extra_args):
     del extra_args
@@ -217,10 +277,16 @@ def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -
     updates, mus, nus = [], [], []
     for (path, g), p, m, v in zip(leaves, ps, ms, vs):
       group = groups[path_name(path)]
+      if group.fully_frozen:  # an empty leaf of the trainable view
+        updates.append(g)
+        mus.append(m)
+        nus.append(v)
+        continue
       g, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
       m = hp['b1'] * m + (1 - hp['b1']) * g
       v = hp['b2'] * v + (1 - hp['b2']) * g * g
       scale = np.asarray(group.lr_scale, np.float32)
+      scale = scale[group.frozen:] if group.stacked else scale  # the trainable layers of a partly locked leaf
       scale = scale.reshape(scale.shape + (1,) * (p.ndim - scale.ndim))  # per layer along a stacked leaf's axis 0
       u = update_fn(p32, m, v, lr=lrs[group.tower], scale=scale, wd=group.weight_decay, stacked=group.stacked,
                     bc1=bc1, bc2=bc2, hp=hp)

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_clip_jax.models import create_model
+from eva_clip_jax.training import accumulate
 from eva_clip_jax.training import loss_scale as loss_scale_lib
 from eva_clip_jax.training import optimizer as optimizer_lib
 from eva_clip_jax.training import sharding as sharding_lib
@@ -80,12 +81,28 @@ def make_setup(config, mesh: Mesh) -> TrainSetup:
   if strategy == 'fsdp':
     sharding_lib.check_fsdp_sharding(param_sh, abstract_params, mesh,
                                      max_replicated_fraction=config.sharding.max_replicated_fraction)
-  moment_sh = sharding_lib.optimizer_state_shardings(param_sh, abstract_params, mesh, strategy)
+  moment_sh = _moment_shardings(param_sh, abstract_params, optimizer, mesh, strategy)
   abstract = jax.eval_shape(lambda: TrainState.create(params=abstract_params, tx=optimizer.tx,
                                                       loss_scale=init_loss_scale(config), seed=config.seed + 1))
   shardings = abstract.shardings(params=param_sh, moments=moment_sh, tx=optimizer.tx, mesh=mesh)
   return TrainSetup(config, mesh, graphdef, param_template, optimizer, logical_axes, shardings,
                     abstract.with_shardings(shardings))
+
+
+def _moment_shardings(param_sh: Any, abstract_params: Any, optimizer: optimizer_lib.Optimizer, mesh: Mesh,
+                      strategy: str) -> Any:
+  """Shardings of the optimizer moments, which are shaped like the trainable view of the parameters: a locked
+  leaf's (empty) moments are replicated, a partly locked stacked leaf's keep its layout but for the layer axis."""
+  view = jax.eval_shape(lambda p: optimizer_lib.trainable_view(p, optimizer.groups), abstract_params)
+
+  def base(sharding: NamedSharding, v, p) -> NamedSharding:
+    if v.shape == p.shape:
+      return sharding
+    return NamedSharding(mesh, P(None, *sharding.spec[1:]) if v.size else P())
+
+  moment_sh = sharding_lib.optimizer_state_shardings(jax.tree.map(base, param_sh, view, abstract_params), view,
+                                                     mesh, strategy)
+  return jax.tree.map(lambda sh, v: sh if v.size else NamedSharding(mesh, P()), moment_sh, view)
 
 
 def init_state(setup: TrainSetup, params: Any | None = None) -> TrainState:
@@ -110,28 +127,49 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
   """The jitted step: (state, batch) -> (state, metrics). The state is donated.
 
   A step whose gradients are not finite (float16 overflow, or a bad batch under any dtype) changes neither the
-  parameters nor the optimizer state; it is counted in `loss_scale.skipped`.
+  parameters nor the optimizer state; it is counted in `loss_scale.skipped`. Locked parameters (`config.lock`) are
+  left out of differentiation and of the optimizer (`optimizer.trainable_view`). `config.accum_steps` > 1 runs the
+  batch as that many micro-batches with the whole batch's loss and gradients (`accumulate.py`).
   """
   config, mesh = setup.config, setup.mesh
-  tx, schedules = setup.optimizer.tx, setup.optimizer.schedules
+  tx, schedules, groups = setup.optimizer.tx, setup.optimizer.schedules, setup.optimizer.groups
   label_smoothing = float(config.get('label_smoothing', 0.0))
+  accum_steps = int(config.get('accum_steps', 1) or 1)
+  dp = sharding_lib.data_parallel_size(mesh)
+  if accum_steps < 1 or config.batch_size % (accum_steps * dp):
+    raise ValueError(f'batch_size {config.batch_size} does not split into accum_steps={accum_steps} micro-batches '
+                     f'over the {dp} data-parallel devices')
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     scale = state.loss_scale.scale
+    view = optimizer_lib.trainable_view(state.params, groups)
 
-    def loss_fn(params):
-      model = setup.model(params)
-      image_features, text_features, logit_scale = model(batch['image'], batch['text'], train=True, rng=rng)
+    def encode(view, images, text, rng):
+      model = setup.model(optimizer_lib.merge_trainable(state.params, view, groups))
+      return model(images, text, train=True, rng=rng)
+
+    def feature_loss(image_features, text_features, logit_scale):
       loss = sharded_clip_loss(image_features, text_features, logit_scale, mesh=mesh,
                                batch_axes=sharding_lib.BATCH_AXES, label_smoothing=label_smoothing)
-      return loss * scale, (loss, logit_scale)
+      return loss * scale
 
-    grads, (loss, logit_scale) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if accum_steps == 1:
+      def loss_fn(view):
+        image_features, text_features, logit_scale = encode(view, batch['image'], batch['text'], rng)
+        return feature_loss(image_features, text_features, logit_scale), logit_scale
+
+      (scaled_loss, logit_scale), grads = jax.value_and_grad(loss_fn, has_aux=True)(view)
+    else:
+      scaled_loss, logit_scale, grads = accumulate.accumulated_value_and_grad(
+          encode, feature_loss, view, batch, rng, accum_steps=accum_steps, mesh=mesh,
+          batch_axes=sharding_lib.BATCH_AXES)
+    loss = scaled_loss / scale
     grads = jax.tree.map(lambda g: (g / scale).astype(g.dtype), grads)
     finite = loss_scale_lib.all_finite(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step)
-    params = optimizer_lib.clamp_logit_scale(optax.apply_updates(state.params, updates))
+    updates, opt_state = tx.update(grads, state.opt_state, view, step=state.step)
+    params = optimizer_lib.merge_trainable(state.params, optax.apply_updates(view, updates), groups)
+    params = optimizer_lib.clamp_logit_scale(params)
     params, opt_state = loss_scale_lib.select_tree(finite, (params, opt_state), (state.params, state.opt_state))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               loss_scale=loss_scale_lib.update_loss_scale(state.loss_scale, finite))
