@@ -1,6 +1,7 @@
 """A config's `init` block (EVA MIM vision tower, CLIP text tower) becomes the train state's starting point."""
 
 import numpy as np
+import pytest
 import torch
 
 from configs import tiny
@@ -30,3 +31,55 @@ def test_mim_init_lands_in_the_sharded_state(tmp_path):
                              np.asarray(fresh.params['text']['positional_embedding']), rtol=1e-6)
   assert not np.array_equal(q, np.asarray(fresh.params['visual']['blocks']['attn']['q_proj']['kernel']))
   assert int(state.opt_state.count) == 0 and int(state.step) == 0
+
+
+def test_fine_tuning_starts_from_a_whole_open_clip_layout_model(tmp_path):
+  """config.init.full: an open_clip-layout file (random open_clip weights, written as open_clip saves them) becomes
+  the whole starting state, heads and logit scale included: its embeddings before the first step are the file's."""
+  from eva_clip_jax.conversion.torch_reference import open_clip_model, torch_features
+  from eva_clip_jax.models import get_model_spec
+  from test_conversion import TOLERANCE, _inputs
+
+  spec = get_model_spec('tiny')
+  reference = open_clip_model(spec, seed=11)
+  with torch.no_grad():
+    reference.logit_scale.fill_(np.log(42.0))  # not the fresh value ln(1 / 0.07): it must come from the file
+  images, text = _inputs(spec)
+  want_image, want_text, want_logits = torch_features(reference, images, text)
+  torch.save(reference.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
+  config = tiny.get_config()
+  config.init.full = str(tmp_path / 'open_clip_pytorch_model.bin')  # the per-tower init.visual/text are not used
+  config.init.visual = 'not/used.pt'
+  setup = step_lib.make_setup(config, sharding_lib.make_mesh(dict(data=8)))
+  state = step_lib.init_state(setup, initial_params(config))
+  model = setup.model(state.params)
+  np.testing.assert_allclose(np.asarray(model.encode_image(images)), want_image, atol=TOLERANCE, rtol=0)
+  np.testing.assert_allclose(np.asarray(model.encode_text(text)), want_text, atol=TOLERANCE, rtol=0)
+  logits, _ = model.get_logits(images, text)  # the logit scale came from the file too
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=42 * TOLERANCE, rtol=0)
+  np.testing.assert_allclose(float(np.exp(state.params['logit_scale'])), 42.0, rtol=1e-6)
+
+
+def test_missing_fine_tuning_file_fails_clearly():
+  config = tiny.get_config()
+  config.init.full = '/no/such/EVA02_CLIP_B_psz16_s8B.pt'
+  with pytest.raises(FileNotFoundError, match='config.init.full'):
+    initial_params(config)
+
+
+def test_readme_fine_tuning_command_parses():
+  """The README's fine-tuning command is a valid set of overrides of configs/b16.py."""
+  import pathlib
+  import re
+  import shlex
+
+  from test_configs import _load
+  root = pathlib.Path(__file__).resolve().parents[1]
+  block = re.search(r'```bash\n\s*(python -m eva_clip_jax.train --config=configs/b16.py --workdir=/ckpt/b16_ft.*?)```',
+                    (root / 'README.md').read_text(), re.S).group(1)
+  args = [a for a in shlex.split(block.replace('\\\n', ' ')) if a.startswith('--config')]
+  args = [a.replace('configs/b16.py', str(root / 'configs' / 'b16.py')) for a in args]
+  config = _load(args)
+  assert config.init.full == 'EVA02_CLIP_B_psz16_s8B.pt'
+  assert config.data.sources == (('my_shards/{00000..00099}.tar', 1.0),)
+  assert config.total_steps == 2000 and config.lr.visual == 2e-5

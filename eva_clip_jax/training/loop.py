@@ -68,13 +68,29 @@ def make_train_dataset(config, local_batch: int, image_size: int, context_length
 
 
 def initial_params(config) -> dict | None:
-  """Host parameters from the config's init weights (EVA MIM vision tower, CLIP text tower), or None."""
-  if not (config.init.get('visual') or config.init.get('text')):
+  """Host parameters from the config's init weights, or None (random initialisation).
+
+  `init.full`: a whole EVA-CLIP model to fine-tune from (a PyTorch file in the EVA or open_clip layout, a converted
+  directory or hf-hub:...), heads and logit scale included, as the reference's --pretrained; it takes the place of
+  the per-tower `init.visual` / `init.text` (the paper's initialisation, EVA MIM vision tower and CLIP text tower).
+  """
+  full = config.init.get('full')
+  if not (full or config.init.get('visual') or config.init.get('text')):
     return None
-  from eva_clip_jax.conversion.api import init_from_config  # torch-free for .safetensors / converted dirs
   model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
-  report = init_from_config(model, config.init)
-  logging.info('Initial weights: %d parameters loaded, fresh: %s', len(report['loaded']), report['fresh'])
+  if full:
+    if not (os.path.exists(full) or full.startswith('hf-hub:')):
+      raise FileNotFoundError(f'config.init.full = {full!r} is neither a file nor a directory: pass the released '
+                              'checkpoint (.pt, .bin, .safetensors) or a converted directory')
+    from eva_clip_jax.conversion.api import load_pretrained  # torch only for PyTorch files
+    load_pretrained(model, full)
+    ignored = [f'init.{k}={config.init[k]!r}' for k in ('visual', 'text') if config.init.get(k)]
+    logging.info('Initial weights: the whole model from %s%s', full,
+                 f' ({", ".join(ignored)} not used)' if ignored else '')
+  else:
+    from eva_clip_jax.conversion.api import init_from_config  # torch-free for .safetensors / converted dirs
+    report = init_from_config(model, config.init)
+    logging.info('Initial weights: %d parameters loaded, fresh: %s', len(report['loaded']), report['fresh'])
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
