@@ -95,8 +95,8 @@ def test_float16_loss_scale_under_accumulation(initial_params):  # noqa: F811
   float16 accumulated step matches the float16 full-batch step to float16 precision and is not skipped."""
   changes = {'model.dtype': 'float16', 'loss_scale.initial_power': 4, 'model.patch_dropout': 0.0}
   mesh = _single_device_mesh()
-  _, want = _one_step(_config(batch_size=64, **changes), mesh, initial_params)
-  _, got = _one_step(_config(batch_size=64, accum_steps=4, **changes), mesh, initial_params)
+  _, want = _one_step(_config(batch_size=32, **changes), mesh, initial_params)
+  _, got = _one_step(_config(batch_size=32, accum_steps=4, **changes), mesh, initial_params)
   assert int(got['skipped_steps']) == 0 and float(got['loss_scale']) == 16.0
   np.testing.assert_allclose(got['loss'], want['loss'], rtol=2e-3)
   np.testing.assert_allclose(got['grad_norm'], want['grad_norm'], rtol=2e-2)

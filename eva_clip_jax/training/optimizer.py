@@ -64,7 +64,10 @@ def _frozen_rows(tower: str, ids, stacked: bool, depths: dict, lock) -> int:
   the last `unlocked_groups` are locked."""
   if tower == 'base' or not lock or not lock.get(tower, False):
     return 0
-  first_unlocked = depths[tower] + 2 - int(lock.get(f'{tower}_unlocked_groups', 0))
+  unlocked = int(lock.get(f'{tower}_unlocked_groups', 0))
+  if unlocked < 0:
+    raise ValueError(f'config.lock.{tower}_unlocked_groups must be >= 0, got {unlocked}')
+  first_unlocked = depths[tower] + 2 - unlocked
   locked = np.atleast_1d(ids) < first_unlocked
   return int(locked.sum()) if stacked else int(locked[0])
 
