@@ -32,11 +32,13 @@ class MissingDataset(FileNotFoundError):
 
 
 def _open(source) -> Image.Image:
+  if isinstance(source, np.ndarray):  # already decoded (a tfds feature read without SkipDecoding)
+    return Image.fromarray(source)
   return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 def load_image(source, transform, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-  """A path or encoded bytes -> the transformed image; `box` (ymin, xmin, ymax, xmax in [0, 1]) crops first."""
+  """A path, encoded bytes or a uint8 array -> the transformed image; `box` (ymin, xmin, ymax, xmax in [0, 1]) crops first."""
   with _open(source) as image:
     image = image.convert('RGB')
     if box is not None:
@@ -172,7 +174,7 @@ def tfds_records(name: str, split: str, data_dir: str | None, keys: tuple[str, .
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds_builder(name, data_dir, layout)
   features = builder.info.features
-  decoders = {k: tfds.decode.SkipDecoding() for k in keys if k == 'image'}
+  decoders = {k: tfds.decode.SkipDecoding() for k in keys if k in ('image', 'video')}  # decoded in grain
   decoding = tfds.decode.PartialDecoding({k: features[k] for k in keys}, decoders=decoders)
   if shard_by_process and jax.process_count() > 1:
     split = tfds.split_for_jax_process(split)

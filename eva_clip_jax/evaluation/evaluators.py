@@ -119,12 +119,15 @@ class BenchmarkEvaluator(_Evaluator):
 KINDS = {'zero_shot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator, 'benchmark': BenchmarkEvaluator}
 
 
-def build_evaluators(evals_config: Mapping[str, Mapping[str, Any]], *, model_fn: Callable[[Any], nnx.Module] | None,
-                     mesh: Mesh | None, param_shardings: Any, batch_size: int | None = None) -> list:
+def build_evaluators(evals_config: Mapping[str, Mapping[str, Any]], *,
+                     model_fn: Callable[[Any], nnx.Module] | None = None, mesh: Mesh | None = None,
+                     param_shardings: Any = None, batch_size: int | None = None) -> list:
   """Evaluators for each block of `evals_config`, sharing one FeatureExtractor on `mesh` (built here, once).
 
   model_fn: params -> nnx.Module, pure (used inside jit); param_shardings: the parameters' NamedShardings (training's).
   batch_size: the per-process batch the towers are compiled for (default: the largest batch_size of the blocks).
+  Without model_fn, `run` takes an nnx.Module and extracts on its own replicated copy (each call compiles anew:
+  only for notebooks and the old call in training/loop.py until it passes model_fn).
   """
   for name, cfg in evals_config.items():
     if cfg.get('kind') not in KINDS:

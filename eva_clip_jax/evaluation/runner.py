@@ -137,6 +137,9 @@ def run_suite(bound, tokenizer, keys: Sequence[str], *, data_dir: str, image_siz
     except datasets.MissingDataset as e:
       result = {'status': 'missing', 'message': str(e)}
       log(f'{key}: MISSING - {e}')
+    except (ValueError, OSError) as e:  # bad data of one dataset (unreadable file, wrong class list): go on
+      result = {'status': 'failed', 'message': f'{type(e).__name__}: {e}'}
+      log(f'{key}: FAILED - {result["message"]}')
     results[key] = result
     if result['status'] == 'done':
       log(f'{key}: ' + ', '.join(f'{m}={v:.4f}' if isinstance(v, float) else f'{m}={v}'
