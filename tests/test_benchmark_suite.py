@@ -131,7 +131,8 @@ def test_table_rows_follow_the_paper_with_its_numbers_beside_ours():
   titles = [suite.DATASETS[k].title for k in suite.SUITES['classification']]
   assert [row[:len(t)] for row, t in zip(rows, titles)] == titles  # one row per dataset, in the paper's order
   paper = json.load(open(os.path.join(ROOT, 'eva_clip_jax', 'assets', 'paper_tables.json')))
-  b16 = dict(zip(paper['tables']['classification']['columns'], paper['tables']['classification']['rows']['EVA-02-CLIP-B/16']))
+  table2 = paper['tables']['classification']
+  b16 = dict(zip(table2['columns'], table2['rows']['EVA-02-CLIP-B/16']))
   for row, key in zip(rows, suite.SUITES['classification']):
     assert row.split()[-3:-1] == ['50.0', f'{b16[key]:.1f}'], row
   assert b16['imagenet1k'] == 74.7 and b16['voc2007'] == 80.2 and b16['avg'] == 65.6
@@ -316,17 +317,22 @@ def _labelled_folder(root, rng, classes=('red', 'green', 'blue'), per_class=3):
 def test_two_evaluations_compile_each_tower_once(tmp_path):
   mesh, model_fn, shardings, params = _setup('dp', dict(data=-1))
   _labelled_folder(str(tmp_path / 'val'), np.random.default_rng(0))
+  _labelled_folder(str(tmp_path / 'renderedsst2' / 'test'), np.random.default_rng(1), ('negative', 'positive'), 2)
   evals = {'a': dict(kind='zero_shot', data=str(tmp_path / 'val'), classnames='folder', templates=['a {} photo.'],
                      batch_size=8),
            'b': dict(kind='zero_shot', data=str(tmp_path / 'val'), classnames='folder', templates=['{}'],
-                     batch_size=8)}
+                     batch_size=8),
+           'sst2': dict(kind='benchmark', dataset='renderedsst2', data=str(tmp_path), batch_size=8)}
   evaluators = build_evaluators(evals, model_fn=model_fn, mesh=mesh, param_shardings=shardings)
   extractor = evaluators[0].extractor
   assert all(e.extractor is extractor for e in evaluators)  # one extractor for all
   first = evaluators[0].run(params)
+  assert first['a/num_samples'] == 9 and 0 <= first['a/top1'] <= 1
   second_params = jax.tree.map(lambda x: x * 1.0, params)  # a later step: new arrays, same shapes
+  second = {}
   for evaluator in evaluators:
-    evaluator.run(second_params)
+    second.update(evaluator.run(second_params))
+  assert second['sst2/num_samples'] == 4 and second['sst2/num_classes'] == 2
   assert extractor.encode_image._cache_size() == 1 and extractor.encode_text._cache_size() == 1
   assert evaluators[0].run(params) == first  # same parameters, same numbers (the text cache was refreshed)
 
@@ -354,3 +360,14 @@ def test_under_fsdp_the_extractor_keeps_the_training_shardings():
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), shardings)
   reference = FeatureExtractor(model_fn, mesh, replicated, batch_size=8).bind(jax.device_put(params, replicated))
   np.testing.assert_allclose(features, reference.images(images[:5]), atol=2e-5)
+
+
+def test_readme_documents_reproducing_the_tables():
+  readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+  section = readme[readme.index("## Reproducing the paper's tables"):]
+  section = section[:section.index('\n## ')]
+  for suite_name in suite.SUITES:
+    assert f'--suite={suite_name}' in section or f'`{suite_name}`' in section
+  for key, spec in suite.DATASETS.items():  # every dataset's layout: its folder or its tfds builder
+    assert f'{key}/' in section or key in section, key
+  assert 'python -m eva_clip_jax.evaluate' in section and '--data_dir=' in section

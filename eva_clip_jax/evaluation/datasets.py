@@ -38,7 +38,8 @@ def _open(source) -> Image.Image:
 
 
 def load_image(source, transform, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-  """A path, encoded bytes or a uint8 array -> the transformed image; `box` (ymin, xmin, ymax, xmax in [0, 1]) crops first."""
+  """A path, encoded bytes or a uint8 array -> the transformed image; `box` (ymin, xmin, ymax, xmax in [0, 1])
+  crops first (its corners sorted, at least one pixel kept)."""
   with _open(source) as image:
     image = image.convert('RGB')
     if box is not None:
@@ -169,12 +170,12 @@ def tfds_builder(name: str, data_dir: str | None, layout: str = ''):
 
 def tfds_records(name: str, split: str, data_dir: str | None, keys: tuple[str, ...], *, layout: str = '',
                  shard_by_process: bool = True) -> Iterator[dict[str, Any]]:
-  """The split's examples with only `keys` read and the image left encoded (decoded later, in grain); this
-  process's share when `shard_by_process`."""
+  """The split's examples with only `keys` read and images/videos left encoded (decoded later, in grain); this
+  process's share when `shard_by_process`. A split that is not prepared raises MissingDataset here, not later."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds_builder(name, data_dir, layout)
   features = builder.info.features
-  decoders = {k: tfds.decode.SkipDecoding() for k in keys if k in ('image', 'video')}  # decoded in grain
+  decoders = {k: tfds.decode.SkipDecoding() for k in keys if k in ('image', 'video')}
   decoding = tfds.decode.PartialDecoding({k: features[k] for k in keys}, decoders=decoders)
   if shard_by_process and jax.process_count() > 1:
     split = tfds.split_for_jax_process(split)
@@ -183,8 +184,8 @@ def tfds_records(name: str, split: str, data_dir: str | None, keys: tuple[str, .
                             read_config=tfds.ReadConfig(try_autocache=False))
   except Exception as e:  # pylint: disable=broad-except
     raise MissingDataset(f'tensorflow-datasets {name!r} split {split!r} cannot be read from {data_dir}: '
-                         f'{str(e).splitlines()[0] if str(e) else type(e).__name__}. {layout}') from e
-  yield from tfds.as_numpy(ds)
+                         f'{str(e).splitlines()[0] if str(e) else type(e).__name__} {layout}') from e
+  return iter(tfds.as_numpy(ds))
 
 
 def chunked(records: Iterable, size: int) -> Iterator[list]:

@@ -119,8 +119,8 @@ def run_suite(bound, tokenizer, keys: Sequence[str], *, data_dir: str, image_siz
   if unknown:
     raise ValueError(f'unknown datasets {unknown}; known: {", ".join(suite.DATASETS)}')
   per_dataset = os.path.join(output_dir, 'datasets')
-  cached = _CachedExtractor(bound, _DiskCachedClassifiers(bound.classifiers, os.path.join(output_dir, 'text_embeddings'),
-                                                          model_id))
+  disk = _DiskCachedClassifiers(bound.classifiers, os.path.join(output_dir, 'text_embeddings'), model_id)
+  cached = _CachedExtractor(bound, disk)
   results: dict[str, dict] = {}
   for key in keys:
     path = os.path.join(per_dataset, f'{key}.json')
