@@ -119,6 +119,10 @@ def main(argv):
   if _SUITE.value:
     if not _DATA_DIR.value:
       raise app.UsageError('--suite needs --data_dir (the prepared data; see the README)')
+    from eva_clip_jax.evaluation.suite import SUITES  # pylint: disable=g-import-not-at-top
+    unknown = sorted(set(_DATASETS.value or ()) - set(SUITES[_SUITE.value]))
+    if unknown:
+      raise app.UsageError(f'--datasets {unknown} are not in suite {_SUITE.value!r}: {", ".join(SUITES[_SUITE.value])}')
     evaluate_suite(config, _SUITE.value, _DATA_DIR.value, _OUTPUT_DIR.value, datasets=_DATASETS.value,
                    batch_size=_BATCH_SIZE.value, num_workers=_NUM_WORKERS.value, rerun=_RERUN.value)
     return

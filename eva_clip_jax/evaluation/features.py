@@ -109,8 +109,8 @@ class FeatureExtractor:
     if jax.process_count() > 1:  # every process gets its own rows back
       out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
       rank = jax.process_index()
-      return out[rank * self.batch_size: rank * self.batch_size + n]
-    return np.asarray(out)[:n]
+      return out[rank * self.batch_size: rank * self.batch_size + n].astype(np.float32)
+    return np.asarray(out)[:n].astype(np.float32)  # scoring is in float32 whatever the towers computed in
 
 
 class BoundExtractor:
