@@ -64,9 +64,9 @@ def _bare_step_and_input_times(config) -> tuple[list[float], list[float]]:
   from eva_clip_jax.training import step as step_lib
   from eva_clip_jax.training.loop import DevicePrefetcher, make_train_dataset
   mesh = sharding_lib.make_mesh(config.mesh)
-  trainer = step_lib.make_trainer(config, mesh)
-  state = step_lib.init_state(trainer)
-  train_step = step_lib.make_train_step(trainer)
+  setup = step_lib.make_setup(config, mesh)
+  state = step_lib.init_state(setup)
+  train_step = step_lib.make_train_step(setup)
   spec = get_model_spec(config.model.name)
   prefetcher = DevicePrefetcher(iter(make_train_dataset(config, config.batch_size, spec.vision.image_size,
                                                         spec.text.context_length)), mesh, config.prefetch)

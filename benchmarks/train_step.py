@@ -74,11 +74,11 @@ def run_jax(mask: float) -> dict:
                            mlp_pad_multiple=_MLP_PAD.value, drop_path_rate=0.0))
   config.optimizer.name = _OPTIMIZER.value
   mesh = sharding.make_mesh(dict(data=-1))
-  trainer = step.make_trainer(config, mesh)
-  state = step.init_state(trainer)
+  setup = step.make_setup(config, mesh)
+  state = step.init_state(setup)
   data = step.device_batch(_synthetic(spec, batch), mesh)
   start = time.perf_counter()
-  train_step = step.make_train_step(trainer).lower(state, data).compile()
+  train_step = step.make_train_step(setup).lower(state, data).compile()
   for _ in range(_WARMUP.value):
     state, metrics = train_step(state, data)
   jax.block_until_ready((state, metrics))

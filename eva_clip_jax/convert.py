@@ -21,6 +21,7 @@ import os
 
 from absl import app, flags
 
+from eva_clip_jax import cli
 from eva_clip_jax.conversion import api
 from eva_clip_jax.conversion.orbax_io import is_params_dir
 
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from eva_clip_jax.conversion.layouts import SKIP_ON_INIT
-
 
 def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_decay: float,
                 text_layer_decay: float, batch_size: int, samples_seen: float, visual_init: str = '',
@@ -30,7 +28,9 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
       drop_path_rate=drop_path_rate,
       patch_dropout=patch_dropout,  # FLIP-style random masking of patch tokens during training
   ))
-  config.init = ml_collections.ConfigDict(dict(visual=visual_init, text=text_init, skip=SKIP_ON_INIT))
+  # skip: parameters the paper's initialisation starts fresh whatever the tower checkpoints hold.
+  config.init = ml_collections.ConfigDict(dict(visual=visual_init, text=text_init,
+                                               skip=('visual.head', 'text.text_projection', 'logit_scale')))
   # Training data: webdataset shard patterns and their sampling weights. The paper's Merged-2B is 1.6B
   # LAION-2B + 0.4B COYO-700M samples, hence 0.8 / 0.2. Set the patterns to your copies.
   config.data = ml_collections.ConfigDict(dict(
@@ -62,18 +62,21 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
 
   # One mesh for every scale: ('data', 'fsdp', 'tensor'); -1 takes the remaining devices. The batch is sharded
   # over data x fsdp. strategy: dp | zero1 (the paper's ZeRO-1) | fsdp (parameters sharded over 'fsdp' by the
-  # rules: set --config.mesh.fsdp=-1 --config.mesh.data=1). Rules map logical parameter axes to mesh axes.
+  # rules: set --config.mesh.fsdp=-1 --config.mesh.data=1). axis_rules map the logical axes the models declare on
+  # their parameters (models/common.py) to mesh axes; under fsdp, more than max_replicated_fraction of the
+  # parameters left whole on every device is an error.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.sharding = ml_collections.ConfigDict(dict(
       strategy='zero1',
-      rules=(('layers', None), ('embed', 'fsdp'), ('mlp', 'tensor'), ('vocab', 'tensor')),
+      axis_rules=(('layers', None), ('embed', 'fsdp'), ('mlp', 'tensor'), ('heads', 'tensor'), ('vocab', 'tensor'),
+                  ('norm', None)),
+      max_replicated_fraction=0.02,
   ))
   # float16 only: DeepSpeed's dynamic loss scaling as the reference ran it.
   config.loss_scale = ml_collections.ConfigDict(dict(initial_power=16, window=1000, hysteresis=2, min_scale=1.0))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, asynchronous=True))
   config.log_every_steps = 50
   config.prefetch = 2  # batches in flight to the devices
-  config.log_batch_fingerprints = False  # workdir/batches.process<i>.txt: step -> hash of the batch it drew
   config.peak_flops_per_device = 0.0  # for MFU where the device table has no entry (0: look it up)
 
   config.batch_size = batch_size  # global

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from eva_clip_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file ([:runlocal])', lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, TensorBoard events and results go here')
@@ -44,27 +46,20 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()  # reads SLURM's / the TPU metadata's variables
 
 
-def _quiet_library_logs() -> None:
-  """Orbax logs every step of every save at INFO; keep its warnings, drop the chatter."""
-  import logging as py_logging
-  noisy = ('/orbax/', '/jax/_src/xla_bridge')
-  py_logging.getLogger('absl').addFilter(
-      lambda record: record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy))
-
-
 def main(argv):
   del argv
-  _quiet_library_logs()
   initialize_distributed()
   import jax
 
+  from eva_clip_jax.models import get_model_spec
   from eva_clip_jax.training.loop import train_and_evaluate
   config, workdir = _CONFIG.value, _WORKDIR.value
+  get_model_spec(config.model.name)  # an unknown name fails here, in one line, before anything is built
   logging.info('JAX %s: process %d of %d, %d devices (%d local)', jax.__version__, jax.process_index(),
                jax.process_count(), jax.device_count(), jax.local_device_count())
-  result = train_and_evaluate(config, workdir)
+  _, metrics = train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
-    final = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    final = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(final, f, indent=1, sort_keys=True)
     shown = {k: v for k, v in final.items() if k in ('step', 'loss') or '/top' in k or '/image_retrieval' in k
@@ -74,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

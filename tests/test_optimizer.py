@@ -12,6 +12,7 @@ import torch
 from flax import nnx
 
 import eva_clip_jax as ec
+from eva_clip_jax.models.paths import path_name
 from eva_clip_jax.recipe import clip_recipe
 from eva_clip_jax.training import optimizer as opt_lib
 
@@ -74,11 +75,10 @@ def _abstract_params(name):
 def test_tiny_parameter_table():
   params, spec = _abstract_params('tiny')
   assert (spec.vision.depth, spec.text.depth) == (2, 2)
-  rules = opt_lib.param_rules(params, visual_depth=2, text_depth=2, config=_config())
-  print('\n' + opt_lib.format_rules(rules))
-  assert set(rules) == set(TINY_TABLE)
+  groups = opt_lib.param_groups(params, visual_depth=2, text_depth=2, config=_config())
+  assert set(groups) == set(TINY_TABLE)
   for name, (ids, scales, wd) in TINY_TABLE.items():
-    rule = rules[name]
+    rule = groups[name]
     assert rule.tower == ('base' if name == 'logit_scale' else name.split('/')[0]), name
     assert rule.stacked == ('/blocks/' in name), name
     np.testing.assert_array_equal(rule.layer_ids, ids, err_msg=name)
@@ -134,12 +134,12 @@ def _nest(flat):
 
 
 def _flat(tree):
-  return {opt_lib.path_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {path_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _run_jax(config, flat_params, flat_grads, visual_depth=2, text_depth=3):
   params = _nest(flat_params)
-  opt = opt_lib.make_optimizer(config, params, visual_depth=visual_depth, text_depth=text_depth)
+  opt = opt_lib.make_optimizer(config, params, visual_depth=visual_depth, text_depth=text_depth).tx
   state = jax.jit(opt.init)(params)
   update = jax.jit(opt.update)
   history = []
@@ -295,8 +295,10 @@ def test_schedule_matches_reference():
       want = _ref_lr(config.lr[tower], step, 10, 110, 1e-4)
       assert float(jax.jit(schedules[tower])(step)) == pytest.approx(want, rel=1e-6), (tower, step)
   assert float(schedules['visual'](110)) == pytest.approx(1e-4)
-  lrs = opt_lib.current_lrs(config, 9)
-  assert float(lrs['text']) == pytest.approx(2e-2)
+  assert float(schedules['text'](9)) == pytest.approx(2e-2)
+  tree = {'visual': {'head': {'kernel': np.zeros((2, 2), np.float32)}}}
+  returned = opt_lib.make_optimizer(config, tree, visual_depth=2, text_depth=3).schedules  # what the step logs
+  assert [float(returned['visual'](s)) for s in (0, 60)] == [float(schedules['visual'](s)) for s in (0, 60)]
   constant = opt_lib.make_schedules(_config(warmup=10, total=110, decay='constant'))['base']
   assert [float(constant(s)) for s in (4, 10, 100)] == pytest.approx([2.5e-2, 5e-2, 5e-2])
 
@@ -306,7 +308,7 @@ def test_step_argument_drives_the_schedule():
   rng = np.random.default_rng(3)
   tree = {'visual': {'head': {'kernel': rng.normal(size=(4, 3)).astype(np.float32)}}}
   grads = {'visual': {'head': {'kernel': rng.normal(size=(4, 3)).astype(np.float32)}}}
-  opt = opt_lib.make_optimizer(config, tree, visual_depth=2, text_depth=3)
+  opt = opt_lib.make_optimizer(config, tree, visual_depth=2, text_depth=3).tx
   state = jax.jit(opt.init)(tree)
   update = jax.jit(opt.update)
   at_count, _ = update(grads, state, tree)  # count 0: the rate at step 0
@@ -341,12 +343,12 @@ def test_clamp_logit_scale():
   assert opt_lib.clamp_logit_scale(params)['visual'] is params['visual']
 
 
-@pytest.mark.parametrize('name', opt_lib.OPTIMIZERS)
+@pytest.mark.parametrize('name', opt_lib.UPDATE_FNS)
 def test_b16_shapes_under_jit(name):
   """init + update traced (not run) on EVA02-CLIP-B-16's abstract parameters; moments map like the parameters."""
   params, spec = _abstract_params('EVA02-CLIP-B-16')
   config = _config(name)
-  opt = opt_lib.make_optimizer(config, params, visual_depth=spec.vision.depth, text_depth=spec.text.depth)
+  opt = opt_lib.make_optimizer(config, params, visual_depth=spec.vision.depth, text_depth=spec.text.depth).tx
   state = jax.eval_shape(opt.init, params)
   updates, new_state = jax.eval_shape(jax.jit(opt.update), params, state, params)
   same = lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype)  # noqa: E731
@@ -355,8 +357,8 @@ def test_b16_shapes_under_jit(name):
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   marked = optax.tree_map_params(opt, lambda _: 'param', state, transform_non_params=lambda _: 'other')
   assert marked.count == 'other' and set(jax.tree.leaves(marked.mu)) == {'param'}
-  rules = opt_lib.param_rules(params, visual_depth=12, text_depth=12, config=config)
-  np.testing.assert_allclose(rules['visual/blocks/attn/q_proj/kernel'].lr_scale, 0.5 ** np.arange(12, 0, -1))
+  groups = opt_lib.param_groups(params, visual_depth=12, text_depth=12, config=config)
+  np.testing.assert_allclose(groups['visual/blocks/attn/q_proj/kernel'].lr_scale, 0.5 ** np.arange(12, 0, -1))
 
 
 def test_rejects_unknown_names_and_depth_mismatch():
@@ -364,6 +366,6 @@ def test_rejects_unknown_names_and_depth_mismatch():
   with pytest.raises(ValueError, match='unknown optimizer'):
     opt_lib.make_optimizer(_config('sgd'), params, visual_depth=2, text_depth=2)
   with pytest.raises(ValueError, match='depth'):
-    opt_lib.param_rules(params, visual_depth=3, text_depth=2, config=_config())
+    opt_lib.param_groups(params, visual_depth=3, text_depth=2, config=_config())
   with pytest.raises(ValueError, match='decay'):
     opt_lib.make_schedules(_config(decay='linear'))

@@ -48,15 +48,15 @@ def test_plan_of_tiny_is_the_compiled_train_step():
 
   # The step the training loop runs, on real arrays, compiled with XLA's default options: the same buffers.
   config.batch_size = 4 * 8
-  trainer = step_lib.make_trainer(config, mesh)
+  setup = step_lib.make_setup(config, mesh)
   # Values do not change buffers: zeros placed like init_state's output (its compile would add 10 s here).
-  state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), trainer.abstract_state)
+  state = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), setup.abstract_state)
   spec = get_model_spec('tiny')
   rng = np.random.default_rng(0)
   size, length = spec.vision.image_size, spec.text.context_length
   batch = step_lib.device_batch({'image': rng.normal(size=(32, size, size, 3)).astype(np.float32),
                                  'text': rng.integers(1, 100, (32, length)).astype(np.int32)}, mesh)
-  stats = step_lib.make_train_step(trainer).lower(state, batch).compile().memory_analysis()
+  stats = step_lib.make_train_step(setup).lower(state, batch).compile().memory_analysis()
   assert (stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.alias_size_in_bytes,
           stats.temp_size_in_bytes) == (planned.argument, planned.output, planned.alias, planned.temp)
 

@@ -19,11 +19,11 @@ import numpy as np
 from flax import nnx
 
 from eva_clip_jax.conversion import layouts, orbax_io, resize
-from eva_clip_jax.conversion.params import assign_params, flatten, model_params, unflatten
+from eva_clip_jax.conversion.params import assign_params, model_params
+from eva_clip_jax.models.paths import flatten, unflatten
 from eva_clip_jax.models.registry import ModelSpec, get_model_spec
 from eva_clip_jax.models.rope import rope_2d_tables
 
-SKIP_ON_INIT = layouts.SKIP_ON_INIT
 # Buffers the reference stores beside its parameters; recomputed or not needed here.
 IGNORED_SUFFIXES = ('rope.freqs_cos', 'rope.freqs_sin', 'attn_mask', 'attn.k_bias')
 
@@ -175,14 +175,15 @@ def export_file(src: str | nnx.Module, dst: str, model_name: str | ModelSpec, la
 
 
 def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | None = None,
-                skip: tuple[str, ...] = SKIP_ON_INIT) -> dict[str, list[str]]:
+                skip: tuple[str, ...]) -> dict[str, list[str]]:
   """The paper's initialisation: each tower from its own pretrained checkpoint.
 
   visual: an EVA MIM checkpoint (timm `eva02_*.mim_*` or EVA-native naming, bare or under `visual.`), the
     EVA-01 giant, or a whole EVA-CLIP/open_clip file. Patch kernel and position embedding are resized bicubically
     to the model (14 -> 16 for B/16).
   text: an OpenAI CLIP or OpenCLIP state dict (text keys bare or under `text.`).
-  skip: parameter paths that start fresh whatever the files hold.
+  skip: parameter paths ('visual.head') that start fresh whatever the files hold; the recipe's `config.init.skip`
+    is the paper's choice (heads and logit scale fresh).
   Returns {'loaded': [...], 'fresh': [...]} parameter paths, for the training log.
   """
   from eva_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top
@@ -214,4 +215,4 @@ def init_from_config(model: nnx.Module, init_config: Mapping[str, Any]) -> dict[
     if source and not os.path.exists(source):
       raise FileNotFoundError(f'config.init.{tower} = {source!r} is not a file. Download the checkpoint it names '
                               f'and pass its path: --config.init.{tower}=/path/to/{os.path.basename(source)}.pt')
-  return init_towers(model, visual=visual, text=text, skip=tuple(init_config.get('skip', SKIP_ON_INIT)))
+  return init_towers(model, visual=visual, text=text, skip=tuple(init_config.skip))

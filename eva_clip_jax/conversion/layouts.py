@@ -21,8 +21,6 @@ from eva_clip_jax.models.registry import ModelSpec, VisionSpec
 
 Kind = Literal['copy', 'linear', 'conv']
 LAYOUTS = ('eva', 'open_clip')
-# Parameters the paper's initialisation starts fresh whatever the tower checkpoints hold.
-SKIP_ON_INIT = ('visual.head', 'text.text_projection', 'logit_scale')
 
 
 @dataclasses.dataclass(frozen=True)

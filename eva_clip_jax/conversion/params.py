@@ -9,34 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eva_clip_jax.models.paths import flatten, path_name
+
 
 def model_params(model: nnx.Module) -> dict[str, Any]:
   """The model's parameters as a nested dict of arrays (the layout the mappings produce)."""
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  """{'a': {'b': x}} -> {'a/b': x}."""
-  flat = {}
-  for key, value in tree.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, Mapping):
-      flat.update(flatten(value, path + '/'))
-    else:
-      flat[path] = value
-  return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{'a/b': x} -> {'a': {'b': x}}."""
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return tree
 
 
 def assign_params(model: nnx.Module, params: Mapping[str, Any], *, allow_missing: bool = False) -> None:
@@ -64,7 +42,7 @@ def assign_params(model: nnx.Module, params: Mapping[str, Any], *, allow_missing
     raise ValueError('parameters do not fit the model:\n  ' + '\n  '.join(problems))
 
   def pick(path, old):
-    key = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    key = path_name(path)
     return jnp.asarray(given[key], dtype=old.dtype) if key in given else old
 
   pure = jax.tree_util.tree_map_with_path(pick, nnx.to_pure_dict(state))

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from eva_clip_jax import transforms
+from eva_clip_jax.data import workers
 from eva_clip_jax.data.shards import ERROR_KEY, TarShardIterDataset, list_shards
 from eva_clip_jax.tokenizer import get_tokenizer
 
@@ -191,7 +192,8 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
   ds = SkipAndCountIterDataset(ds)
   ds = ds.batch(batch_size, drop_remainder=is_train)
   if num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=workers.exit_with_trainer())
   return ds
 
 

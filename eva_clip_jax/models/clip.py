@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eva_clip_jax.models.common import ModelOptions
+from eva_clip_jax.models.common import ModelOptions, param
 from eva_clip_jax.models.registry import ModelSpec
 from eva_clip_jax.models.text import TextTransformer
 from eva_clip_jax.models.vision import VisionTransformer
@@ -32,7 +32,7 @@ class CLIP(nnx.Module):
                                     patch_dropout=patch_dropout, rngs=rngs)
     self.text = TextTransformer(spec.text, spec.embed_dim, opts, rngs=rngs)
     # Kept in float32 whatever param_dtype is: its exp() multiplies every logit.
-    self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32))
+    self.logit_scale = param(jnp.asarray(math.log(1 / 0.07), jnp.float32), ())
 
   def encode_image(self, images: jax.Array, *, normalize: bool = False, train: bool = False,
                    rng: jax.Array | None = None, patch_keep_indices: jax.Array | None = None) -> jax.Array:

@@ -65,21 +65,45 @@ class ModelOptions:
       raise ValueError(f'mlp_pad_multiple must be >= 0 (0: no padding), got {self.mlp_pad_multiple}')
 
 
+# Logical axis names, declared on every parameter where it is created (the `logical_axes` metadata of its
+# nnx.Param) and mapped to mesh axes by the rules table of the config (training/sharding.py):
+#   embed   the model width (the residual stream's features)
+#   mlp     an MLP's hidden features, and the projection heads' output features
+#   heads   attention's heads x head_dim features (q, k, v and the output projection's input)
+#   vocab   the token-embedding rows
+#   layers  the leading depth axis of stacked blocks (added by `create_stacked`)
+#   norm    per-feature vectors: biases, norm scales, layer-scale gammas (small; replicated by the default rules)
+# A dimension named None is never sharded.
+LOGICAL_AXES = ('embed', 'mlp', 'heads', 'vocab', 'layers', 'norm')
+AXES_METADATA = 'logical_axes'
+
+
+def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+  """An nnx.Param carrying the logical names of its dimensions."""
+  if len(axes) != jnp.ndim(value):
+    raise ValueError(f'logical axes {axes} do not match a parameter of shape {jnp.shape(value)}')
+  return nnx.Param(value, **{AXES_METADATA: tuple(axes)})
+
+
 def trunc_normal(std: float) -> nnx.Initializer:
   return nnx.initializers.truncated_normal(stddev=std)
 
 
-def linear(in_features: int, out_features: int, opts: ModelOptions, rngs: nnx.Rngs, *, use_bias: bool = True,
-           std: float = 0.02, normal: bool = False) -> nnx.Linear:
+def linear(in_features: int, out_features: int, opts: ModelOptions, rngs: nnx.Rngs, *, axes: tuple[str, str],
+           use_bias: bool = True, std: float = 0.02, normal: bool = False) -> nnx.Linear:
+  """A dense layer whose kernel [in, out] has logical axes `axes`; its bias is a 'norm' vector."""
   init = nnx.initializers.normal(std) if normal else trunc_normal(std)
   return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=init,
                     bias_init=nnx.initializers.zeros_init(), dtype=opts.dtype, param_dtype=opts.param_dtype,
+                    kernel_metadata={AXES_METADATA: tuple(axes)}, bias_metadata={AXES_METADATA: ('norm',)},
                     rngs=rngs)
 
 
 def layer_norm(features: int, eps: float, opts: ModelOptions, rngs: nnx.Rngs) -> nnx.LayerNorm:
   # flax computes the statistics in float32 even for 16-bit inputs.
-  return nnx.LayerNorm(features, epsilon=eps, dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
+  return nnx.LayerNorm(features, epsilon=eps, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                       scale_metadata={AXES_METADATA: ('norm',)}, bias_metadata={AXES_METADATA: ('norm',)},
+                       rngs=rngs)
 
 
 def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
@@ -95,7 +119,8 @@ def create_stacked(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rng
   """Builds `depth` independently initialised blocks as one module with stacked parameters."""
 
   @nnx.split_rngs(splits=depth)
-  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=depth,
+            transform_metadata={nnx.PARTITION_NAME: 'layers', AXES_METADATA: 'layers'})
   def make(rngs: nnx.Rngs):
     return make_block(rngs)
 

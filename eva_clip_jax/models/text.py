@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eva_clip_jax.models.common import (ModelOptions, constrain_batch, create_stacked, gathered, layer_norm, linear,
-                                        run_stacked)
+from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, constrain_batch, create_stacked, gathered,
+                                        layer_norm, linear, param, run_stacked)
 from eva_clip_jax.models.registry import TextSpec
 from eva_clip_jax.ops import dot_product_attention
 
@@ -22,8 +22,9 @@ class CausalSelfAttention(nnx.Module):
     width = spec.width
     self.num_heads = spec.num_heads
     self.backend = opts.attention
-    self.in_proj = linear(width, 3 * width, opts, rngs, std=width ** -0.5, normal=True)
-    self.out_proj = linear(width, width, opts, rngs, std=width ** -0.5 * (2 * spec.depth) ** -0.5, normal=True)
+    self.in_proj = linear(width, 3 * width, opts, rngs, axes=('embed', 'heads'), std=width ** -0.5, normal=True)
+    self.out_proj = linear(width, width, opts, rngs, axes=('heads', 'embed'),
+                           std=width ** -0.5 * (2 * spec.depth) ** -0.5, normal=True)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, seq, width = x.shape
@@ -35,8 +36,9 @@ class CausalSelfAttention(nnx.Module):
 class Mlp(nnx.Module):
 
   def __init__(self, spec: TextSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
-    self.c_fc = linear(spec.width, spec.mlp_dim, opts, rngs, std=(2 * spec.width) ** -0.5, normal=True)
-    self.c_proj = linear(spec.mlp_dim, spec.width, opts, rngs,
+    self.c_fc = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'), std=(2 * spec.width) ** -0.5,
+                       normal=True)
+    self.c_proj = linear(spec.mlp_dim, spec.width, opts, rngs, axes=('mlp', 'embed'),
                          std=spec.width ** -0.5 * (2 * spec.depth) ** -0.5, normal=True)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,13 +66,16 @@ class TextTransformer(nnx.Module):
     self.spec = spec
     self.opts = opts
     self.token_embedding = nnx.Embed(spec.vocab_size, spec.width, dtype=opts.dtype, param_dtype=opts.param_dtype,
-                                     embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.positional_embedding = nnx.Param(
-        nnx.initializers.normal(0.01)(rngs.params(), (spec.context_length, spec.width), opts.param_dtype))
+                                     embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+                                     embedding_metadata={AXES_METADATA: ('vocab', 'embed')})
+    self.positional_embedding = param(
+        nnx.initializers.normal(0.01)(rngs.params(), (spec.context_length, spec.width), opts.param_dtype),
+        (None, 'embed'))
     self.blocks = create_stacked(lambda r: TextBlock(spec, opts, rngs=r), spec.depth, rngs)
     self.ln_final = layer_norm(spec.width, spec.norm_eps, opts, rngs)
-    self.text_projection = nnx.Param(
-        nnx.initializers.normal(spec.width ** -0.5)(rngs.params(), (spec.width, embed_dim), opts.param_dtype))
+    self.text_projection = param(
+        nnx.initializers.normal(spec.width ** -0.5)(rngs.params(), (spec.width, embed_dim), opts.param_dtype),
+        ('embed', 'mlp'))
 
   def __call__(self, text: jax.Array) -> jax.Array:
     spec, opts = self.spec, self.opts

@@ -13,8 +13,8 @@ import numpy as np
 from flax import nnx
 
 from eva_clip_jax.models import rope as rope_lib
-from eva_clip_jax.models.common import (ModelOptions, create_stacked, drop_path, layer_norm, linear,
-                                        run_stacked, trunc_normal)
+from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stacked, drop_path, layer_norm, linear,
+                                        param, run_stacked, trunc_normal)
 from eva_clip_jax.models.registry import VisionSpec
 from eva_clip_jax.ops import dot_product_attention, flash_attention
 
@@ -32,15 +32,15 @@ class EvaAttention(nnx.Module):
     self.backend = opts.attention
     self.dtype = opts.dtype
     if spec.qkv == 'separate':
-      self.q_proj = linear(width, width, opts, rngs, use_bias=False)
-      self.k_proj = linear(width, width, opts, rngs, use_bias=False)
-      self.v_proj = linear(width, width, opts, rngs, use_bias=False)
+      self.q_proj = linear(width, width, opts, rngs, axes=('embed', 'heads'), use_bias=False)
+      self.k_proj = linear(width, width, opts, rngs, axes=('embed', 'heads'), use_bias=False)
+      self.v_proj = linear(width, width, opts, rngs, axes=('embed', 'heads'), use_bias=False)
     else:
-      self.qkv = linear(width, 3 * width, opts, rngs, use_bias=False)
-    self.q_bias = nnx.Param(jnp.zeros((width,), opts.param_dtype))
-    self.v_bias = nnx.Param(jnp.zeros((width,), opts.param_dtype))
+      self.qkv = linear(width, 3 * width, opts, rngs, axes=('embed', 'heads'), use_bias=False)
+    self.q_bias = param(jnp.zeros((width,), opts.param_dtype), ('norm',))
+    self.v_bias = param(jnp.zeros((width,), opts.param_dtype), ('norm',))
     self.inner_attn_ln = layer_norm(width, spec.norm_eps, opts, rngs) if spec.subln else None
-    self.proj = linear(width, width, opts, rngs)
+    self.proj = linear(width, width, opts, rngs, axes=('heads', 'embed'))
 
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
     batch, seq, width = x.shape
@@ -114,10 +114,10 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
     self.pad = hidden_padding(spec.mlp_dim, opts.mlp_pad_multiple)
-    self.w1 = linear(spec.width, spec.mlp_dim, opts, rngs)
-    self.w2 = linear(spec.width, spec.mlp_dim, opts, rngs)
+    self.w1 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
+    self.w2 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
     self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
-    self.w3 = linear(spec.mlp_dim, spec.width, opts, rngs)
+    self.w3 = linear(spec.mlp_dim, spec.width, opts, rngs, axes=('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     pad = self.pad
@@ -130,9 +130,9 @@ class GeluMlp(nnx.Module):
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
     self.pad = hidden_padding(spec.mlp_dim, opts.mlp_pad_multiple)
-    self.fc1 = linear(spec.width, spec.mlp_dim, opts, rngs)
+    self.fc1 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
     self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
-    self.fc2 = linear(spec.mlp_dim, spec.width, opts, rngs)
+    self.fc2 = linear(spec.mlp_dim, spec.width, opts, rngs, axes=('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jax.nn.gelu(_dense(self.fc1, x, pad_out=self.pad), approximate=False)
@@ -149,8 +149,8 @@ class EvaBlock(nnx.Module):
     self.norm2 = layer_norm(spec.width, spec.norm_eps, opts, rngs)
     self.mlp = SwiGLU(spec, opts, rngs=rngs) if spec.mlp == 'swiglu' else GeluMlp(spec, opts, rngs=rngs)
     if spec.layer_scale_init:
-      self.gamma_1 = nnx.Param(jnp.full((spec.width,), spec.layer_scale_init, opts.param_dtype))
-      self.gamma_2 = nnx.Param(jnp.full((spec.width,), spec.layer_scale_init, opts.param_dtype))
+      self.gamma_1 = param(jnp.full((spec.width,), spec.layer_scale_init, opts.param_dtype), ('norm',))
+      self.gamma_2 = param(jnp.full((spec.width,), spec.layer_scale_init, opts.param_dtype), ('norm',))
     else:
       self.gamma_1 = self.gamma_2 = None
 
@@ -192,15 +192,17 @@ class VisionTransformer(nnx.Module):
     self.patch_dropout = float(patch_dropout)
     width, patch = spec.width, spec.patch_size
     self.patch_embed = nnx.Conv(3, width, kernel_size=(patch, patch), strides=(patch, patch), padding='VALID',
-                                dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs)
-    self.cls_token = nnx.Param(trunc_normal(0.02)(rngs.params(), (1, 1, width), opts.param_dtype))
-    self.pos_embed = nnx.Param(
-        trunc_normal(0.02)(rngs.params(), (1, spec.num_patches + 1, width), opts.param_dtype))
+                                dtype=opts.dtype, param_dtype=opts.param_dtype, rngs=rngs,
+                                kernel_metadata={AXES_METADATA: (None, None, None, 'embed')},
+                                bias_metadata={AXES_METADATA: ('norm',)})
+    self.cls_token = param(trunc_normal(0.02)(rngs.params(), (1, 1, width), opts.param_dtype), (None, None, 'embed'))
+    self.pos_embed = param(trunc_normal(0.02)(rngs.params(), (1, spec.num_patches + 1, width), opts.param_dtype),
+                           (None, None, 'embed'))
     self.blocks = create_stacked(lambda r: EvaBlock(spec, opts, rngs=r), spec.depth, rngs)
     self._rescale_residual_outputs()
     self.norm = layer_norm(width, spec.norm_eps, opts, rngs)
     # EVA initialises the head at 1e-3 of the usual scale.
-    self.head = linear(width, embed_dim, opts, rngs, std=0.02 * 1e-3)
+    self.head = linear(width, embed_dim, opts, rngs, axes=('embed', 'mlp'), std=0.02 * 1e-3)
 
   def _rescale_residual_outputs(self):
     # EVA's fix_init_weight: the outputs of block i (1-based) start scaled by 1/sqrt(2 i).

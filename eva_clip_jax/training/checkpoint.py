@@ -4,16 +4,29 @@ Atomicity comes from orbax: a step is written to a temporary directory and renam
 finished, so a crash mid-save leaves the previous step as the latest usable one. The iterator position saved with
 step s is the one recorded right after the batch of step s was drawn (the loop prefetches ahead, so the live
 iterator's position would be too far along).
+
+Two failure modes orbax 0.12.8 does not handle, handled here:
+- A save that fails in the background (full disk, lost mount) still counts as orbax's latest step, and the old steps
+  it was meant to replace are deleted anyway. Here orbax keeps every step (`max_to_keep=None`); old steps are
+  pruned only after a newer one is confirmed on disk, and the step list is re-read from disk.
+- A finalised step whose files were damaged afterwards (a truncated array file, as a half-synced disk leaves it)
+  fails to restore. `restore_latest` moves such a step aside (never deletes it), says why, and tries the one before.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+DAMAGED_PREFIX = 'damaged'  # <directory>/damaged.<step>.<unix time>: a step that could not be restored
 
 
 class _RecordedIteratorState:
@@ -31,41 +44,90 @@ class Checkpointer:
   def __init__(self, directory: str, *, every_steps: int, keep: int, asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
     self.every_steps = max(int(every_steps), 1)
-    options = ocp.CheckpointManagerOptions(save_interval_steps=self.every_steps, max_to_keep=keep,
+    self.keep = max(int(keep), 1)
+    options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=None,
                                            enable_async_checkpointing=asynchronous, create=True,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'data'), options=options)
+    self._pending: int | None = None  # the step whose save may still be running
+
+  def steps_on_disk(self) -> list[int]:
+    """Finalised steps, read from the directory (orbax's own list also holds steps whose save failed)."""
+    self._manager.reload()
+    return sorted(s for s in self._manager.all_steps() if os.path.isdir(os.path.join(self.directory, str(s))))
 
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    steps = self.steps_on_disk()
+    return steps[-1] if steps else None
 
-  def save(self, step: int, state: dict, iterator_state: Any, *, force: bool = False) -> bool:
+  def _settle(self) -> None:
+    """Waits for the save in flight; reports it if it failed; prunes old steps once a newer one is on disk."""
+    if self._pending is None:
+      return
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Saving the checkpoint of step %d failed (%s: %s); the earlier steps are kept.', step,
+                    type(e).__name__, e)
+    steps = self.steps_on_disk()
+    if step not in steps:
+      logging.error('The checkpoint of step %d is not on disk; the latest usable step is %s.', step,
+                    steps[-1] if steps else None)
+      return
+    for old in steps[:-self.keep]:
+      self._manager.delete(old)
+
+  def save(self, step: int, state: Any, iterator_state: Any, *, force: bool = False) -> bool:
     """Starts saving (returns at once when asynchronous); False when `step` is not a save step."""
     if not force and step % self.every_steps:
       return False  # decided here: orbax's own check costs ~1.6 ms per step
-    return self._manager.save(step, args=ocp.args.Composite(
+    self._settle()
+    saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state))), force=True)
+    self._pending = step if saved else None
+    return saved
 
-  def restore(self, step: int, abstract_state: dict, iterator) -> dict:
+  def restore(self, step: int, abstract_state: Any, iterator) -> Any:
     """The state at `step`, laid out as `abstract_state`'s shardings; moves `iterator` to its saved position."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(iterator)))
     return restored.state
 
+  def restore_latest(self, abstract_state: Any, iterator) -> tuple[Any, int] | None:
+    """(state, step) from the newest step that restores, setting damaged ones aside; None when there is none."""
+    for step in reversed(self.steps_on_disk()):
+      try:
+        return self.restore(step, abstract_state, iterator), step
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+        aside = self._set_aside(step)
+        logging.error('Checkpoint step %d cannot be restored (%s); moved it to %s and trying the previous step.',
+                      step, reason, aside)
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    aside = os.path.join(self.directory, f'{DAMAGED_PREFIX}.{step}.{int(time.time())}')
+    if jax.process_index() == 0:
+      os.rename(os.path.join(self.directory, str(step)), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+    return aside
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    self._settle()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self._settle()
     self._manager.close()
 
 
 def read_state(step_dir: str) -> Any:
-  """A saved train state as host numpy arrays, whatever mesh or process count wrote it (for inspection, export
-  and tests). `step_dir` is `<workdir>/checkpoints/<step>`."""
-  import jax
+  """A saved train state as host numpy arrays (a dict of its fields), whatever mesh or process count wrote it (for
+  inspection, export and tests). `step_dir` is `<workdir>/checkpoints/<step>`."""
   import numpy as np
   path = os.path.join(os.path.abspath(step_dir), 'state')
   checkpointer = ocp.StandardCheckpointer()

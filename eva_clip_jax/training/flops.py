@@ -208,12 +208,3 @@ def measure_peak_flops(dtype: Any = 'float32', n: int = 2048, iters: int = 8, *,
     chain(a, b).block_until_ready()
     best = min(best, time.perf_counter() - start)
   return iters * _matmul(n, n, n) / best
-
-
-def mfu(samples_per_second_per_device: float, spec: ModelSpec | str, patch_dropout: float,
-        peak: float | None) -> float:
-  """Model FLOPs utilisation of a training run: achieved model FLOP/s per device over the device's peak."""
-  if peak is None or peak <= 0:
-    raise ValueError(f'mfu needs a positive peak FLOP/s, got {peak!r} (see peak_flops_per_device / '
-                     'measure_peak_flops)')
-  return samples_per_second_per_device * train_flops_per_sample(spec, patch_dropout=patch_dropout)['total'] / peak

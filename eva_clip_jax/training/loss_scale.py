@@ -1,7 +1,7 @@
 """Dynamic loss scaling for float16 training, DeepSpeed's DynamicLossScaler as a jit-able function of a pytree.
 
-The EVA-CLIP settings are the defaults: initial scale 2^16, window 1000, hysteresis 2 (delayed_shift), min scale 1,
-factor 2, consecutive_hysteresis False. A step whose gradients are not finite is skipped (`select_tree` keeps the
+The settings come from the recipe's `config.loss_scale` (the reference's: initial scale 2^16, window 1000, hysteresis 2
+(delayed_shift), min scale 1); factor 2 and consecutive_hysteresis False as DeepSpeed has them. A step whose gradients are not finite is skipped (`select_tree` keeps the
 old parameters and optimizer state) and, once the hysteresis is used up, halves the scale; 1000 finite steps since
 the last overflow double it. Unlike DeepSpeed, an overflow at the minimum scale keeps it there instead of raising.
 
@@ -25,15 +25,15 @@ class LossScaleState:
   last_overflow_iter: jax.Array  # int32
   cur_iter: jax.Array  # int32
   skipped: jax.Array  # int32: steps skipped so far (DeepSpeed's skipped_steps)
-  enabled: bool = struct.field(pytree_node=False, default=True)
-  window: int = struct.field(pytree_node=False, default=1000)
-  hysteresis: int = struct.field(pytree_node=False, default=2)
-  min_scale: float = struct.field(pytree_node=False, default=1.0)
+  enabled: bool = struct.field(pytree_node=False)
+  window: int = struct.field(pytree_node=False)
+  hysteresis: int = struct.field(pytree_node=False)
+  min_scale: float = struct.field(pytree_node=False)
   factor: float = struct.field(pytree_node=False, default=2.0)
 
 
-def init_loss_scale(enabled: bool, initial_power: int = 16, window: int = 1000, hysteresis: int = 2,
-                    min_scale: float = 1.0) -> LossScaleState:
+def init_loss_scale(enabled: bool, *, initial_power: int, window: int, hysteresis: int,
+                    min_scale: float) -> LossScaleState:
   i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
   return LossScaleState(scale=jnp.asarray(2.0 ** initial_power if enabled else 1.0, jnp.float32),
                         cur_hysteresis=i32(hysteresis), last_overflow_iter=i32(-1), cur_iter=i32(0), skipped=i32(0),
@@ -43,10 +43,6 @@ def init_loss_scale(enabled: bool, initial_power: int = 16, window: int = 1000, 
 def all_finite(tree: Any) -> jax.Array:
   leaves = jax.tree.leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
-
-
-def unscale(state: LossScaleState, grads: Any) -> Any:
-  return jax.tree.map(lambda g: (g.astype(jnp.float32) / state.scale).astype(g.dtype), grads)
 
 
 def update_loss_scale(state: LossScaleState, finite: jax.Array) -> LossScaleState:

@@ -96,19 +96,19 @@ def compile_train_step(config, mesh: Mesh, batch_per_device: int, *,
   """(compiled step, MemoryEstimate) for `config` with `batch_per_device` samples on each data-parallel device."""
   config = copy.deepcopy(config)
   config.batch_size = batch_per_device * sharding_lib.data_parallel_size(mesh)
-  trainer = step_lib.make_trainer(config, mesh)
+  setup = step_lib.make_setup(config, mesh)
   batch = abstract_batch(config, mesh)
   start = time.perf_counter()
-  lowered = step_lib.make_train_step(trainer).lower(trainer.abstract_state, batch)
+  lowered = step_lib.make_train_step(setup).lower(setup.abstract_state, batch)
   compiled = lowered.compile(compiler_options=dict(compiler_options) if compiler_options else None)
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
-  state = trainer.abstract_state
+  state = setup.abstract_state
   estimate = MemoryEstimate(
       strategy=config.sharding.strategy, remat=config.model.remat, mesh=dict(mesh.shape),
-      batch_per_device=batch_per_device, params=shard_bytes(state['params']),
-      opt_state=shard_bytes(state['opt_state']),
-      other_state=shard_bytes({k: v for k, v in state.items() if k not in ('params', 'opt_state')}),
+      batch_per_device=batch_per_device, params=shard_bytes(state.params),
+      opt_state=shard_bytes(state.opt_state),
+      other_state=shard_bytes((state.step, state.loss_scale, state.rng)),
       batch=shard_bytes(batch), argument=stats.argument_size_in_bytes, output=stats.output_size_in_bytes,
       alias=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes, compile_seconds=seconds)
   return compiled, estimate

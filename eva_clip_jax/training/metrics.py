@@ -1,4 +1,5 @@
-"""Metric writing (clu: TensorBoard event files + the console) and throughput bookkeeping.
+"""Metrics: every scalar to TensorBoard event files and `metrics.jsonl`, one progress line to the console, and
+throughput bookkeeping.
 
 clu imports TensorFlow for its TensorBoard writer, so it is imported here, lazily, and never by the model code.
 Only process 0 writes; the others log nothing.
@@ -8,40 +9,89 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, TextIO
 
 import jax
 import numpy as np
 
 
 class Writer:
-  """clu's default writer (TensorBoard events + console) plus `metrics.jsonl`, one JSON line per write, for
-  scripts and tests that want the history without TensorFlow."""
+  """TensorBoard events (clu's SummaryWriter, in a background thread) plus `metrics.jsonl`, one JSON line per
+  write, for scripts and tests that want the history without TensorFlow."""
 
   def __init__(self, workdir: str):
-    from clu import metric_writers  # imports TensorFlow; keep it out of module import time
     self._primary = jax.process_index() == 0
-    self._clu = metric_writers.create_default_writer(workdir, just_logging=not self._primary, asynchronous=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a') if self._primary else None
+    self._tensorboard = self._jsonl = None
+    if self._primary:
+      from clu import metric_writers  # imports TensorFlow; keep it out of module import time
+      self._tensorboard = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    self._clu.write_scalars(step, scalars)
-    if self._jsonl:
-      self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
-      self._jsonl.flush()
-
-  def flush(self) -> None:
-    self._clu.flush()
+    if not self._primary:
+      return
+    self._tensorboard.write_scalars(step, scalars)
+    self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+    self._jsonl.flush()
 
   def close(self) -> None:
-    self._clu.close()
-    if self._jsonl:
+    if self._primary:
+      self._tensorboard.close()
       self._jsonl.close()
 
 
-def create_writer(workdir: str) -> Writer:
-  return Writer(workdir)
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class ProgressLine:
+  """The console's view of a run: step / total, loss, samples/s and ETA. On a terminal one line is redrawn with a
+  progress bar; elsewhere (logs, CI) each update is its own line. Process 0 only."""
+
+  def __init__(self, total_steps: int, stream: TextIO | None = None):
+    self.total = max(int(total_steps), 1)
+    self.stream = stream or sys.stdout
+    self.enabled = jax.process_index() == 0
+    self.terminal = self.enabled and hasattr(self.stream, 'isatty') and self.stream.isatty()
+    self._open_line = False
+
+  def update(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    parts = [f'step {step}/{self.total}']
+    if 'loss' in metrics:
+      parts.append(f'loss {metrics["loss"]:.4f}')
+    if 'perf/samples_per_s' in metrics:
+      parts.append(f'{metrics["perf/samples_per_s"]:,.0f} samples/s')
+    if 'perf/eta_hours' in metrics:
+      parts.append(f'ETA {_duration(metrics["perf/eta_hours"] * 3600)}')
+    text = ' | '.join(parts)
+    if self.terminal:
+      done = int(30 * min(step / self.total, 1.0))
+      self.stream.write(f'\r[{"#" * done}{"." * (30 - done)}] {text}\x1b[K')
+      self._open_line = True
+    else:
+      self.stream.write(text + '\n')
+    self.stream.flush()
+
+  def message(self, text: str) -> None:
+    """A line of its own (an evaluation result, a notice), without breaking the progress bar."""
+    if not self.enabled:
+      return
+    if self._open_line:
+      self.stream.write('\n')
+      self._open_line = False
+    self.stream.write(text + '\n')
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self._open_line:
+      self.stream.write('\n')
+      self.stream.flush()
+      self._open_line = False
 
 
 class Throughput:

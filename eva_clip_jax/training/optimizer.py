@@ -1,10 +1,9 @@
 """The EVA-CLIP optimizer: per-parameter learning-rate scales and weight decay, per-tower schedules, and LAMB as
 DeepSpeed's FusedLamb ran it (or AdamW), as one `optax.GradientTransformation`.
 
-Rules are keyed by '/'-joined parameter paths ('visual/blocks/attn/q_proj/kernel'), the names
-`eva_clip_jax.conversion.params.flatten` gives. Every leaf under a tower's 'blocks' is stacked: its leading axis is
-the layer, so its layer ids and learning-rate scales are arrays along that axis, and LAMB takes its norms per layer,
-as the reference did on each layer's own tensor.
+Parameter groups are keyed by '/'-joined parameter paths ('visual/blocks/attn/q_proj/kernel', `models.paths`). Every
+leaf under a tower's 'blocks' is stacked: its leading axis is the layer, so its layer ids and learning-rate scales
+are arrays along that axis, and LAMB takes its norms per layer, as the reference did on each layer's own tensor.
 
 Sources: baaivision/EVA EVA-CLIP/rei/training/{optim,scheduler}.py (groups, layer ids, schedule) and DeepSpeed's
 csrc/lamb/fused_lamb_cuda_kernel.cu (the update). One difference remains: the reference ran LAMB under ZeRO stage 1,
@@ -22,19 +21,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eva_clip_jax.models.paths import path_name
+
 TOWERS = ('visual', 'text')
-# The reference's layer-0 names (get_num_layer_for_transformer), matched against whole path components.
-EMBEDDINGS = frozenset({'patch_embed', 'pos_embed', 'cls_token', 'mask_token', 'conv1', 'positional_embedding',
-                        'token_embedding'})
-# Besides rank <= 1 and '*bias': the towers' and the model's no_weight_decay() sets.
-NO_DECAY = frozenset({'pos_embed', 'positional_embedding', 'cls_token', 'logit_scale'})
-OPTIMIZERS = ('lamb', 'adamw', 'optax_lamb')
+# Parameters the reference treats by name (a whole path component): (embedding, decay). embedding: layer id 0, the
+# reference's get_num_layer_for_transformer; decay False: in the towers' or the model's no_weight_decay() sets.
+# Everything else: blocks by layer, the rest of a tower (final norm, head) its last group; decay unless the tensor is
+# a vector (rank <= 1 per layer) or a '*bias'.
+NAMED_PARAMS = {
+    'patch_embed': (True, True), 'conv1': (True, True), 'token_embedding': (True, True), 'mask_token': (True, True),
+    'pos_embed': (True, False), 'positional_embedding': (True, False), 'cls_token': (True, False),
+    'logit_scale': (False, False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
-class ParamRule:
-  """How one parameter is trained. For stacked leaves `layer_ids` and `lr_scale` have one entry per layer; the
-  'base' tower (logit_scale, anything outside the towers) has layer id 0 and scale 1."""
+class ParamGroup:
+  """How one parameter is trained (the reference's parameter groups). For stacked leaves `layer_ids` and
+  `lr_scale` have one entry per layer; the 'base' tower (logit_scale, anything outside the towers) has layer id 0
+  and scale 1."""
   tower: str
   shape: tuple[int, ...]
   layer_ids: np.ndarray | int
@@ -43,19 +48,17 @@ class ParamRule:
   stacked: bool
 
 
-def path_name(path: tuple) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-
-
-def param_rules(params: Any, *, visual_depth: int, text_depth: int, config) -> dict[str, ParamRule]:
-  """One rule per leaf of `params` (arrays or ShapeDtypeStructs), in tree order."""
+def param_groups(params: Any, *, visual_depth: int, text_depth: int, config) -> dict[str, ParamGroup]:
+  """One group per leaf of `params` (arrays or ShapeDtypeStructs), in tree order."""
   depths = {'visual': visual_depth, 'text': text_depth}
-  rules = {}
+  groups = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     name, shape = path_name(path), tuple(leaf.shape)
     keys = name.split('/')
     tower = keys[0] if keys[0] in TOWERS and len(keys) > 1 else 'base'
     stacked = tower != 'base' and keys[1] == 'blocks'
+    named = [NAMED_PARAMS[k] for k in keys if k in NAMED_PARAMS]
+    embedding, decay = named[0] if named else (False, True)
     if tower == 'base':
       ids, scale = 0, 1.0
     else:
@@ -65,14 +68,14 @@ def param_rules(params: Any, *, visual_depth: int, text_depth: int, config) -> d
           raise ValueError(f'{name}: stacked leaf of shape {shape} does not lead with the {tower} depth {depth}')
         ids = np.arange(1, depth + 1)
       else:
-        ids = 0 if any(k in EMBEDDINGS for k in keys) else depth + 1
+        ids = 0 if embedding else depth + 1
       # The reference's LayerDecayValueAssigner: decay^(L + 1 - id), so the tower's last group trains at 1x.
       scale = float(config.layer_decay[tower]) ** (depth + 1 - ids)  # an array for stacked ids, else a float
     rank = len(shape) - int(stacked)  # a stacked [L, D] bias is one rank-1 tensor per layer
-    no_decay = rank <= 1 or keys[-1].endswith('bias') or keys[-1] in NO_DECAY
-    rules[name] = ParamRule(tower=tower, shape=shape, layer_ids=ids, lr_scale=scale,
-                            weight_decay=0.0 if no_decay else float(config.weight_decay[tower]), stacked=stacked)
-  return rules
+    decay = decay and rank > 1 and not keys[-1].endswith('bias')
+    groups[name] = ParamGroup(tower=tower, shape=shape, layer_ids=ids, lr_scale=scale,
+                              weight_decay=float(config.weight_decay[tower]) if decay else 0.0, stacked=stacked)
+  return groups
 
 
 def _short(values, fmt: str) -> str:
@@ -82,13 +85,10 @@ def _short(values, fmt: str) -> str:
   return ', '.join(f'{v:{fmt}}' for v in values)
 
 
-def format_rules(rules: dict[str, ParamRule]) -> str:
-  rows = [('parameter', 'shape', 'tower', 'layer', 'lr scale', 'wd')]
-  for name, rule in rules.items():
-    layer = '-' if rule.tower == 'base' else _short(rule.layer_ids, 'd')
-    rows.append((name, str(rule.shape), rule.tower, layer, _short(rule.lr_scale, '.4g'), f'{rule.weight_decay:g}'))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+def describe_group(group: ParamGroup) -> tuple[str, str, str, str]:
+  """(tower, layer ids, lr scale, weight decay) as short strings, for the start-up parameter table."""
+  layer = '-' if group.tower == 'base' else _short(group.layer_ids, 'd')
+  return group.tower, layer, _short(group.lr_scale, '.4g'), f'{group.weight_decay:g}'
 
 
 def _schedule(peak: float, warmup: int, total: int, decay: str, end: float) -> Callable[[Any], jax.Array]:
@@ -116,15 +116,15 @@ def make_schedules(config) -> dict[str, Callable[[Any], jax.Array]]:
           for tower in ('visual', 'text', 'base')}
 
 
-def current_lrs(config, step) -> dict[str, jax.Array]:
-  """Each tower's peak rate at `step`, for logging (a layer's rate is this times its lr scale)."""
-  return {tower: fn(step) for tower, fn in make_schedules(config).items()}
+def global_norm(tree: Any) -> jax.Array:
+  """The L2 norm of all leaves together, accumulated in float32."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def clip_by_global_norm(grads: Any, max_norm: float) -> tuple[Any, jax.Array]:
   """torch.nn.utils.clip_grad_norm_ (and DeepSpeed's gradient_clipping): scales by max_norm / (norm + 1e-6) when
   that is below 1. Returns the clipped gradients and the norm before clipping."""
-  norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+  norm = global_norm(grads)
   factor = jnp.minimum(1.0, max_norm / (norm + 1e-6))
   return jax.tree.map(lambda g: (g * factor).astype(g.dtype), grads), norm
 
@@ -169,21 +169,29 @@ def _optax_lamb(p, m, v, *, lr, scale, wd, stacked, bc1, bc2, hp):
   return -(lr * scale * trust) * u
 
 
-_RULES = {'lamb': _lamb, 'adamw': _adamw, 'optax_lamb': _optax_lamb}
+UPDATE_FNS = {'lamb': _lamb, 'adamw': _adamw, 'optax_lamb': _optax_lamb}  # config.optimizer.name -> update
 
 
-def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -> optax.GradientTransformationExtraArgs:
+class Optimizer(NamedTuple):
+  """What `make_optimizer` builds: the transformation, the per-tower schedules it follows (for logging) and the
+  parameter groups it applies (for the start-up table)."""
+  tx: optax.GradientTransformationExtraArgs
+  schedules: dict[str, Callable[[Any], jax.Array]]
+  groups: dict[str, ParamGroup]
+
+
+def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -> Optimizer:
   """The recipe's optimizer for `params` (arrays or ShapeDtypeStructs; only names and shapes are read).
 
-  `update(grads, state, params, step=None)` clips the gradients, then returns updates to add to the parameters.
+  `tx.update(grads, state, params, step=None)` clips the gradients, then returns updates to add to the parameters.
   The schedules read `step` when given (the reference indexes them by iteration, skipped fp16 steps included) and
   the count of applied updates otherwise.
   """
   opt = config.optimizer
-  if opt.name not in _RULES:
-    raise ValueError(f'unknown optimizer {opt.name!r}; use one of {OPTIMIZERS}')
-  rule_fn = _RULES[opt.name]
-  rules = param_rules(params, visual_depth=visual_depth, text_depth=text_depth, config=config)
+  if opt.name not in UPDATE_FNS:
+    raise ValueError(f'unknown optimizer {opt.name!r}; use one of {tuple(UPDATE_FNS)}')
+  update_fn = UPDATE_FNS[opt.name]
+  groups = param_groups(params, visual_depth=visual_depth, text_depth=text_depth, config=config)
   schedules = make_schedules(config)
   hp = dict(b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps), min_trust=float(opt.get('min_trust', 0.01)),
             max_trust=float(opt.get('max_trust', 10.0)))
@@ -208,18 +216,18 @@ def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -
     ps, ms, vs = (treedef.flatten_up_to(tree) for tree in (params, state.mu, state.nu))
     updates, mus, nus = [], [], []
     for (path, g), p, m, v in zip(leaves, ps, ms, vs):
-      rule = rules[path_name(path)]
+      group = groups[path_name(path)]
       g, p32 = g.astype(jnp.float32), p.astype(jnp.float32)
       m = hp['b1'] * m + (1 - hp['b1']) * g
       v = hp['b2'] * v + (1 - hp['b2']) * g * g
-      scale = np.asarray(rule.lr_scale, np.float32)
+      scale = np.asarray(group.lr_scale, np.float32)
       scale = scale.reshape(scale.shape + (1,) * (p.ndim - scale.ndim))  # per layer along a stacked leaf's axis 0
-      u = rule_fn(p32, m, v, lr=lrs[rule.tower], scale=scale, wd=rule.weight_decay, stacked=rule.stacked, bc1=bc1,
-                  bc2=bc2, hp=hp)
+      u = update_fn(p32, m, v, lr=lrs[group.tower], scale=scale, wd=group.weight_decay, stacked=group.stacked,
+                    bc1=bc1, bc2=bc2, hp=hp)
       updates.append(u.astype(p.dtype))
       mus.append(m)
       nus.append(v)
     unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
     return unflat(updates), OptState(count, unflat(mus), unflat(nus))
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return Optimizer(optax.GradientTransformationExtraArgs(init, update), schedules, groups)

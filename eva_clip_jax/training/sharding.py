@@ -7,36 +7,30 @@ parameters and of the optimizer state, and XLA inserts the collectives.
          each device updates its slice of the parameters and XLA all-gathers the result.
   fsdp   parameters and optimizer state sharded by the logical-axis rules (`embed` -> `fsdp` by default);
          XLA all-gathers each weight where it is used.
-The batch is always sharded over the data-parallel axes ('data', 'fsdp'). A 'tensor' axis shards the `mlp`
-and `vocab` logical axes under every strategy (tensor parallelism, off at size 1).
+The logical axes are declared by the models on each parameter (`models/common.py`, LOGICAL_AXES);
+`config.sharding.axis_rules` maps them to mesh axes.
+The batch is always sharded over the data-parallel axes ('data', 'fsdp'). A 'tensor' axis shards the `mlp`,
+`heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from eva_clip_jax.models.common import AXES_METADATA, LOGICAL_AXES
+from eva_clip_jax.models.paths import flat_paths, path_name
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 STRATEGIES = ('dp', 'zero1', 'fsdp')
-
-# Kernels whose input is the wide (mlp / heads) side: their logical axes are ('mlp', 'embed').
-_OUTPUT_PROJECTIONS = ('proj', 'out_proj', 'w3', 'fc2', 'c_proj')
-# Leaves matched by name, logical names of their trailing dimensions (the last one is the model width).
-_NAMED_AXES = (
-    (r'token_embedding/embedding$', ('vocab', 'embed')),
-    (r'(pos_embed|positional_embedding|cls_token)$', ('embed',)),
-    (r'patch_embed/kernel$', ('embed',)),
-    (r'text_projection$', ('embed', 'mlp')),
-)
-
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (all remaining devices)."""
@@ -75,23 +69,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-  """Logical names of a parameter's dimensions from its path ('visual/blocks/mlp/w1/kernel')."""
-  names: list[str | None] = []
-  if '/blocks/' in f'/{path}':
-    names.append('layers')  # stacked blocks carry a leading depth axis
-  rest = ndim - len(names)
-  for pattern, trailing in _NAMED_AXES:
-    if re.search(pattern, path):
-      trailing = trailing[-rest:] if rest else ()
-      return tuple(names + [None] * (rest - len(trailing)) + list(trailing))
-  parts = path.split('/')
-  module, leaf = (parts[-2] if len(parts) > 1 else ''), parts[-1]
-  if leaf == 'kernel' and rest == 2:
-    names += ['mlp', 'embed'] if module in _OUTPUT_PROJECTIONS else ['embed', 'mlp']
-  else:
-    names += [None] * rest  # biases, norms, scalars: small, replicated
-  return tuple(names)
+def logical_axes(param_state: nnx.State) -> dict[str, tuple[str | None, ...]]:
+  """{parameter path: logical axis names} from the `logical_axes` metadata the models put on each nnx.Param.
+
+  A parameter without them, with a name outside `LOGICAL_AXES`, or with one name too few or many is an error:
+  sharding never guesses.
+  """
+  axes, problems = {}, []
+  for path, variable in nnx.to_flat_state(param_state):
+    name = path_name(path)
+    names = variable.get_metadata().get(AXES_METADATA)
+    if names is None:
+      problems.append(f'{name}: no logical axes (create it with models.common.param/linear/layer_norm)')
+    elif len(names) != len(variable.shape):
+      problems.append(f'{name}: logical axes {names} for shape {tuple(variable.shape)}')
+    elif set(names) - set(LOGICAL_AXES) - {None}:
+      problems.append(f'{name}: unknown logical axes {sorted(set(names) - set(LOGICAL_AXES) - {None})}; '
+                      f'the names are {LOGICAL_AXES}')
+    else:
+      axes[name] = tuple(names)
+  if problems:
+    raise ValueError('parameters with unusable logical axes:\n  ' + '\n  '.join(problems))
+  return axes
 
 
 def _spec_from_rules(axes: Sequence[str | None], shape: Sequence[int], rules: Mapping[str, Any],
@@ -134,22 +133,54 @@ def _add_axes(spec: P, shape: Sequence[int], mesh_axes: tuple[str, ...], mesh: M
   return P(*entries)
 
 
-def flat_paths(tree: Any) -> list[str]:
-  return ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+def param_shardings(params: Any, axes: Mapping[str, tuple[str | None, ...]], mesh: Mesh, strategy: str,
+                    rules: Sequence[tuple[str, Any]]) -> Any:
+  """NamedShardings for the parameters (arrays or ShapeDtypeStructs) under a strategy.
 
-
-def param_shardings(params: Any, mesh: Mesh, strategy: str, rules: Sequence[tuple[str, Any]]) -> Any:
-  """NamedShardings for the parameters (arrays or ShapeDtypeStructs) under a strategy."""
+  axes: {path: logical axis names}, from `logical_axes`. rules: (logical name, mesh axis or axes or None) pairs;
+  every logical name needs a rule.
+  """
   if strategy not in STRATEGIES:
     raise ValueError(f'unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}')
   rules = dict(rules)
+  missing, unknown = set(LOGICAL_AXES) - set(rules), set(rules) - set(LOGICAL_AXES)
+  if missing or unknown:
+    raise ValueError(f'config.sharding.axis_rules must map each logical axis {LOGICAL_AXES} to mesh axes (or None); '
+                     f'missing {sorted(missing)}, unknown {sorted(unknown)}')
+  bad_mesh_axes = {a for v in rules.values() for a in ((v,) if isinstance(v, str) else (v or ()))} - set(mesh.shape)
+  if bad_mesh_axes:
+    raise ValueError(f'config.sharding.axis_rules name mesh axes {sorted(bad_mesh_axes)}; the mesh has {MESH_AXES}')
   if strategy != 'fsdp':  # only fsdp shards parameters over the data-parallel devices
-    rules = {name: tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a not in BATCH_AXES)
-             for name, axes in rules.items()}
+    rules = {name: tuple(a for a in ((v,) if isinstance(v, str) else (v or ())) if a not in BATCH_AXES)
+             for name, v in rules.items()}
+  paths = flat_paths(params)
+  absent = [p for p in paths if p not in axes]
+  if absent:
+    raise ValueError(f'no logical axes for parameters {absent[:5]}')
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  specs = [_spec_from_rules(logical_axes(path, len(leaf.shape)), leaf.shape, rules, mesh)
-           for path, leaf in zip(flat_paths(params), leaves)]
+  specs = [_spec_from_rules(axes[path], leaf.shape, rules, mesh) for path, leaf in zip(paths, leaves)]
   return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, spec) for spec in specs])
+
+
+def check_fsdp_sharding(shardings: Any, params: Any, mesh: Mesh, *, max_replicated_fraction: float) -> None:
+  """Fails loudly when fsdp leaves too much of the model whole on every device (as MaxText's
+  assert_params_sufficiently_sharded does): a rule or a divisibility problem silently replicating the weights would
+  otherwise show up only as an out-of-memory error at scale."""
+  fsdp = mesh.shape['fsdp']
+  if fsdp == 1:
+    return
+  total, replicated = 0, []
+  for path, sharding, leaf in zip(flat_paths(params), jax.tree.leaves(shardings), jax.tree.leaves(params)):
+    size = math.prod(leaf.shape)
+    total += size
+    if 'fsdp' not in {a for entry in sharding.spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}:
+      replicated.append((size, path))
+  fraction = sum(size for size, _ in replicated) / max(total, 1)
+  if fraction > max_replicated_fraction:
+    largest = ', '.join(f'{path} ({size:,})' for size, path in sorted(replicated, reverse=True)[:5])
+    raise ValueError(f'fsdp: {fraction:.1%} of the parameters are not sharded over the {fsdp} fsdp devices (limit '
+                     f'{max_replicated_fraction:.0%}, config.sharding.max_replicated_fraction); the largest: {largest}. '
+                     f'Check config.sharding.axis_rules and that the fsdp size divides the model width.')
 
 
 def optimizer_state_shardings(param_sharding_tree: Any, params: Any, mesh: Mesh, strategy: str) -> Any:
@@ -164,9 +195,3 @@ def optimizer_state_shardings(param_sharding_tree: Any, params: Any, mesh: Mesh,
   return jax.tree.map(shard, param_sharding_tree, params)
 
 
-def describe(shardings: Any, params: Any) -> str:
-  """One line per parameter: path, shape and partition spec (for logs)."""
-  lines = []
-  for path, sharding, leaf in zip(flat_paths(params), jax.tree.leaves(shardings), jax.tree.leaves(params)):
-    lines.append(f'{path:60s} {str(tuple(leaf.shape)):22s} {sharding.spec}')
-  return '\n'.join(lines)

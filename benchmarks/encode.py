@@ -1,6 +1,6 @@
 r"""Image-encoding throughput of a model in JAX, next to open_clip's PyTorch model measured in the same run.
 
-  python -m eva_clip_jax.bench --model=EVA02-CLIP-B-16 --batch_size=8 --iters=5
+  python benchmarks/encode.py --model=EVA02-CLIP-B-16 --batch_size=8 --iters=5
 
 Both sides use float32, inference mode and the same random weights shape; the PyTorch side is open_clip's
 EVA02 model (timm inside). Prints one line per framework and the ratio. Numbers go to BENCHMARKS.md.

@@ -1,0 +1,47 @@
+"""What every command-line entry point shares: quiet library start-up and one-line errors.
+
+A user's mistake (a config file that does not exist, a model name that is not registered, a data path with nothing
+in it) ends the command with `error: <what is wrong>` on stderr and exit status 2, not a traceback through JAX or
+orbax. Set EVA_CLIP_JAX_TRACEBACK=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import sys
+from typing import Callable
+
+from absl import app
+
+# The errors that mean "the input is wrong"; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError,
+               app.UsageError)
+
+
+def quiet_library_logs() -> None:
+  """Silences start-up chatter that says nothing about the run: TensorFlow's oneDNN and CPU-feature notices, JAX's
+  probing for TPU and GPU backends on a host without them, orbax's per-save INFO lines. Warnings stay."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  noisy = ('/orbax/', '/jax/_src/xla_bridge', '/jax/_src/cloud_tpu_init', '/jax_plugins/')
+  py_logging.getLogger('absl').addFilter(
+      lambda record: record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy))
+  py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.ERROR)  # "Unable to initialize backend 'tpu'"
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run(main)`, with user errors reported as one line."""
+
+  def guarded(argv):
+    quiet_library_logs()
+    try:
+      main(argv)
+    except USER_ERRORS as e:
+      if os.environ.get('EVA_CLIP_JAX_TRACEBACK'):
+        raise
+      message = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip() or type(e).__name__
+      sys.stderr.write(f'error: {message}\n')
+      sys.exit(2)
+
+  app.run(guarded)
