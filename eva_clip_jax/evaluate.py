@@ -38,10 +38,10 @@ _RERUN = flags.DEFINE_bool('rerun', False, 'with --suite: evaluate again the dat
 
 
 def model_setup(config, mesh):
-  """(model_fn, param_shardings) exactly as training builds them. The one place that knows the trainer's names."""
+  """(model_fn, param_shardings) exactly as training builds them. The one place that knows the setup's names."""
   from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  trainer = step_lib.make_trainer(config, mesh)
-  return trainer.model, trainer.state_shardings['params']
+  setup = step_lib.make_setup(config, mesh)
+  return setup.model, setup.shardings.params
 
 
 def load_params(config, param_shardings):

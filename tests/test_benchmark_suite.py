@@ -303,9 +303,8 @@ def _setup(strategy: str, mesh_shape: dict):
   config.mesh.update(mesh_shape)
   config.sharding.strategy = strategy
   mesh = sharding_lib.make_mesh(config.mesh)
-  trainer = step_lib.make_trainer(config, mesh)
-  params = step_lib.init_state(trainer)['params']
-  return mesh, trainer.model, trainer.state_shardings['params'], params
+  setup = step_lib.make_setup(config, mesh)
+  return mesh, setup.model, setup.shardings.params, step_lib.init_state(setup).params
 
 
 def _labelled_folder(root, rng, classes=('red', 'green', 'blue'), per_class=3):
