@@ -12,7 +12,7 @@ same, so batches are padded to one fixed size.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -113,6 +113,27 @@ class FeatureExtractor:
     return np.asarray(out)[:n].astype(np.float32)  # scoring is in float32 whatever the towers computed in
 
 
+def features_in_lockstep(extractor, batches: Iterable[dict], key: str = 'image') -> Iterator[tuple[dict, np.ndarray]]:
+  """(batch, features of batch[key]) for this process's batches. With several processes, each encoder call is a
+  collective: a process whose share ran out keeps calling with no rows until every process is done."""
+  iterator, row = iter(batches), None
+  while True:
+    batch = next(iterator, None)
+    if batch is not None:
+      row = np.asarray(batch[key])[:1]
+    if jax.process_count() > 1:
+      if not np.asarray(multihost_utils.process_allgather(np.asarray(batch is not None))).any():
+        return
+      if batch is None:
+        if row is None:
+          raise ValueError('this process had no evaluation data while others did (fewer examples than processes)')
+        extractor.images(row[:0])
+        continue
+    elif batch is None:
+      return
+    yield batch, extractor.images(batch[key])
+
+
 class BoundExtractor:
   """A FeatureExtractor with one set of parameters: what zero-shot and retrieval scoring call."""
 
@@ -133,8 +154,8 @@ class BoundExtractor:
                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[dict]]:
     """Features of every batch's `key`, concatenated; also returns the batches' other fields."""
     features, others = [], []
-    for batch in batches:
-      features.append(self.images(batch[key]))
+    for batch, batch_features in features_in_lockstep(self, batches, key):
+      features.append(batch_features)
       others.append({k: v for k, v in batch.items() if k != key})
       if progress:
         progress(len(batch[key]))

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from eva_clip_jax.evaluation.features import features_in_lockstep
+
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets')
 
 
@@ -143,15 +145,14 @@ def score_zero_shot(extractor, tokenizer, batches: Iterable[dict], classnames: S
   num_classes = classifier.shape[1]
   counts = np.zeros((num_classes, 3), np.float64)
   seen = False
-  for batch in batches:
+  for batch, features in features_in_lockstep(extractor, batches):
     seen = True
     labels = np.asarray(batch['label'])
     keep = labels >= 0
     if keep.any():
-      features = extractor.images(batch['image'][keep])
       if labels[keep].max() >= num_classes:
         raise ValueError(f'label {labels[keep].max()} out of range for {num_classes} classes')
-      counts += classification_counts(features @ classifier, labels[keep], num_classes)
+      counts += classification_counts(features[keep] @ classifier, labels[keep], num_classes)
     if progress:
       progress(len(labels))
   if not seen:
