@@ -181,7 +181,11 @@ def _folder(subdir: str = 'test', classnames: str = 'folder', templates: str | N
     fixed = benchmark_classnames(classnames[3:]) if classnames.startswith('cb:') else None
     csv_path = os.path.join(root, f'{subdir}.csv')
     if os.path.exists(csv_path):
-      names = fixed or sorted({row for row in _csv_labels(csv_path)})
+      names = fixed
+      if names is None:  # the classes are named by the CSV's labels themselves
+        names = sorted(set(_csv_labels(csv_path)))
+        if all(n.isdigit() for n in names):
+          raise ValueError(f'{csv_path}: {spec.key} has no class-name list, so its labels must be class names')
       items = datasets.labelled_csv(csv_path, names)
     else:
       folder = os.path.join(root, subdir)
