@@ -370,3 +370,28 @@ def test_readme_documents_reproducing_the_tables():
   for key, spec in suite.DATASETS.items():  # every dataset's layout: its folder or its tfds builder
     assert f'{key}/' in section or key in section, key
   assert 'python -m eva_clip_jax.evaluate' in section and '--data_dir=' in section
+
+
+def test_two_processes_with_uneven_shares_score_like_one(tmp_path):
+  """Each encoder call is a collective over processes: a process whose share ran out must keep calling."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  worker = os.path.join(ROOT, 'tests', 'multiprocess_eval_worker.py')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), str(tmp_path / f'{i}.json')], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads((tmp_path / f'{i}.json').read_text()) for i in range(2)]
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  from multiprocess_eval_worker import shares  # pylint: disable=g-import-not-at-top
+  one = FeatureExtractor.for_model(ec.create_model('tiny', seed=3), batch_size=4)
+  expected = score_zero_shot(one, ec.get_tokenizer('tiny'), [b for share in shares() for b in share],
+                             ['red', 'green', 'blue'], ['a {} thing'])
+  assert results[0] == results[1] == expected and expected['num_samples'] == 16

@@ -157,8 +157,9 @@ def score_zero_shot(extractor, tokenizer, batches: Iterable[dict], classnames: S
       progress(len(labels))
   if not seen:
     raise ValueError('the evaluation data yielded no batches')
-  if jax.process_count() > 1:
-    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
+  if jax.process_count() > 1:  # integers: exact through jax's 32-bit transfer, unlike float64 counts
+    gathered = multihost_utils.process_allgather(counts.astype(np.int32))
+    counts = np.asarray(gathered).sum(axis=0).astype(np.float64)
   return metrics_from_counts(counts)
 
 
