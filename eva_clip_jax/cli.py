@@ -14,9 +14,9 @@ from typing import Callable
 
 from absl import app
 
-# The errors that mean "the input is wrong"; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError,
-               app.UsageError)
+# The errors that mean "the input is wrong" (OSError: a path that is missing, unreadable or not a config file);
+# anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, app.UsageError)
 
 
 def quiet_library_logs() -> None:
@@ -41,7 +41,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       if os.environ.get('EVA_CLIP_JAX_TRACEBACK'):
         raise
       message = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip() or type(e).__name__
-      sys.stderr.write(f'error: {message}\n')
+      sys.stderr.write('error: ' + ' '.join(line.strip() for line in message.splitlines()) + '\n')
       sys.exit(2)
 
   app.run(guarded)

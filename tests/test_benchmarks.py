@@ -62,3 +62,23 @@ def test_mlp_padding_benchmark_on_cpu():
   assert [(r[1], r[2]) for r in rows] == [('170', 'fwd'), ('170', 'fwd+bwd'), ('256', 'fwd'), ('256', 'fwd+bwd')]
   for row in rows[2:]:  # the padded MLP computes the same function
     assert float(dict(zip(header, row))['max abs diff vs unpadded']) < 1e-5
+
+
+def test_encode_benchmark_on_cpu():
+  out = _run('encode.py', '--model=tiny', '--batch_size=2', '--iters=1')
+  lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(('jax ', 'torch '))}
+  assert set(lines) == {'jax', 'torch'}
+  for line in lines.values():
+    assert float(line.split('images/s')[0].split()[-1]) > 0
+  assert float(out.split('jax/torch throughput ratio:')[1].split()[0]) > 0
+  compile_out = _run('encode.py', '--model=tiny', '--batch_size=1', '--compile_only')
+  assert [line.split()[0] for line in compile_out.splitlines() if line.startswith('scan_layers')] == \
+      ['scan_layers=True', 'scan_layers=False']
+
+
+def test_host_overhead_benchmark_on_cpu():
+  out = _run('host_overhead.py', '--interval=2', '--intervals=2', '--batch_size=8')
+  header, rows = _table(out, '| loop ms/step |')
+  assert len(rows) == 1
+  cell = dict(zip(header, rows[0]))
+  assert float(cell['loop ms/step']) > 0 and float(cell['jitted step ms/step']) > 0

@@ -1,4 +1,5 @@
-"""The architecture's boundaries: models need only jax and flax; torch stays inside conversion/."""
+"""The architecture's boundaries: models need only jax and flax; torch stays inside conversion/; a config loads without
+the checkpoint, conversion or data machinery."""
 
 import pathlib
 import subprocess
@@ -25,10 +26,37 @@ def test_models_import_and_build_with_only_jax_and_flax():
 
 
 def test_only_conversion_imports_torch():
+  """No file of the package outside conversion/ mentions a torch import; benchmarks live in benchmarks/."""
   offenders = []
   for path in (ROOT / 'eva_clip_jax').rglob('*.py'):
     text = path.read_text()
-    if ('import torch' in text or 'from torch' in text) and path.parent.name != 'conversion' \
-        and path.name not in ('bench.py',):  # the side-by-side benchmarks time PyTorch on purpose
+    if ('import torch' in text or 'from torch' in text) and 'conversion' not in path.relative_to(ROOT).parts:
       offenders.append(str(path.relative_to(ROOT)))
   assert offenders == []
+
+
+_LOAD_CONFIGS = '''
+import importlib.util, pathlib, sys
+for path in sorted(pathlib.Path('configs').glob('*.py')):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  module.get_config()
+  module.get_config('runlocal')
+heavy = ('orbax', 'eva_clip_jax.conversion', 'eva_clip_jax.data', 'torch', 'tensorflow', 'grain', 'PIL')
+print(sorted({m.split('.')[0] if not m.startswith('eva_clip_jax') else m for m in sys.modules
+              if m.startswith(heavy)}))
+'''
+
+
+def test_loading_a_config_imports_no_checkpoint_conversion_or_data_code():
+  out = subprocess.run([sys.executable, '-c', _LOAD_CONFIGS], capture_output=True, text=True, cwd=ROOT,
+                       env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'})
+  assert out.returncode == 0, out.stderr[-1500:]
+  assert out.stdout.strip() == '[]'
+
+
+def test_the_benchmark_scripts_are_all_smoke_tested():
+  tested = (ROOT / 'tests' / 'test_benchmarks.py').read_text()
+  scripts = sorted(p.name for p in (ROOT / 'benchmarks').glob('*.py'))
+  assert scripts and [s for s in scripts if f"'{s}'" not in tested] == []

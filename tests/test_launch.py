@@ -71,7 +71,7 @@ def test_local_two_processes_train_like_one(tmp_path, monkeypatch):
   values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv, lock_config=False)
   values(argv)
-  metrics_single = train_and_evaluate(values.config, str(single))
+  _, metrics_single = train_and_evaluate(values.config, str(single))
 
   metrics_multi = json.loads((multi / 'final_metrics.json').read_text())
   assert metrics_multi['step'] == metrics_single['step'] == 2

@@ -176,3 +176,20 @@ def test_batch_must_divide_over_the_data_parallel_devices(tmp_path):
   config.batch_size = 12
   with pytest.raises(ValueError, match='batch_size 12 must divide evenly over the 8 data-parallel devices'):
     train_and_evaluate(config, str(tmp_path))
+
+
+def test_the_start_up_parameter_table():
+  """One row per parameter: shape, logical axes -> mesh axes, layer, LR scale, weight decay."""
+  config = tiny.get_config()
+  config.sharding.strategy = 'fsdp'
+  config.layer_decay.visual = 0.5
+  config.mesh.update(dict(data=1, fsdp=8))
+  setup = step_lib.make_setup(config, sharding_lib.make_mesh(config.mesh))
+  table = setup.parameter_table().splitlines()
+  assert table[0].split() == ['parameter', 'shape', 'logical', 'axes', 'mesh', 'axes', 'tower', 'layer', 'lr',
+                              'scale', 'wd']
+  rows = {line.split()[0]: line for line in table[1:]}
+  assert set(rows) == set(setup.logical_axes)
+  w1 = ' '.join(rows['visual/blocks/mlp/w1/kernel'].split())
+  assert '(2, 64, 170) layers, embed, mlp None, fsdp, None visual 1, 2 0.25, 0.5 0.05' in w1
+  assert ' '.join(rows['logit_scale'].split()).endswith('- base - 1 0')

@@ -15,8 +15,11 @@ Two failure modes orbax 0.12.8 does not handle, handled here:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -101,7 +104,8 @@ class Checkpointer:
     """(state, step) from the newest step that restores, setting damaged ones aside; None when there is none."""
     for step in reversed(self.steps_on_disk()):
       try:
-        return self.restore(step, abstract_state, iterator), step
+        with _quiet_abandoned_reads():
+          return self.restore(step, abstract_state, iterator), step
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
         reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
         aside = self._set_aside(step)
@@ -115,6 +119,7 @@ class Checkpointer:
       os.rename(os.path.join(self.directory, str(step)), aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
+    self._manager.reload()
     return aside
 
   def wait(self) -> None:
@@ -123,6 +128,19 @@ class Checkpointer:
   def close(self) -> None:
     self._settle()
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """A failed restore leaves orbax's other read coroutines to be garbage-collected with their own errors, which
+  Python prints as 'Exception ignored in <coroutine>' tracebacks; the one error that matters is reported instead."""
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda unraisable: logging.debug('abandoned checkpoint read: %s', unraisable.exc_value)
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
 
 
 def read_state(step_dir: str) -> Any:

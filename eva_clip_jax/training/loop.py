@@ -36,17 +36,25 @@ class DevicePrefetcher:
   def __init__(self, iterator, mesh, depth: int):
     self.iterator, self.mesh, self.depth = iterator, mesh, max(int(depth), 1)
     self._queue: collections.deque = collections.deque()
+    # XLA:CPU may alias a host array instead of copying it, which would keep grain's shared-memory block of every
+    # batch alive as long as its device array (and leak the last ones at exit); accelerators always copy.
+    self._copy_host = mesh.devices.flat[0].platform == 'cpu'
 
   def _fill(self) -> None:
     while len(self._queue) < self.depth:
       batch = next(self.iterator)
       position = self.iterator.get_state()
       skipped = pipeline.skipped_counts(batch) if 'skipped' in batch else {}
+      if self._copy_host:
+        batch = {k: np.array(batch[k]) for k in step_lib.BATCH_KEYS}
       self._queue.append((step_lib.device_batch(batch, self.mesh), position, skipped))
 
   def __next__(self):
     self._fill()
     return self._queue.popleft()
+
+  def close(self) -> None:
+    self._queue.clear()
 
 
 def make_train_dataset(config, local_batch: int, image_size: int, context_length: int):
@@ -139,6 +147,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
   writer = metrics_lib.Writer(workdir)
   total, log_every = int(config.total_steps), int(config.log_every_steps)
   progress = metrics_lib.ProgressLine(total)
+  resources = []  # closed in the finally block, before the iterator
   try:
     restored = checkpointer.restore_latest(setup.abstract_state, iterator)
     if restored:
@@ -150,6 +159,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
     evaluators = make_evaluators(config, setup)
     throughput = _throughput(config, spec, total)
     prefetcher = DevicePrefetcher(iterator, mesh, config.get('prefetch', 2))
+    resources.append(prefetcher)
 
     # The loop.
     history: list = []
@@ -187,6 +197,8 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
         logging.warning('Stopped at step %d after a preemption notice.', step)
         break
   finally:
+    for resource in resources:
+      resource.close()
     progress.close()
     checkpointer.close()
     writer.close()
