@@ -23,6 +23,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from eva_clip_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _OUTPUT = flags.DEFINE_string('output', 'eval_results.json', 'without --suite: where to write the results as JSON')
 _SUITE = flags.DEFINE_enum('suite', None, ['imagenet', 'classification', 'video', 'retrieval', 'paper'],
@@ -138,4 +140,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

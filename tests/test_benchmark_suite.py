@@ -395,3 +395,15 @@ def test_two_processes_with_uneven_shares_score_like_one(tmp_path):
   expected = score_zero_shot(one, ec.get_tokenizer('tiny'), [b for share in shares() for b in share],
                              ['red', 'green', 'blue'], ['a {} thing'])
   assert results[0] == results[1] == expected and expected['num_samples'] == 16
+
+
+def test_evaluate_reports_bad_input_as_one_line(tmp_path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('EVA_CLIP_JAX_TRACEBACK', None)
+  proc = subprocess.run([sys.executable, '-m', 'eva_clip_jax.evaluate', '--config=configs/tiny.py', '--suite=video',
+                         '--datasets=kinetics400,nope', f'--data_dir={tmp_path}'], capture_output=True, text=True,
+                        cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert "--datasets ['nope'] are not in suite 'video'" in proc.stderr
