@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from eva_clip_jax import transforms
 from eva_clip_jax.models import create_model
 from eva_clip_jax.training import loss_scale as loss_scale_lib
 from eva_clip_jax.training import optimizer as optimizer_lib
@@ -135,6 +136,7 @@ def make_train_step(trainer: Trainer, *, inject_nonfinite_at: Sequence[int] = ()
   label_smoothing = float(config.get('label_smoothing', 0.0))
 
   def step_fn(state, batch):
+    batch = {**batch, 'image': transforms.normalize_images(batch['image'])}  # uint8 from the input pipeline
     step = state['step']
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
     scale = state['loss_scale'].scale

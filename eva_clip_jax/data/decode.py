@@ -1,0 +1,69 @@
+"""Image bytes -> pixels: the exact full-resolution decode, and the training crop decoded at reduced scale.
+
+A random-resized crop of a large photo throws most of its pixels away: a 1024x768 JPEG cropped to 224 px is
+downsampled ~3.4x. libjpeg can decode at 1/2, 1/4 or 1/8 scale inside the inverse DCT (Pillow's `draft`), which
+skips most of the IDCT, colour conversion and resize work. The crop box is drawn on the full-resolution size (read
+from the header, before decoding), so the crops are the same boxes as the exact path's, only scaled; the pixels
+differ from a full decode + bicubic resize by a bounded error (tests/test_data.py states the PSNR bound).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from eva_clip_jax import transforms
+
+# Reduce by a factor k only when the crop stays >= DRAFT_MARGIN * k * output pixels on each side: at margin 1 the
+# 1/4-scale decode of a crop just over 4x the output loses detail the bicubic filter would keep (worst PSNR
+# ~34 dB on the benchmark's photo-like images); at 1.25 the worst case is ~42 dB for ~10% more time.
+DRAFT_MARGIN = 1.25
+_DRAFT_FACTORS = (8, 4, 2)  # libjpeg's DCT scalings that Pillow's draft() offers
+
+
+def open_image(data: bytes) -> Image.Image:
+  """The image's header (size, mode): nothing decoded yet. Decompression bombs raise."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    return Image.open(io.BytesIO(data))
+
+
+def decode_image(data: bytes) -> Image.Image:
+  """The full-resolution RGB image (evaluation, and training with reduced_decode off)."""
+  image = open_image(data)
+  image.load()  # decodes now, so truncated or corrupt files fail here
+  return image.convert('RGB')
+
+
+def draft_factor(crop_width: int, crop_height: int, size: int) -> int:
+  """The DCT reduction (1, 2, 4 or 8) for a crop that will be resized to size x size."""
+  for factor in _DRAFT_FACTORS:
+    if min(crop_width, crop_height) >= DRAFT_MARGIN * factor * size:
+      return factor
+  return 1
+
+
+def decode_train_crop(data: bytes, size: int, rng: np.random.Generator, scale=(0.9, 1.0),
+                      reduced: bool = True) -> np.ndarray:
+  """A random-resized crop (torchvision's box, bicubic) of the encoded image, as uint8 [size, size, 3].
+
+  reduced: decode JPEGs at the smallest DCT scale that keeps the crop above the output size (see DRAFT_MARGIN);
+  other formats, and reduced=False, decode at full resolution.
+  """
+  image = open_image(data)
+  width, height = image.size
+  left, top, w, h = transforms.random_resized_crop_box(width, height, rng, scale=scale)
+  factor = draft_factor(w, h, size) if reduced and image.format == 'JPEG' else 1
+  if factor > 1:
+    # draft() picks the largest power-of-two reduction whose result is at least the requested size, so asking
+    # for (width // factor, height // factor) gets exactly `factor`; it returns the reduced image's extent in
+    # reduced pixels (None if it declines, e.g. a multi-tile file).
+    drafted = image.draft('RGB', (width // factor, height // factor))
+    factor = width / drafted[1][2] if drafted else 1
+  image.load()  # truncated or corrupt files fail here, on either path
+  # Each 8x8 DCT block becomes 8/k x 8/k pixels, so full-resolution coordinates scale by exactly 1/k.
+  box = (left / factor, top / factor, (left + w) / factor, (top + h) / factor)
+  return np.asarray(image.convert('RGB').resize((size, size), Image.BICUBIC, box=box))
