@@ -62,3 +62,19 @@ def test_mlp_padding_benchmark_on_cpu():
   assert [(r[1], r[2]) for r in rows] == [('170', 'fwd'), ('170', 'fwd+bwd'), ('256', 'fwd'), ('256', 'fwd+bwd')]
   for row in rows[2:]:  # the padded MLP computes the same function
     assert float(dict(zip(header, row))['max abs diff vs unpadded']) < 1e-5
+
+
+def test_input_pipeline_benchmark_on_cpu():
+  out = _run('input_pipeline.py', '--num_images=12', '--batch_size=4', '--batches=1', '--workers=0',
+             '--stage_samples=4', '--repeats=1')
+  rates, stage_table = (chunk for chunk in out.split('\n\n') if chunk.startswith('|'))  # two tables
+  header, rows = _table(rates, '| pipeline |')
+  assert [r[0].split()[0] for r in rows] == ['new', 'old', 'PIL']
+  for row in rows:
+    cell = dict(zip(header, row))
+    assert float(cell['images/s']) > 0 and cell['per worker vs PIL baseline'].endswith('x')
+  header, rows = _table(stage_table, '| stage ')
+  stages = {r[0]: [float(x) for x in r[1:]] for r in rows if not r[0].startswith('rest')}
+  assert list(stages) == ['decode', 'crop+resize', 'normalise', 'tokenise', 'batching', 'total']
+  assert stages['normalise'][1] == 0  # the new pipeline normalises on the device
+  assert all(v > 0 for v in stages['decode'] + stages['total'])

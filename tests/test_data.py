@@ -262,7 +262,7 @@ def _psnr(a, b):
 def test_reduced_scale_decode_is_close_to_the_exact_crop():
   # The same seed draws the same box on both paths; these sizes and seeds give DCT reductions 2, 2, 4 and 8.
   worst = np.inf
-  cases = [((800, 720), 224, 2), ((768, 1360), 224, 2), ((1500, 1400), 224, 4), ((1500, 1200), 112, 8)]
+  cases = [((560, 500), 224, 2), ((768, 1360), 224, 2), ((1024, 1000), 224, 4), ((1000, 960), 112, 8)]
   for seed, (size, out, factor) in enumerate(cases):
     jpeg = _photo_jpeg(seed, size)
     _, _, w, h = transforms.random_resized_crop_box(*size, np.random.default_rng(seed))
@@ -272,7 +272,7 @@ def test_reduced_scale_decode_is_close_to_the_exact_crop():
     assert fast.shape == exact.shape == (out, out, 3) and fast.dtype == exact.dtype == np.uint8
     assert not np.array_equal(fast, exact)  # the reduced path really ran
     worst = min(worst, _psnr(fast, exact))
-  assert worst >= 35.0, worst
+  assert worst >= 40.0, worst  # measured 44-51 dB
 
 
 def test_exact_training_crop_is_the_train_transform_and_png_is_decoded_in_full():
