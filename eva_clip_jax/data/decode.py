@@ -31,7 +31,11 @@ def decode_image(data: bytes) -> Image.Image:
   """The full-resolution RGB image (evaluation, and training with reduced_decode off)."""
   image = open_image(data)
   image.load()  # decodes now, so truncated or corrupt files fail here
-  return image.convert('RGB')
+  return _rgb(image)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+  return image if image.mode == 'RGB' else image.convert('RGB')  # convert() would copy an RGB image
 
 
 def draft_factor(crop_width: int, crop_height: int, size: int) -> int:
@@ -64,7 +68,7 @@ def decode_for_crop(data: bytes, size: int, rng: np.random.Generator, scale=(0.9
     factor = width / drafted[1][2] if drafted else 1
   image.load()  # truncated or corrupt files fail here, on either path
   # Each 8x8 DCT block becomes 8/k x 8/k pixels, so full-resolution coordinates scale by exactly 1/k.
-  return image.convert('RGB'), (left / factor, top / factor, (left + w) / factor, (top + h) / factor)
+  return _rgb(image), (left / factor, top / factor, (left + w) / factor, (top + h) / factor)
 
 
 def crop_and_resize(image: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
