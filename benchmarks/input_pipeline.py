@@ -10,10 +10,13 @@ Data: JPEGs at quality 90 of `demo.photo_like` images (smooth colour fields, sha
 like a photo), short side uniform in 256-1024 px, aspect 1:1 to 16:9 either way, captions of 5-20 words with
 product-code-like tokens, 128 per shard. Output: 224 px random-resized crops (scale 0.9-1) and 77-token captions.
 
-Prints two tables: images/s (and per worker process) for each pipeline and worker count, the best of --repeats
-interleaved measurements; and, measured in this process one stage at a time (best of 2 passes), milliseconds per
-image for decode / crop+resize / normalise / tokenise / batching, and the rest (tar reading, shuffling, grain or
-DataLoader overhead, passing batches between processes) as 1000 / (images/s at 1 worker) - their sum.
+Prints two tables. Throughput for each pipeline and worker count, the best of --repeats interleaved measurements:
+images per wall-clock second (and per worker process), and images per CPU-second of all the pipeline's processes
+(main and workers, user + system time from /proc) — the per-core rate, which other load on a shared machine does
+not inflate the way it inflates wall time. Stages, measured in this process one at a time in CPU time (best of 2
+passes): milliseconds per image for decode / crop+resize / normalise / tokenise / batching, and the rest (tar
+reading, shuffling, grain or DataLoader overhead, passing batches between processes) as 1000 / (images per
+CPU-second at 1 worker) - their sum.
 """
 
 from __future__ import annotations
@@ -79,21 +82,43 @@ def write_laion_like(directory: str, count: int, seed: int = 0, max_size: int | 
                      'resized': writer.resized}
 
 
-def _images_per_second(iterator, batches: int, batch_size: int) -> float:
+def _tree_cpu_seconds() -> float:
+  """User + system CPU seconds of this process and all its descendants (worker processes) so far, from /proc."""
+  parents, cpu = {}, {}
+  for entry in os.listdir('/proc'):
+    if entry.isdigit():
+      try:
+        with open(f'/proc/{entry}/stat') as f:
+          fields = f.read().rsplit(')', 1)[1].split()
+      except OSError:  # gone meanwhile
+        continue
+      parents[int(entry)] = int(fields[1])
+      cpu[int(entry)] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+  tree, frontier = {os.getpid()}, [os.getpid()]
+  while frontier:
+    children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+    tree.update(children)
+    frontier = children
+  return sum(cpu.get(pid, 0) for pid in tree) / os.sysconf('SC_CLK_TCK')
+
+
+def _rates(iterator, batches: int, batch_size: int) -> tuple[float, float]:
+  """(images per wall-clock second, images per CPU-second of all the pipeline's processes)."""
   for _ in range(2):  # workers start, buffers fill
     next(iterator)
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), _tree_cpu_seconds()
   for _ in range(batches):
     next(iterator)
-  return batches * batch_size / (time.perf_counter() - start)
+  images = batches * batch_size
+  return images / (time.perf_counter() - start), images / max(_tree_cpu_seconds() - start_cpu, 1e-9)
 
 
-def time_grain(pattern: str, workers: int, *, fast: bool) -> float:
+def time_grain(pattern: str, workers: int, *, fast: bool) -> tuple[float, float]:
   ds = make_dataset(pattern, batch_size=_BATCH.value, image_size=_IMAGE_SIZE.value, context_length=CONTEXT_LENGTH,
                     num_workers=workers, shuffle_buffer=256, reduced_decode=fast, uint8_images=fast)
   iterator = iter(ds)
   try:
-    return _images_per_second(iterator, _BATCHES.value, _BATCH.value)
+    return _rates(iterator, _BATCHES.value, _BATCH.value)
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()
@@ -120,7 +145,7 @@ def _read_samples(path: str):
       yield sample['jpg'], sample['txt'].decode()
 
 
-def time_pil_baseline(pattern: str, workers: int) -> float:
+def time_pil_baseline(pattern: str, workers: int) -> tuple[float, float]:
   """PIL decode + torchvision RandomResizedCrop / ToTensor / Normalize + the tokenizer in a torch DataLoader."""
   import torch  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -143,18 +168,19 @@ def time_pil_baseline(pattern: str, workers: int) -> float:
   loader = torch.utils.data.DataLoader(Shards(), batch_size=_BATCH.value, num_workers=workers)
   iterator = iter(loader)
   try:
-    return _images_per_second(iterator, _BATCHES.value, _BATCH.value)
+    return _rates(iterator, _BATCHES.value, _BATCH.value)
   finally:
     del iterator  # shuts its workers down
 
 
 def _ms_per_item(fn, items, repeats: int = 2) -> float:
+  """CPU milliseconds per item (this process's CPU time: what other load on the machine does not inflate)."""
   best = np.inf
   for _ in range(repeats):
-    start = time.perf_counter()
+    start = time.process_time()
     for item in items:
       fn(item)
-    best = min(best, time.perf_counter() - start)
+    best = min(best, time.process_time() - start)
   return 1e3 * best / len(items)
 
 
@@ -214,20 +240,22 @@ def main(argv):
         f'{_IMAGE_SIZE.value} px output, batch {_BATCH.value}, {_BATCHES.value} timed batches; '
         f'{os.cpu_count()} cores ({platform.processor() or platform.machine()}); load {os.getloadavg()[0]:.2f}')
   try:
-    rates = {}
+    rates, cpu_rates = {}, {}
     for _ in range(_REPEATS.value):  # interleaved, so that a burst of load on a shared machine hits one try of each
       for workers in (int(w) for w in _WORKERS.value):
         for name in _PIPELINES.value:
-          rate = (time_pil_baseline(pattern, workers) if name == 'pil' else
-                  time_grain(pattern, workers, fast=name == 'new'))
+          rate, cpu_rate = (time_pil_baseline(pattern, workers) if name == 'pil' else
+                            time_grain(pattern, workers, fast=name == 'new'))
           rates[name, workers] = max(rate, rates.get((name, workers), 0.0))
-    print('\n| pipeline | workers | images/s | per worker | per worker vs PIL baseline |')
-    print('|---|---:|---:|---:|---:|')
+          cpu_rates[name, workers] = max(cpu_rate, cpu_rates.get((name, workers), 0.0))
+    print('\n| pipeline | workers | images/s | per worker | per worker vs PIL baseline | images per CPU-second | '
+          'per CPU-second vs PIL baseline |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
     for (name, workers), rate in rates.items():
-      per = rate / max(workers, 1)
-      base = rates.get(('pil', workers))
-      print(f'| {LABELS[name]} | {workers} | {rate:.1f} | {per:.1f} | {rate / base:.2f}x |' if base else
-            f'| {LABELS[name]} | {workers} | {rate:.1f} | {per:.1f} | - |')
+      base, cpu_base, cpu_rate = rates.get(('pil', workers)), cpu_rates.get(('pil', workers)), cpu_rates[name, workers]
+      print(f'| {LABELS[name]} | {workers} | {rate:.1f} | {rate / max(workers, 1):.1f} | '
+            f'{f"{rate / base:.2f}x" if base else "-"} | {cpu_rate:.1f} | '
+            f'{f"{cpu_rate / cpu_base:.2f}x" if cpu_base else "-"} |')
     if _STAGE_SAMPLES.value:
       times = stage_times(pattern, _STAGE_SAMPLES.value)
       names = list(times)
@@ -236,9 +264,9 @@ def main(argv):
       for stage in times[names[0]]:
         print(f'| {stage} | ' + ' | '.join(f'{times[n][stage]:.3f}' for n in names) + ' |')
       print('| total | ' + ' | '.join(f'{sum(times[n].values()):.3f}' for n in names) + ' |')
-      one = {n: 1e3 / rates[n, 1] for n in names if (n, 1) in rates}
+      one = {n: 1e3 / cpu_rates[n, 1] for n in names if (n, 1) in cpu_rates}
       if one:  # what the stages do not cover: tar reading, shuffling, grain / DataLoader, passing batches between
-        print('| rest, at 1 worker (1000 / images/s - total) | ' +
+        print('| rest, at 1 worker (1000 / images per CPU-second - total) | ' +
               ' | '.join(f'{one[n] - sum(times[n].values()):.3f}' if n in one else '-' for n in names) + ' |')
   finally:
     shutil.rmtree(directory, ignore_errors=True)

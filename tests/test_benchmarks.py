@@ -72,7 +72,8 @@ def test_input_pipeline_benchmark_on_cpu():
   assert [r[0].split()[0] for r in rows] == ['new', 'old', 'PIL']
   for row in rows:
     cell = dict(zip(header, row))
-    assert float(cell['images/s']) > 0 and cell['per worker vs PIL baseline'].endswith('x')
+    assert float(cell['images/s']) > 0 and float(cell['images per CPU-second']) > 0
+    assert cell['per worker vs PIL baseline'].endswith('x') and cell['per CPU-second vs PIL baseline'].endswith('x')
   header, rows = _table(stage_table, '| stage ')
   stages = {r[0]: [float(x) for x in r[1:]] for r in rows if not r[0].startswith('rest')}
   assert list(stages) == ['decode', 'crop+resize', 'normalise', 'tokenise', 'batching', 'total']
