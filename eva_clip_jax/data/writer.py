@@ -181,4 +181,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('samples_per_shard', 1000, 'samples per shard')
   flags.DEFINE_integer('max_size', 0, 'shrink images whose longer side exceeds this many pixels to it (0: keep)')
   flags.DEFINE_integer('quality', 95, 'JPEG / WebP quality of the images --max_size re-encodes')
+  flags.register_validator('max_size', lambda v: v >= 0, message='--max_size must be >= 0 (0 keeps the sizes)')
+  flags.register_validator('quality', lambda v: 1 <= v <= 100, message='--quality must be in 1..100')
   app.run(main)
