@@ -35,7 +35,7 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   # LAION-2B + 0.4B COYO-700M samples, hence 0.8 / 0.2. Set the patterns to your copies.
   config.data = ml_collections.ConfigDict(dict(
       sources=(('', 0.8), ('', 0.2)),  # e.g. ('/data/laion2b/{00000..231349}.tar', 0.8)
-      shuffle_buffer=10_000, cycle_length=16, num_workers=16,
+      shuffle_buffer=10_000, cycle_length=16, num_workers=-1,  # -1: every core but the trainer's
       synthetic=False,  # random images and tokens instead of the sources (benchmarks, tests)
   ))
   config.pretrained = ''  # weights for evaluation: a PyTorch file, a converted directory or hf-hub:...

@@ -11,6 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from eva_clip_jax import transforms
 from eva_clip_jax.models import create_model
 from eva_clip_jax.training import loss_scale as loss_scale_lib
 from eva_clip_jax.training import optimizer as optimizer_lib
@@ -117,6 +118,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
   label_smoothing = float(config.get('label_smoothing', 0.0))
 
   def step_fn(state: TrainState, batch):
+    batch = {**batch, 'image': transforms.normalize_images(batch['image'])}  # uint8 from the input pipeline
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     scale = state.loss_scale.scale
 
