@@ -24,7 +24,7 @@ def quiet_library_logs() -> None:
   probing for TPU and GPU backends on a host without them, orbax's per-save INFO lines. Warnings stay."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  noisy = ('/orbax/', '/jax/_src/xla_bridge', '/jax/_src/cloud_tpu_init', '/jax_plugins/')
+  noisy = ('/orbax/', '/jax/_src/xla_bridge', '/jax/_src/cloud_tpu_init', '/jax_plugins/', '/tensorflow_datasets/')
   py_logging.getLogger('absl').addFilter(
       lambda record: record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy))
   py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.ERROR)  # "Unable to initialize backend 'tpu'"

@@ -1,10 +1,17 @@
-r"""Zero-shot evaluation from a config: model, weights, data sets -> a results table and a JSON file.
+r"""Zero-shot evaluation: the paper's benchmark suite, or the evaluations a config lists.
 
-  python -m eva_clip_jax.evaluate --config=configs/b16.py \
-      --config.pretrained=EVA02_CLIP_B_psz16_s8B.pt \
-      --config.evals.imagenet.data=/data/imagenet/val --output=results.json
+  # The paper's tables (Tables 1-4) for a released model, from prepared data (see the README):
+  python -m eva_clip_jax.evaluate --config=configs/b16.py --config.pretrained=EVA02_CLIP_B_psz16_s8B.pt \
+      --suite=paper --data_dir=/data/eval --output_dir=results/b16
 
-Evaluations whose `data` is empty are skipped (and listed as such).
+  # The config's own evaluations (config.evals; those whose `data` is empty are skipped):
+  python -m eva_clip_jax.evaluate --config=configs/tiny.py --output=results.json
+
+Suites: imagenet (Table 1), classification (Table 2), video (Table 3), retrieval (Table 4), paper (all). The model
+is built as training builds it (same mesh, same parameter shardings, same jitted towers as the in-training
+evaluators), with config.pretrained's weights when given. Results are kept per dataset under --output_dir, so a
+rerun skips what is done; the tables are printed with the paper's numbers beside ours for a released model, and
+written as tables.txt, results.json and results.csv.
 """
 
 from __future__ import annotations
@@ -12,34 +19,116 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-import eva_clip_jax as ec
-from eva_clip_jax.evaluation import build_evaluators
+from eva_clip_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
-_OUTPUT = flags.DEFINE_string('output', 'eval_results.json', 'where to write the results as JSON')
+_OUTPUT = flags.DEFINE_string('output', 'eval_results.json', 'without --suite: where to write the results as JSON')
+_SUITE = flags.DEFINE_enum('suite', None, ['imagenet', 'classification', 'video', 'retrieval', 'paper'],
+                           "the paper's benchmark suite to run (instead of config.evals)")
+_DATASETS = flags.DEFINE_list('datasets', None, 'with --suite: only these datasets of it (keys as in the tables)')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'with --suite: the prepared data (tfds data_dir + folder datasets)')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', 'eval_results', 'with --suite: results, per-dataset state, tables')
+_PRECISION = flags.DEFINE_enum('precision', None, ['float32', 'bfloat16', 'float16'],
+                               "the towers' compute dtype (default: the config's model.dtype)")
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'with --suite: images per process per step')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'with --suite: grain worker processes decoding image files')
+_RERUN = flags.DEFINE_bool('rerun', False, 'with --suite: evaluate again the datasets already done')
+
+
+def model_setup(config, mesh):
+  """(model_fn, param_shardings) exactly as training builds them. The one place that knows the setup's names."""
+  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  setup = step_lib.make_setup(config, mesh)
+  return setup.model, setup.shardings.params
+
+
+def load_params(config, param_shardings):
+  """config.pretrained's weights (a PyTorch checkpoint or a converted directory, via the conversion API) or the
+  seeded random initialisation, laid out as training lays them out and put onto the parameter shardings."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
+  if config.get('pretrained'):
+    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
+    api.load_pretrained(model, config.pretrained)
+  return jax.device_put(nnx.state(model, nnx.Param).to_pure_dict(), param_shardings)
+
+
+def _prepare(config):
+  from eva_clip_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  if _PRECISION.value:
+    config.model.dtype = _PRECISION.value
+  mesh = sharding_lib.make_mesh(config.mesh)
+  model_fn, param_shardings = model_setup(config, mesh)
+  return mesh, model_fn, param_shardings, load_params(config, param_shardings)
 
 
 def evaluate(config) -> dict[str, float]:
-  model_cfg = dict(config.model)
-  name = model_cfg.pop('name')
-  model = ec.create_model(name, pretrained=config.get('pretrained') or None, dtype=model_cfg.get('dtype', 'float32'),
-                          attention=model_cfg.get('attention', 'xla'), scan_layers=model_cfg.get('scan_layers', True))
+  """The config's evaluations (config.evals), on the training mesh."""
+  from eva_clip_jax.evaluation import build_evaluators  # pylint: disable=g-import-not-at-top
   evals = {k: v for k, v in dict(config.evals).items() if v.get('data')}
   skipped = sorted(set(config.evals) - set(evals))
   if skipped:
     print(f'skipped (no data configured): {", ".join(skipped)}')
+  mesh, model_fn, param_shardings, params = _prepare(config)
   results: dict[str, float] = {}
-  for evaluator in build_evaluators(evals):
-    results.update(evaluator.run(model))
+  for evaluator in build_evaluators(evals, model_fn=model_fn, mesh=mesh, param_shardings=param_shardings):
+    results.update(evaluator.run(params))
+  return results
+
+
+def evaluate_suite(config, suite_name: str, data_dir: str, output_dir: str, *, datasets=None, batch_size: int = 64,
+                   num_workers: int = 0, rerun: bool = False) -> dict[str, dict]:
+  """Runs a suite of the paper's datasets; prints and writes its tables. Returns {dataset: result}."""
+  from eva_clip_jax.evaluation import FeatureExtractor, report, runner, suite  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.models import get_model_spec  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
+  keys = suite.SUITES[suite_name]
+  if datasets:
+    unknown = sorted(set(datasets) - set(keys))
+    if unknown:
+      raise ValueError(f'--datasets {unknown} are not in suite {suite_name!r}: {", ".join(keys)}')
+    keys = [k for k in keys if k in datasets]
+  mesh, model_fn, param_shardings, params = _prepare(config)
+  spec = get_model_spec(config.model.name)
+  bound = FeatureExtractor(model_fn, mesh, param_shardings, batch_size).bind(params)
+  results = runner.run_suite(bound, get_tokenizer(context_length=spec.text.context_length), keys,
+                             data_dir=data_dir, image_size=spec.vision.image_size, output_dir=output_dir,
+                             model_id=runner.model_identity(config.to_dict()), batch_size=batch_size,
+                             num_workers=num_workers, rerun=rerun)
+  if jax.process_index() == 0:
+    tables = report.format_suite(suite_name, results, config.model.name)
+    print(tables)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, 'tables.txt'), 'w', encoding='utf-8') as f:
+      f.write(tables)
+    report.write_json(os.path.join(output_dir, 'results.json'), results, config.model.name, suite_name)
+    report.write_csv(os.path.join(output_dir, 'results.csv'), results, config.model.name)
+    print(f'wrote {output_dir}/tables.txt, results.json, results.csv')
   return results
 
 
 def main(argv):
   del argv
-  results = evaluate(_CONFIG.value)
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required (a configs/*.py file)')
+  if _SUITE.value:
+    if not _DATA_DIR.value:
+      raise app.UsageError('--suite needs --data_dir (the prepared data; see the README)')
+    from eva_clip_jax.evaluation.suite import SUITES  # pylint: disable=g-import-not-at-top
+    unknown = sorted(set(_DATASETS.value or ()) - set(SUITES[_SUITE.value]))
+    if unknown:
+      raise app.UsageError(f'--datasets {unknown} are not in suite {_SUITE.value!r}: {", ".join(SUITES[_SUITE.value])}')
+    evaluate_suite(config, _SUITE.value, _DATA_DIR.value, _OUTPUT_DIR.value, datasets=_DATASETS.value,
+                   batch_size=_BATCH_SIZE.value, num_workers=_NUM_WORKERS.value, rerun=_RERUN.value)
+    return
+  results = evaluate(config)
   width = max([len(k) for k in results] + [6])
   print(f'{"metric":{width}s}  value')
   for key, value in results.items():
@@ -51,4 +140,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

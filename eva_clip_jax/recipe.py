@@ -93,7 +93,7 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   config.data = ml_collections.ConfigDict(dict(
       name=data,
       sources=tuple(('', weight) for _, weight in DATASETS[data]),
-      shuffle_buffer=10_000, cycle_length=16, num_workers=16,
+      shuffle_buffer=10_000, cycle_length=16, num_workers=-1,  # -1: every core but the trainer's
       synthetic=False,  # random images and tokens instead of the sources (benchmarks, tests)
   ))
   config.pretrained = ''  # weights for evaluation: a PyTorch file, a converted directory or hf-hub:...

@@ -2,7 +2,9 @@
 
 Evaluation: bicubic resize of the short side to `image_size`, centre crop, RGB, [0, 1], OpenAI mean/std.
 Training: random resized crop with scale (0.9, 1.0) and aspect ratio (3/4, 4/3), bicubic, then the same
-normalisation. Both return float32 arrays [image_size, image_size, 3] — the models take NHWC.
+normalisation. Both return float32 arrays [image_size, image_size, 3] — the models take NHWC. The training
+input pipeline stops before the normalisation (uint8 crops, `eva_clip_jax.data.decode`) and the train step applies
+`normalize_images` on the accelerator.
 """
 
 from __future__ import annotations
@@ -17,15 +19,32 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _affine(mean, std) -> tuple[np.ndarray, np.ndarray]:
+  """(scale, shift) in float32 with (x / 255 - mean) / std == x * scale - shift: one multiply, one subtract."""
+  std64 = np.asarray(std, np.float64)
+  return (1.0 / (255.0 * std64)).astype(np.float32), (np.asarray(mean, np.float64) / std64).astype(np.float32)
+
+
 def normalize(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> np.ndarray:
   """RGB, [0, 1], then (x - mean) / std per channel, as a float32 [H, W, 3] array."""
   array = np.asarray(image.convert('RGB')).astype(np.float32)  # via uint8: PIL -> float directly is slow
-  # (x / 255 - mean) / std as one multiply and one subtract, in place.
-  scale = (1.0 / (255.0 * np.asarray(std, np.float64))).astype(np.float32)
-  shift = (np.asarray(mean, np.float64) / np.asarray(std, np.float64)).astype(np.float32)
-  array *= scale
+  scale, shift = _affine(mean, std)
+  array *= scale  # in place
   array -= shift
   return array
+
+
+def normalize_images(images, mean=OPENAI_MEAN, std=OPENAI_STD):
+  """uint8 [..., 3] images -> float32, normalised exactly as `normalize` does; float input is returned as it is.
+
+  Written with array methods only, so it runs on numpy arrays and, inside a jitted step, on jax arrays: training
+  batches cross to the accelerator as uint8 (4x fewer bytes than float32) and are normalised there. Float
+  batches (evaluation, tests) were normalised on the host already.
+  """
+  if images.dtype != np.uint8:
+    return images
+  scale, shift = _affine(mean, std)
+  return images.astype(np.float32) * scale - shift
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:

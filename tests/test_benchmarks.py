@@ -82,3 +82,20 @@ def test_host_overhead_benchmark_on_cpu():
   assert len(rows) == 1
   cell = dict(zip(header, rows[0]))
   assert float(cell['loop ms/step']) > 0 and float(cell['jitted step ms/step']) > 0
+
+
+def test_input_pipeline_benchmark_on_cpu():
+  out = _run('input_pipeline.py', '--num_images=12', '--batch_size=4', '--batches=1', '--workers=0',
+             '--stage_samples=4', '--repeats=1')
+  rates, stage_table = (chunk for chunk in out.split('\n\n') if chunk.startswith('|'))  # two tables
+  header, rows = _table(rates, '| pipeline |')
+  assert [r[0].split()[0] for r in rows] == ['new', 'old', 'PIL']
+  for row in rows:
+    cell = dict(zip(header, row))
+    assert float(cell['images/s']) > 0 and float(cell['images per CPU-second']) > 0
+    assert cell['per worker vs PIL baseline'].endswith('x') and cell['per CPU-second vs PIL baseline'].endswith('x')
+  header, rows = _table(stage_table, '| stage ')
+  stages = {r[0]: [float(x) for x in r[1:]] for r in rows if not r[0].startswith('rest')}
+  assert list(stages) == ['decode', 'crop+resize', 'normalise', 'tokenise', 'batching', 'total']
+  assert stages['normalise'][1] == 0  # the new pipeline normalises on the device
+  assert all(v > 0 for v in stages['decode'] + stages['total'])

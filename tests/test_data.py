@@ -3,14 +3,17 @@
 import hashlib
 import io
 import os
+import pathlib
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from eva_clip_jax import data
-from eva_clip_jax.data import demo
+from eva_clip_jax import data, transforms
+from eva_clip_jax.data import decode, demo, pipeline
 from eva_clip_jax.data.pipeline import SKIP_REASONS
 from eva_clip_jax.tokenizer import tokenize
 
@@ -223,6 +226,7 @@ def test_synthetic_input():
   batch = data.make_synthetic_dataset(batch_size=3, image_size=32, context_length=8)[0]
   assert batch['image'].shape == (3, 32, 32, 3) and batch['text'].shape == (3, 8)
   assert (batch['text'][:, 0] == 49406).all() and (batch['text'][:, -1] == 49407).all()
+  assert batch['image'].dtype == np.uint8  # as the training pipeline yields them
 
 
 def test_iterator_state_is_json_and_config_sources(tmp_path):
@@ -242,3 +246,108 @@ def test_iterator_state_is_json_and_config_sources(tmp_path):
   config.sources = (('', 0.8), (str(tmp_path / 'a'), 0.2))
   with pytest.raises(ValueError, match='no shard pattern for source'):
     data.make_dataset_from_config(config, batch_size=2, image_size=16, context_length=8, seed=0)
+
+
+def _photo_jpeg(seed, size, quality=90):
+  buffer = io.BytesIO()
+  demo.photo_like(np.random.default_rng(seed), *size).save(buffer, 'JPEG', quality=quality)
+  return buffer.getvalue()
+
+
+def _psnr(a, b):
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_reduced_scale_decode_is_close_to_the_exact_crop():
+  # The same seed draws the same box on both paths; these sizes and seeds give DCT reductions 2, 2, 4 and 8.
+  worst = np.inf
+  cases = [((560, 500), 224, 2), ((768, 1360), 224, 2), ((1024, 1000), 224, 4), ((1000, 960), 112, 8)]
+  for seed, (size, out, factor) in enumerate(cases):
+    jpeg = _photo_jpeg(seed, size)
+    _, _, w, h = transforms.random_resized_crop_box(*size, np.random.default_rng(seed))
+    assert decode.draft_factor(w, h, out) == factor
+    exact = decode.decode_train_crop(jpeg, out, np.random.default_rng(seed), reduced=False)
+    fast = decode.decode_train_crop(jpeg, out, np.random.default_rng(seed))
+    assert fast.shape == exact.shape == (out, out, 3) and fast.dtype == exact.dtype == np.uint8
+    assert not np.array_equal(fast, exact)  # the reduced path really ran
+    worst = min(worst, _psnr(fast, exact))
+  assert worst >= 40.0, worst  # measured 44-51 dB
+
+
+def test_exact_training_crop_is_the_train_transform_and_png_is_decoded_in_full():
+  jpeg = _photo_jpeg(7, (500, 400))
+  old = transforms.image_transform(64, is_train=True, seed=3)(decode.decode_image(jpeg))
+  crop = decode.decode_train_crop(jpeg, 64, np.random.default_rng(3), reduced=False)
+  np.testing.assert_array_equal(transforms.normalize_images(crop), old)  # bit for bit the float path of before
+  buffer = io.BytesIO()
+  Image.open(io.BytesIO(jpeg)).save(buffer, 'PNG')  # no DCT to reduce: full decode either way
+  png = [decode.decode_train_crop(buffer.getvalue(), 64, np.random.default_rng(3), reduced=r) for r in (True, False)]
+  np.testing.assert_array_equal(png[0], png[1])
+
+
+def test_training_images_are_uint8_and_the_old_path_stays_selectable(tmp_path):
+  _write(tmp_path, 8, 4)
+  kwargs = dict(batch_size=4, image_size=16, context_length=16, seed=2, shuffle_buffer=1)
+  new, it = _collect(data.make_dataset(str(tmp_path), **kwargs), limit=1)
+  old, it2 = _collect(data.make_dataset(str(tmp_path), reduced_decode=False, uint8_images=False, **kwargs), limit=1)
+  assert new[0]['image'].dtype == np.uint8 and old[0]['image'].dtype == np.float32
+  # 40x30 images: no crop is large enough to reduce, so the two differ only in where normalisation happens.
+  np.testing.assert_allclose(transforms.normalize_images(new[0]['image']), old[0]['image'], atol=1e-6)
+
+
+def test_num_workers_minus_one_leaves_the_trainer_its_core(monkeypatch):
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: set(range(12)))
+  assert data.resolve_num_workers(-1) == 12 - pipeline.TRAINER_CORES
+  assert data.resolve_num_workers(0) == 0 and data.resolve_num_workers(3) == 3
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda _: {0})
+  assert data.resolve_num_workers(-1) == 0  # one core: decode in the trainer's process
+  with pytest.raises(ValueError, match='num_workers must be'):
+    data.resolve_num_workers(-2)
+
+
+def _tar_members(directory):
+  members = {}
+  for name in sorted(os.listdir(directory)):
+    with tarfile.open(os.path.join(directory, name)) as tar:
+      members.update({m.name: tar.extractfile(m).read() for m in tar})
+  return members
+
+
+def test_writer_max_size_shrinks_the_longer_side_and_keeps_captions(tmp_path):
+  src = tmp_path / 'photos'
+  src.mkdir()
+  sizes = {'wide.jpg': (1000, 563), 'tall.jpg': (301, 997), 'small.jpg': (200, 120), 'odd.png': (777, 777)}
+  for i, (name, size) in enumerate(sizes.items()):
+    image = demo.photo_like(np.random.default_rng(i), *size)
+    image.save(src / name, quality=90)
+    (src / name).with_suffix('.txt').write_text(f'  photo {i}: ünïcode, "quoted"  \n')
+  (src / 'broken.jpg').write_bytes(b'not a jpeg')
+  (src / 'broken.txt').write_text('kept as it is')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  for dst, extra in (('plain', []), ('small', ['--max_size=256', '--quality=85'])):
+    subprocess.run([sys.executable, '-m', 'eva_clip_jax.data.writer', f'--src={src}', f'--dst={tmp_path / dst}',
+                    *extra], check=True, env=env, cwd=pathlib.Path(__file__).resolve().parents[1],
+                   capture_output=True, timeout=120)
+  plain, small = _tar_members(tmp_path / 'plain'), _tar_members(tmp_path / 'small')
+  assert sorted(plain) == sorted(small)
+  originals = {}
+  for name in sorted(plain):
+    if name.endswith('.txt'):
+      assert small[name] == plain[name]  # captions untouched
+      continue
+    if plain[name] == b'not a jpeg':
+      assert small[name] == plain[name]  # stored as it is; the reader skips and counts it
+      continue
+    before, after = Image.open(io.BytesIO(plain[name])), Image.open(io.BytesIO(small[name]))
+    originals[before.size] = after.size
+    assert after.format == before.format
+    if max(before.size) <= 256:
+      assert small[name] == plain[name]  # small enough already: the same bytes
+      continue
+    assert max(after.size) == 256
+    (w, h), (w2, h2) = before.size, after.size
+    assert abs(w2 - w * 256 / max(w, h)) <= 1 and abs(h2 - h * 256 / max(w, h)) <= 1  # aspect within a pixel
+  assert originals == {(1000, 563): (256, 144), (301, 997): (77, 256), (200, 120): (200, 120), (777, 777): (256, 256)}
+  resized = Image.open(io.BytesIO(small[next(n for n in small if small[n] != plain[n] and n.endswith('.jpg'))]))
+  assert resized.mode == 'RGB'

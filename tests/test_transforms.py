@@ -60,3 +60,38 @@ def test_normalisation_constants_are_openai_clip():
   white = Image.fromarray(np.full((8, 8, 3), 255, np.uint8))
   out = ec.image_transform(8)(white)
   np.testing.assert_allclose(out[0, 0], (1 - np.array(ec.OPENAI_MEAN)) / np.array(ec.OPENAI_STD), rtol=1e-6)
+
+
+def test_uint8_normalised_on_device_equals_host_normalisation():
+  import jax  # pylint: disable=g-import-not-at-top
+  images = np.random.default_rng(0).integers(0, 256, (4, 24, 20, 3), dtype=np.uint8)
+  images[0, 0, 0], images[0, 0, 1] = 0, 255  # both ends of the range
+  host = np.stack([transforms.normalize(Image.fromarray(x)) for x in images])  # the pipeline's old float path
+  device = jax.jit(transforms.normalize_images)(images)
+  assert device.dtype == np.float32 and device.shape == host.shape
+  np.testing.assert_allclose(np.asarray(device), host, rtol=0, atol=1e-6)
+  assert transforms.normalize_images(host) is host  # float batches were normalised on the host already
+
+
+def test_crop_boxes_are_distributed_as_torchvisions():
+  T = pytest.importorskip('torchvision.transforms')
+  torch = pytest.importorskip('torch')
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  width, height, n = 500, 375, 4000
+  ours = np.array([transforms.random_resized_crop_box(width, height, rng) for _ in range(n)], np.float64)
+  theirs = []
+  for _ in range(n):
+    top, left, h, w = T.RandomResizedCrop.get_params(torch.zeros(1, height, width), (0.9, 1.0), (3 / 4, 4 / 3))
+    theirs.append((left, top, w, h))
+  theirs = np.array(theirs, np.float64)
+
+  def stats(boxes):  # area fraction, log aspect ratio, centre x, centre y
+    left, top, w, h = boxes.T
+    return np.stack([w * h / (width * height), np.log(w / h), (left + w / 2) / width, (top + h / 2) / height], 1)
+
+  a, b = stats(ours), stats(theirs)
+  stderr = np.sqrt(a.var(0) / n + b.var(0) / n)
+  assert (np.abs(a.mean(0) - b.mean(0)) < 4 * stderr + 1e-9).all(), (a.mean(0), b.mean(0), stderr)
+  for q in (0.1, 0.5, 0.9):  # and the shapes of the distributions, not only their means
+    np.testing.assert_allclose(np.quantile(a, q, axis=0), np.quantile(b, q, axis=0), atol=0.01)

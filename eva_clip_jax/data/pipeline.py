@@ -5,6 +5,9 @@ is reshuffled every epoch from the seed; several shards are read at once (interl
 shuffles across them; sources mix by weight; decoding runs in `num_workers` processes. Evaluation: one pass,
 in order, last batch kept.
 
+Training crops are uint8 (the train step normalises them on the accelerator) and JPEGs are decoded only at the
+scale the crop needs (data/decode.py); evaluation images are open_clip's exact transform, float32.
+
 Samples that cannot be used (truncated tar, undecodable image, missing or non-UTF-8 or empty caption) are
 dropped and counted: every example carries `skipped`, the number of samples of each reason in SKIP_REASONS
 dropped since the previous good one, so counts survive worker processes and batching (sum over the batch).
@@ -15,17 +18,15 @@ The iterator is checkpointable: `it.get_state()` / `it.set_state(state)` resume 
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
+import os
 from typing import Any, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
 from eva_clip_jax import transforms
-from eva_clip_jax.data import workers
+from eva_clip_jax.data import decode, workers
 from eva_clip_jax.data.shards import ERROR_KEY, TarShardIterDataset, list_shards
 from eva_clip_jax.tokenizer import get_tokenizer
 
@@ -56,19 +57,18 @@ class _EpochShuffledShards(grain.MapDataset):
     return self._shards[self._order[1][position]]
 
 
-def _decode_image(data: bytes) -> Image.Image:
-  with warnings.catch_warnings():
-    warnings.simplefilter('error', Image.DecompressionBombWarning)
-    image = Image.open(io.BytesIO(data))
-    image.load()  # decodes now, so truncated or corrupt files fail here
-  return image.convert('RGB')
-
-
 class DecodeSample(grain.transforms.RandomMap):
-  """Raw shard sample -> {'image' [S, S, 3] float32, 'text' [L] int32, 'label' int32} or a skip record."""
+  """Raw shard sample -> {'image', 'text' [L] int32, 'label' int32} or a skip record.
 
-  def __init__(self, image_size: int, context_length: int, is_train: bool, scale=(0.9, 1.0)):
+  Training images are uint8 [S, S, 3] random-resized crops (normalised in the train step), JPEGs decoded at
+  reduced scale; `reduced_decode=False` decodes at full resolution, `uint8_images=False` normalises on the host
+  to float32 (the pipeline as it was before both). Evaluation images are always the exact eval transform, float32.
+  """
+
+  def __init__(self, image_size: int, context_length: int, is_train: bool, scale=(0.9, 1.0), *,
+               reduced_decode: bool = True, uint8_images: bool = True):
     self.image_size, self.context_length, self.is_train, self.scale = image_size, context_length, is_train, scale
+    self.reduced_decode, self.uint8_images = reduced_decode, uint8_images
     self._eval_transform = transforms.image_transform(image_size, is_train=False)
 
   def random_map(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
@@ -86,15 +86,15 @@ class DecodeSample(grain.transforms.RandomMap):
     if not caption.strip():
       return {SKIP_KEY: 'empty_caption'}
     try:
-      image = _decode_image(sample[image_ext])
+      if self.is_train:
+        pixels = decode.decode_train_crop(sample[image_ext], self.image_size, rng, scale=self.scale,
+                                          reduced=self.reduced_decode)
+        if not self.uint8_images:
+          pixels = transforms.normalize_images(pixels)
+      else:
+        pixels = self._eval_transform(decode.decode_image(sample[image_ext]))
     except Exception:  # pylint: disable=broad-except  (PIL raises many types for bad files)
       return {SKIP_KEY: 'bad_image'}
-    if self.is_train:
-      left, top, w, h = transforms.random_resized_crop_box(image.size[0], image.size[1], rng, scale=self.scale)
-      box = (left, top, left + w, top + h)
-      pixels = transforms.normalize(image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box))
-    else:
-      pixels = self._eval_transform(image)
     tokens = get_tokenizer(context_length=self.context_length)([caption])[0]
     return {'image': pixels, 'text': tokens, 'label': np.int32(_label(sample))}
 
@@ -158,7 +158,8 @@ class SkipAndCountIterDataset(grain.IterDataset):
 def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, batch_size: int, image_size: int,
                  context_length: int = 77, is_train: bool = True, seed: int = 0, process_index: int = 0,
                  process_count: int = 1, num_epochs: int | None = None, shuffle_buffer: int = 1000,
-                 cycle_length: int = 4, num_workers: int = 0) -> grain.IterDataset:
+                 cycle_length: int = 4, num_workers: int = 0, reduced_decode: bool = True,
+                 uint8_images: bool = True) -> grain.IterDataset:
   """A batched grain dataset over webdataset shards.
 
   Args:
@@ -166,6 +167,9 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
       [(pattern, weight), ...] to mix sources by sampling weight (the paper's LAION-2B + COYO-700M).
     batch_size: examples per batch on this process.
     num_epochs: passes over the shards; None means 1 for evaluation and (practically) unbounded for training.
+    num_workers: decoding processes; 0 decodes in this process, -1 takes every core this process may use but
+      TRAINER_CORES (see `resolve_num_workers`).
+    reduced_decode, uint8_images: training only (see DecodeSample); the defaults are the fast path.
   """
   if isinstance(sources, str) or (sources and isinstance(sources[0], str)):
     sources = [(sources, 1.0)]  # one source, however many patterns
@@ -188,13 +192,31 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
     datasets.append(ds)
     weights.append(float(weight))
   ds = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
-  ds = ds.random_map(DecodeSample(image_size, context_length, is_train), seed=seed)
+  ds = ds.random_map(DecodeSample(image_size, context_length, is_train, reduced_decode=reduced_decode,
+                                  uint8_images=uint8_images), seed=seed)
   ds = SkipAndCountIterDataset(ds)
   ds = ds.batch(batch_size, drop_remainder=is_train)
+  num_workers = resolve_num_workers(num_workers)
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
                         worker_init_fn=workers.exit_with_trainer())
   return ds
+
+
+# Cores left to the training process itself: its Python loop (batch hand-off, host-to-device copies, metrics,
+# checkpoints) runs on one; the accelerator runtime's threads mostly wait on the device.
+TRAINER_CORES = 1
+
+
+def resolve_num_workers(num_workers: int) -> int:
+  """num_workers as given, or for -1 the cores this process may run on (its CPU affinity, which SLURM and
+  taskset narrow to the job's share) less TRAINER_CORES; 0 where that leaves none."""
+  if num_workers >= 0:
+    return num_workers
+  if num_workers != -1:
+    raise ValueError(f'num_workers must be >= 0, or -1 for all cores but the trainer\'s; got {num_workers}')
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+  return max(cores - TRAINER_CORES, 0)
 
 
 def make_dataset_from_config(data_config, *, batch_size: int, image_size: int, context_length: int, seed: int,
@@ -215,7 +237,8 @@ def make_dataset_from_config(data_config, *, batch_size: int, image_size: int, c
 def make_synthetic_dataset(*, batch_size: int, image_size: int, context_length: int = 77, seed: int = 0,
                            num_batches: int = 1_000_000, process_index: int = 0,
                            process_count: int = 1) -> grain.MapDataset:
-  """Random images and token ids at full speed (one batch made once, served `num_batches` times).
+  """Random uint8 images (as the training pipeline yields them) and token ids at full speed: one batch made once,
+  served `num_batches` times.
 
   batch_size is per process; the global batch (batch_size x process_count) is drawn from `seed` and each process
   serves its slice, so a run's global batch does not depend on how many processes share it.
@@ -224,7 +247,7 @@ def make_synthetic_dataset(*, batch_size: int, image_size: int, context_length: 
   total = batch_size * process_count
   rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
   batch = {
-      'image': rng.normal(size=(total, image_size, image_size, 3)).astype(np.float32)[rows],
+      'image': rng.integers(0, 256, (total, image_size, image_size, 3), dtype=np.uint8)[rows],
       'text': np.concatenate([np.full((total, 1), 49406),
                               rng.integers(1, 49406, (total, context_length - 2)),
                               np.full((total, 1), 49407)], axis=1).astype(np.int32)[rows],

@@ -1,12 +1,20 @@
-"""Evaluation data: an image-folder tree (ImageNet's val layout), webdataset shards with labels, a CSV of
-image-caption pairs (retrieval), and tensorflow-datasets where it is installed. All yield batches of
-{'image': [B, S, S, 3] float32, 'label': [B] int32} in a fixed order."""
+"""Evaluation data readers. All yield batches of {'image': [B, S, S, 3] float32, 'label': [B] int32} in a fixed
+order, this process's share of the data; images are decoded and preprocessed inside grain (worker processes for
+files, a thread pool for records streamed from tensorflow-datasets).
+
+  image_folder     one sub-directory per class (ImageNet's val layout; numeric names sort as numbers)
+  labelled_csv     a CSV of path,label rows (label an integer or a class name)
+  shard_batches    webdataset shards with labels (the demo set)
+  tfds_batches     a prepared tensorflow-datasets split (never downloads)
+  caption_pairs    a CSV of path,caption rows (retrieval; several rows may share an image)
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import os
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grain
 import jax
@@ -16,32 +24,86 @@ from PIL import Image
 from eva_clip_jax import transforms
 from eva_clip_jax.data.pipeline import make_dataset
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.ppm')
 
 
-def _load(path: str, transform) -> np.ndarray:
-  with Image.open(path) as image:
+class MissingDataset(FileNotFoundError):
+  """A dataset that is not where the suite looks for it; the message names it and the layout it expects."""
+
+
+def _open(source) -> Image.Image:
+  if isinstance(source, np.ndarray):  # already decoded (a tfds feature read without SkipDecoding)
+    return Image.fromarray(source)
+  return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def load_image(source, transform, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+  """A path, encoded bytes or a uint8 array -> the transformed image; `box` (ymin, xmin, ymax, xmax in [0, 1])
+  crops first (its corners sorted, at least one pixel kept)."""
+  with _open(source) as image:
+    image = image.convert('RGB')
+    if box is not None:
+      w, h = image.size
+      ymin, ymax = sorted((box[0], box[2]))
+      xmin, xmax = sorted((box[1], box[3]))
+      left, top = int(xmin * w), int(ymin * h)
+      image = image.crop((left, top, max(int(round(xmax * w)), left + 1), max(int(round(ymax * h)), top + 1)))
     return transform(image)
 
 
+def sorted_classes(names: Iterable[str]) -> list[str]:
+  """Class directory names in label order: numerically when all are integers (ImageNet-V2's 0..999, GTSRB's
+  00000..00042), else as strings (torchvision's ImageFolder)."""
+  names = list(names)
+  if names and all(n.isdigit() for n in names):
+    return sorted(names, key=int)
+  return sorted(names)
+
+
 def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-  """([(path, label)], class directory names): one sub-directory per class, sorted, as torchvision does."""
+  """([(path, label)], class directory names in label order): one sub-directory per class."""
   if not os.path.isdir(root):
-    raise FileNotFoundError(f'no image folder at {root}')
-  classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    raise MissingDataset(f'no image folder at {root}')
+  classes = sorted_classes(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   items = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
            for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_SUFFIXES)]
   if not items:
-    raise FileNotFoundError(f'no images in class sub-directories of {root}')
+    raise MissingDataset(f'no images in class sub-directories of {root}')
   return items, classes
 
 
-def _batched(items: list[tuple[str, int]], image_size: int, batch_size: int,
-             num_workers: int) -> Iterator[dict[str, np.ndarray]]:
-  transform = transforms.image_transform(image_size)
-  ds = grain.MapDataset.source(items).map(
-      lambda item: {'image': _load(item[0], transform), 'label': np.int32(item[1])})
-  ds = ds.batch(batch_size).to_iter_dataset()
+def labelled_csv(path: str, classnames: list[str] | None = None) -> list[tuple[str, int]]:
+  """[(image path, label)] from a CSV with columns path,label (paths relative to the CSV); a label that is not an
+  integer is looked up in `classnames`."""
+  if not os.path.exists(path):
+    raise MissingDataset(f'no CSV at {path}')
+  base = os.path.dirname(os.path.abspath(path))
+  with open(path, newline='', encoding='utf-8') as f:
+    rows = list(csv.DictReader(f))
+  if not rows or not {'path', 'label'} <= set(rows[0]):
+    raise ValueError(f'{path} needs a header with columns path and label')
+  index = {name: i for i, name in enumerate(classnames or [])}
+  items = []
+  for row in rows:
+    label = row['label'].strip()
+    if label.lstrip('-').isdigit():
+      items.append((os.path.join(base, row['path']), int(label)))
+    elif label in index:
+      items.append((os.path.join(base, row['path']), index[label]))
+    else:
+      raise ValueError(f'{path}: label {label!r} is neither an integer nor a known class name')
+  return items
+
+
+def process_share(items: list) -> list:
+  return items[jax.process_index()::jax.process_count()]
+
+
+def map_batches(items: list, load: Callable[[Any], dict], batch_size: int, num_workers: int = 0,
+                num_threads: int = 8) -> Iterator[dict[str, np.ndarray]]:
+  """grain: `load` each item (decoding happens here: in `num_workers` processes, else in a thread pool), batched."""
+  ds = grain.MapDataset.source(items).map(load).batch(batch_size)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
   if num_workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   iterator = iter(ds)
@@ -52,12 +114,28 @@ def _batched(items: list[tuple[str, int]], image_size: int, batch_size: int,
       iterator.close()
 
 
+class _LoadLabelled:
+  """Picklable (grain workers): (path or bytes, label[, box]) -> {'image', 'label'}."""
+
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+    self.transform = transforms.image_transform(image_size)
+
+  def __call__(self, item) -> dict[str, np.ndarray]:
+    source, label, *box = item
+    return {'image': load_image(source, self.transform, box[0] if box else None), 'label': np.int32(label)}
+
+
+def labelled_batches(items: list[tuple], image_size: int, batch_size: int = 64, num_workers: int = 0,
+                     shard_by_process: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  items = process_share(items) if shard_by_process else items
+  return map_batches(items, _LoadLabelled(image_size), batch_size, num_workers)
+
+
 def folder_batches(root: str, image_size: int, batch_size: int = 64, num_workers: int = 0,
                    shard_by_process: bool = True):
   items, classes = image_folder(root)
-  if shard_by_process:
-    items = items[jax.process_index()::jax.process_count()]
-  return _batched(items, image_size, batch_size, num_workers), classes
+  return labelled_batches(items, image_size, batch_size, num_workers, shard_by_process), classes
 
 
 def shard_batches(pattern: str, image_size: int, batch_size: int = 64, context_length: int = 77,
@@ -68,35 +146,82 @@ def shard_batches(pattern: str, image_size: int, batch_size: int = 64, context_l
   iterator = iter(ds)
   try:
     for batch in iterator:
-      yield {'image': batch['image'], 'label': batch['label'], 'text': batch['text'], 'valid': batch['valid']}
+      keep = np.asarray(batch['valid'], bool)
+      yield {'image': batch['image'], 'label': np.where(keep, batch['label'], -1), 'text': batch['text'],
+             'valid': batch['valid']}
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()
 
 
-def tfds_batches(name: str, image_size: int, batch_size: int = 64, split: str = 'validation',
-                 data_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
-  """A tensorflow-datasets split (already prepared in data_dir: nothing is downloaded here)."""
+# ---------------------------------------------------------------------------------------------- tensorflow-datasets
+
+def tfds_builder(name: str, data_dir: str | None, layout: str = ''):
+  """A prepared tfds builder, or MissingDataset naming it (nothing is downloaded)."""
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f'tfds:{name} needs tensorflow-datasets and tensorflow-cpu installed') from e
-  transform = transforms.image_transform(image_size)
-  ds = tfds.load(name, split=split, data_dir=data_dir, download=False, shuffle_files=False)
-  images, labels = [], []
-  for example in tfds.as_numpy(ds):
-    images.append(transform(Image.fromarray(example['image'])))
-    labels.append(example['label'])
-    if len(images) == batch_size:
-      yield {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
-      images, labels = [], []
-  if images:
-    yield {'image': np.stack(images), 'label': np.asarray(labels, np.int32)}
+    raise ImportError(f'tfds:{name} needs tensorflow-datasets (requirements.txt)') from e
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except  (tfds raises several types for "not prepared")
+    raise MissingDataset(f'tensorflow-datasets {name!r} is not prepared under {data_dir}: {e}. {layout}') from e
 
+
+def tfds_records(name: str, split: str, data_dir: str | None, keys: tuple[str, ...], *, layout: str = '',
+                 shard_by_process: bool = True) -> Iterator[dict[str, Any]]:
+  """The split's examples with only `keys` read and images/videos left encoded (decoded later, in grain); this
+  process's share when `shard_by_process`. A split that is not prepared raises MissingDataset here, not later."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = tfds_builder(name, data_dir, layout)
+  features = builder.info.features
+  decoders = {k: tfds.decode.SkipDecoding() for k in keys if k in ('image', 'video')}
+  decoding = tfds.decode.PartialDecoding({k: features[k] for k in keys}, decoders=decoders)
+  if shard_by_process and jax.process_count() > 1:
+    split = tfds.split_for_jax_process(split)
+  try:
+    ds = builder.as_dataset(split=split, decoders=decoding, shuffle_files=False,
+                            read_config=tfds.ReadConfig(try_autocache=False))
+  except Exception as e:  # pylint: disable=broad-except
+    raise MissingDataset(f'tensorflow-datasets {name!r} split {split!r} cannot be read from {data_dir}: '
+                         f'{str(e).splitlines()[0] if str(e) else type(e).__name__} {layout}') from e
+  return iter(tfds.as_numpy(ds))
+
+
+def chunked(records: Iterable, size: int) -> Iterator[list]:
+  chunk = []
+  for record in records:
+    chunk.append(record)
+    if len(chunk) == size:
+      yield chunk
+      chunk = []
+  if chunk:
+    yield chunk
+
+
+def streamed_batches(items: Iterable[tuple], image_size: int, batch_size: int,
+                     chunk_batches: int = 16) -> Iterator[dict[str, np.ndarray]]:
+  """(encoded image, label[, box]) items streamed from a record reader, decoded in grain's thread pool a chunk at a
+  time (so a 50k-image split never sits decoded in memory)."""
+  load = _LoadLabelled(image_size)
+  for chunk in chunked(items, batch_size * chunk_batches):
+    yield from map_batches(chunk, load, batch_size)
+
+
+def tfds_batches(name: str, image_size: int, batch_size: int = 64, split: str = 'validation',
+                 data_dir: str | None = None, label_key: str = 'label') -> Iterator[dict[str, np.ndarray]]:
+  """A prepared tensorflow-datasets split of (image, label) (nothing is downloaded here)."""
+  records = tfds_records(name, split, data_dir, ('image', label_key))
+  return streamed_batches(((r['image'], int(r[label_key])) for r in records), image_size, batch_size)
+
+
+# ------------------------------------------------------------------------------------------------------- retrieval
 
 def caption_pairs(csv_path: str) -> tuple[list[str], list[str], np.ndarray]:
   """(unique image paths, captions, text_to_image) from a CSV with columns path, caption (one row per caption;
   several rows may share an image, as in Flickr30K / COCO)."""
+  if not os.path.exists(csv_path):
+    raise MissingDataset(f'no caption CSV at {csv_path}')
   base = os.path.dirname(os.path.abspath(csv_path))
   with open(csv_path, newline='', encoding='utf-8') as f:
     rows = list(csv.DictReader(f))
@@ -115,5 +240,6 @@ def caption_pairs(csv_path: str) -> tuple[list[str], list[str], np.ndarray]:
   return list(images), captions, np.asarray(text_to_image)
 
 
-def image_batches(paths: list[str], image_size: int, batch_size: int = 64, num_workers: int = 0):
-  return _batched([(p, -1) for p in paths], image_size, batch_size, num_workers)
+def image_batches(sources: list, image_size: int, batch_size: int = 64, num_workers: int = 0):
+  """Unlabelled images (paths or encoded bytes), every process reading all of them, in order."""
+  return labelled_batches([(s, -1) for s in sources], image_size, batch_size, num_workers, shard_by_process=False)

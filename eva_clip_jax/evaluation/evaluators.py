@@ -1,26 +1,30 @@
-"""Evaluators built from a config block, usable from `python -m eva_clip_jax.evaluate` and from training.
+"""Evaluators built once from a config block, run from training and from `python -m eva_clip_jax.evaluate`.
 
   config.evals.imagenet = dict(kind='zero_shot', data='/data/imagenet/val', format='folder',
                                classnames='imagenet', templates='openai', every_steps=5000)
   config.evals.flickr = dict(kind='retrieval', data='/data/flickr30k/test.csv')
+  config.evals.cifar10 = dict(kind='benchmark', dataset='cifar10', data='/data/tfds')  # a suite dataset
 
-`evaluator.run(model)` returns {'imagenet/top1': ..., ...}. Formats: folder, shards, tfds:NAME (zero-shot);
-csv (retrieval).
+  evaluators = build_evaluators(config.evals, model_fn=setup.model, mesh=mesh, param_shardings=shardings.params)
+  evaluator.run(state.params)  # {'imagenet/top1': ..., ...}
+
+All evaluators of one call share one FeatureExtractor: its two jitted towers take the parameters as they are
+sharded for training, and compile once for the whole run. Zero-shot formats: folder, shards, csv (path,label rows),
+tfds:NAME; retrieval formats: csv (path,caption rows), shards; benchmark: any key of `suite.DATASETS`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from eva_clip_jax.evaluation import datasets
-from eva_clip_jax.evaluation.features import FeatureExtractor
-from eva_clip_jax.evaluation.retrieval import retrieval_recall
-from eva_clip_jax.evaluation.zero_shot import imagenet_metadata, read_lines, topk_accuracy, zero_shot_classifier
+from eva_clip_jax.evaluation.features import BoundExtractor, FeatureExtractor
+from eva_clip_jax.evaluation.retrieval import retrieval_recall, score_retrieval
+from eva_clip_jax.evaluation.zero_shot import imagenet_metadata, read_lines, score_zero_shot
 from eva_clip_jax.tokenizer import get_tokenizer
 
 
@@ -39,79 +43,97 @@ def _names_and_templates(cfg: Mapping[str, Any], folder_classes: list[str] | Non
   return list(classnames), list(templates)
 
 
-class ZeroShotEvaluator:
+class _Evaluator:
+  """name, every_steps, cfg; `run(params)` scores the parameters (a pure dict sharded as param_shardings)."""
 
-  def __init__(self, name: str, cfg: Mapping[str, Any]):
+  def __init__(self, name: str, cfg: Mapping[str, Any], extractor: FeatureExtractor | None = None,
+               model_fn: Callable[[Any], nnx.Module] | None = None):
     self.name, self.cfg = name, dict(cfg)
     self.every_steps = int(self.cfg.get('every_steps', 0))
+    self.extractor, self.model_fn = extractor, model_fn
 
-  def run(self, model: nnx.Module) -> dict[str, float]:
-    cfg, spec = self.cfg, model.spec
+  def _bind(self, params) -> tuple[BoundExtractor, Any]:
+    """(the extractor bound to `params`, the model's spec). A bare nnx.Module is accepted too (notebooks)."""
+    if isinstance(params, nnx.Module):
+      return FeatureExtractor.for_model(params), params.spec
+    return self.extractor.bind(params), self.model_fn(params).spec
+
+  def run(self, params) -> dict[str, float]:
+    bound, spec = self._bind(params)
+    tokenizer = get_tokenizer(context_length=spec.text.context_length)
+    return {f'{self.name}/{k}': v for k, v in self.score(bound, tokenizer, spec).items()}
+
+
+class ZeroShotEvaluator(_Evaluator):
+
+  def score(self, bound, tokenizer, spec) -> dict[str, float]:
+    cfg = self.cfg
     size, batch_size = spec.vision.image_size, int(cfg.get('batch_size', 64))
     fmt, folder_classes = cfg.get('format', 'folder'), None
+    workers = int(cfg.get('num_workers', 0))
     if fmt == 'folder':
-      batches, folder_classes = datasets.folder_batches(cfg['data'], size, batch_size, cfg.get('num_workers', 0))
+      batches, folder_classes = datasets.folder_batches(cfg['data'], size, batch_size, workers)
     elif fmt == 'shards':
       batches = datasets.shard_batches(cfg['data'], size, batch_size, spec.text.context_length)
+    elif fmt == 'csv':
+      batches = datasets.labelled_batches(datasets.labelled_csv(cfg['data']), size, batch_size, workers)
     elif fmt.startswith('tfds:'):
-      batches = datasets.tfds_batches(fmt[5:], size, batch_size, cfg.get('split', 'validation'), cfg.get('data'))
+      batches = datasets.tfds_batches(fmt[5:], size, batch_size, cfg.get('split', 'validation'),
+                                      cfg.get('data_dir'))
     else:
-      raise ValueError(f'{self.name}: unknown zero-shot data format {fmt!r} (folder, shards, tfds:NAME)')
+      raise ValueError(f'{self.name}: unknown zero-shot data format {fmt!r} (folder, shards, csv, tfds:NAME)')
     classnames, templates = _names_and_templates(cfg, folder_classes)
-    extractor = FeatureExtractor(model)
-    tokenizer = get_tokenizer(context_length=spec.text.context_length)
-    classifier = zero_shot_classifier(extractor, tokenizer, classnames, templates)
-    features, others = extractor.images_from(batches)
-    labels = np.concatenate([o['label'] for o in others])
-    keep = labels >= 0
-    ks = (1, min(5, len(classnames)))
-    local = topk_accuracy(features[keep] @ classifier, labels[keep], ks) if keep.any() else {f'top{k}': 0. for k in ks}
-    counts = np.asarray([local[f'top{k}'] * keep.sum() for k in ks] + [keep.sum()], np.float64)
-    if jax.process_count() > 1:  # each process scored its own slice of the data
-      counts = np.asarray(multihost_utils.process_allgather(counts)).sum(axis=0)
-    result = {f'{self.name}/top{k}': float(counts[i] / counts[-1]) for i, k in enumerate(ks)}
-    result[f'{self.name}/num_samples'] = int(counts[-1])
-    return result
+    return score_zero_shot(bound, tokenizer, batches, classnames, templates)
 
 
-class RetrievalEvaluator:
+class RetrievalEvaluator(_Evaluator):
 
-  def __init__(self, name: str, cfg: Mapping[str, Any]):
-    self.name, self.cfg = name, dict(cfg)
-    self.every_steps = int(self.cfg.get('every_steps', 0))
-
-  def run(self, model: nnx.Module) -> dict[str, float]:
-    cfg, spec = self.cfg, model.spec
+  def score(self, bound, tokenizer, spec) -> dict[str, float]:
+    cfg = self.cfg
     fmt, batch_size = cfg.get('format', 'csv'), int(cfg.get('batch_size', 64))
-    extractor = FeatureExtractor(model)
     if fmt == 'csv':  # path,caption rows; several captions may share an image
       paths, captions, text_to_image = datasets.caption_pairs(cfg['data'])
-      tokenizer = get_tokenizer(context_length=spec.text.context_length)
-      image_features, _ = extractor.images_from(datasets.image_batches(paths, spec.vision.image_size, batch_size))
-      text_features = np.concatenate([extractor.texts(tokenizer(captions[i:i + batch_size]))
-                                      for i in range(0, len(captions), batch_size)])
-    elif fmt == 'shards':  # one caption per image; every process reads all of it
-      batches = [b for b in datasets.shard_batches(cfg['data'], spec.vision.image_size, batch_size,
-                                                   spec.text.context_length, shard_by_process=False)]
-      image_features = np.concatenate([extractor.images(b['image']) for b in batches])
-      text_features = np.concatenate([extractor.texts(b['text']) for b in batches])
-      keep = np.concatenate([b['valid'] for b in batches])
+      batches = datasets.image_batches(paths, spec.vision.image_size, batch_size)
+      return score_retrieval(bound, tokenizer, batches, captions, text_to_image, batch_size)
+    if fmt == 'shards':  # one caption per image; every process reads all of it
+      batches = list(datasets.shard_batches(cfg['data'], spec.vision.image_size, batch_size,
+                                            spec.text.context_length, shard_by_process=False))
+      image_features = np.concatenate([bound.images(b['image']) for b in batches])
+      text_features = np.concatenate([bound.texts(b['text']) for b in batches])
+      keep = np.concatenate([b['valid'] for b in batches]).astype(bool)
       image_features, text_features = image_features[keep], text_features[keep]
-      text_to_image = np.arange(image_features.shape[0])
-    else:
-      raise ValueError(f"{self.name}: retrieval reads format='csv' (path,caption rows) or 'shards'")
-    recall = retrieval_recall(image_features, text_features, text_to_image)
-    return {f'{self.name}/{k}': v for k, v in recall.items()}
+      return retrieval_recall(image_features, text_features, np.arange(image_features.shape[0]))
+    raise ValueError(f"{self.name}: retrieval reads format='csv' (path,caption rows) or 'shards'")
 
 
-KINDS = {'zero_shot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator}
+class BenchmarkEvaluator(_Evaluator):
+  """One dataset of the paper's suite (`suite.DATASETS`), read from the prepared data_dir in cfg['data']."""
+
+  def score(self, bound, tokenizer, spec) -> dict[str, float]:
+    from eva_clip_jax.evaluation.runner import evaluate_dataset  # pylint: disable=g-import-not-at-top
+    result = evaluate_dataset(bound, tokenizer, self.cfg['dataset'], self.cfg['data'], spec.vision.image_size,
+                              int(self.cfg.get('batch_size', 64)), int(self.cfg.get('num_workers', 0)))
+    return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
 
-def build_evaluators(evals: Mapping[str, Mapping[str, Any]]) -> list:
-  evaluators = []
-  for name, cfg in evals.items():
-    kind = cfg.get('kind')
-    if kind not in KINDS:
-      raise ValueError(f'evals.{name}: kind must be one of {sorted(KINDS)}, got {kind!r}')
-    evaluators.append(KINDS[kind](name, cfg))
-  return evaluators
+KINDS = {'zero_shot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator, 'benchmark': BenchmarkEvaluator}
+
+
+def build_evaluators(evals_config: Mapping[str, Mapping[str, Any]], *,
+                     model_fn: Callable[[Any], nnx.Module] | None = None, mesh: Mesh | None = None,
+                     param_shardings: Any = None, batch_size: int | None = None) -> list:
+  """Evaluators for each block of `evals_config`, sharing one FeatureExtractor on `mesh` (built here, once).
+
+  model_fn: params -> nnx.Module, pure (used inside jit); param_shardings: the parameters' NamedShardings (training's).
+  batch_size: the per-process batch the towers are compiled for (default: the largest batch_size of the blocks).
+  Without model_fn, `run` takes an nnx.Module and extracts on its own replicated copy (each call compiles anew:
+  only for notebooks and the old call in training/loop.py until it passes model_fn).
+  """
+  for name, cfg in evals_config.items():
+    if cfg.get('kind') not in KINDS:
+      raise ValueError(f'evals.{name}: kind must be one of {sorted(KINDS)}, got {cfg.get("kind")!r}')
+  extractor = None
+  if model_fn is not None:
+    sizes = [int(cfg.get('batch_size', 64)) for cfg in evals_config.values()]
+    extractor = FeatureExtractor(model_fn, mesh, param_shardings, batch_size or max(sizes + [1]))
+  return [KINDS[cfg['kind']](name, cfg, extractor, model_fn) for name, cfg in evals_config.items()]

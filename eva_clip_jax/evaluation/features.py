@@ -1,13 +1,18 @@
-"""Feature extraction sharded over every device of every process.
+"""Feature extraction on the training mesh, compiled once per run.
 
-The batch is split over a one-axis 'data' mesh (padded to a multiple of the device count, then trimmed), the
-parameters are replicated, and the features come back to each host in order. On one device this is a plain
-jitted call; the tests check that 8 devices give the same features.
+A `FeatureExtractor` is built from the trainer's pure `model_fn(params) -> nnx.Module`, the mesh and the parameters'
+shardings: its two jitted encoders take the parameters as an argument, sharded exactly as training keeps them (under
+fsdp no replicated copy is made), and the batch split over the mesh's data-parallel axes ('data', 'fsdp'). Every
+evaluation, every dataset and every later step reuse the same two executables as long as the batch shape is the
+same, so batches are padded to one fixed size.
+
+`extractor.bind(params)` gives the per-run view the scoring code uses (`.images(x)`, `.texts(tokens)`).
+`FeatureExtractor.for_model(model)` wraps a standalone model (notebooks, tests) on a one-axis data mesh.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -15,61 +20,145 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+BATCH_AXES = ('data', 'fsdp')  # the training mesh's data-parallel axes (training/sharding.py)
+
 
 def data_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), ('data',))
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 class FeatureExtractor:
-  """Normalised image and text features of `model`, computed on all devices of `mesh`."""
+  """Normalised image and text features, computed on every device of `mesh`.
 
-  def __init__(self, model: nnx.Module, mesh: Mesh | None = None):
-    self.mesh = mesh or data_mesh()
-    graphdef, state = nnx.split(model)
-    replicated = NamedSharding(self.mesh, P())
-    self._state = jax.device_put(state, replicated)
-    self._batch_sharding = NamedSharding(self.mesh, P('data'))
+  model_fn: params (a pure dict) -> nnx.Module, traceable inside jit.
+  param_shardings: a NamedSharding per parameter leaf (the training shardings).
+  batch_size: the per-process batch every call is padded to (one compiled shape per tower); None: the first
+    call's size rounded up to the data-parallel width.
+  """
 
-    def encode(which: str) -> Callable:
-      def fn(state, x):
-        model = nnx.merge(graphdef, state)
-        return getattr(model, which)(x, normalize=True)
-      return jax.jit(fn, in_shardings=(replicated, self._batch_sharding), out_shardings=self._batch_sharding)
+  def __init__(self, model_fn: Callable[[Any], nnx.Module], mesh: Mesh, param_shardings: Any,
+               batch_size: int | None = None):
+    self.mesh, self.param_shardings = mesh, param_shardings
+    axes = batch_axes(mesh)
+    self.batch_sharding = NamedSharding(mesh, P(axes or None))
+    dp = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    self._multiple = max(1, dp // jax.process_count())  # local rows must split evenly over local batch shards
+    self.batch_size = None if batch_size is None else -(-batch_size // self._multiple) * self._multiple
 
-    self._encode_image, self._encode_text = encode('encode_image'), encode('encode_text')
+    def encoder(which: str) -> Callable:
+      def fn(params, x):
+        return getattr(model_fn(params), which)(x, normalize=True)
+      return jax.jit(fn, in_shardings=(param_shardings, self.batch_sharding), out_shardings=self.batch_sharding)
 
-  def _run(self, fn, local: np.ndarray) -> np.ndarray:
+    self.encode_image, self.encode_text = encoder('encode_image'), encoder('encode_text')
+    self._classifiers: dict = {}  # (classnames, templates) -> classifier, for the parameters in _classifier_params
+    self._classifier_params = None
+
+  @classmethod
+  def for_model(cls, model: nnx.Module, mesh: Mesh | None = None, batch_size: int | None = None) -> 'BoundExtractor':
+    """A standalone model's features, its parameters replicated over a data mesh (all devices by default)."""
+    mesh = mesh or data_mesh()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def model_fn(p):
+      state = jax.tree.map(lambda x: x, params)
+      nnx.replace_by_pure_dict(state, p)
+      return nnx.merge(graphdef, state, rest)
+
+    pure = params.to_pure_dict()
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), pure)
+    extractor = cls(model_fn, mesh, replicated, batch_size)
+    return extractor.bind(jax.device_put(pure, replicated))
+
+  def bind(self, params: Any) -> 'BoundExtractor':
+    return BoundExtractor(self, params)
+
+  def classifier_cache(self, params: Any) -> dict:
+    """The class-text embeddings computed for these parameters (emptied when the parameters change: a new
+    training step hands in new arrays)."""
+    leaf = jax.tree.leaves(params)[0]
+    if self._classifier_params is not leaf:
+      self._classifiers, self._classifier_params = {}, leaf
+    return self._classifiers
+
+  def run(self, fn: Callable, params: Any, local: np.ndarray) -> np.ndarray:
+    """fn(params, global batch) on this process's rows `local`, padded to the fixed size; the rows come back
+    in order, on this process."""
     local = np.asarray(local)
     n = local.shape[0]
-    per_process = jax.local_device_count()
-    padded = -(-n // per_process) * per_process
-    if padded != n:
-      local = np.concatenate([local, np.repeat(local[-1:], padded - n, axis=0)])
-    if jax.process_count() > 1:
-      # Every process must pass the same padded size; pad to the largest.
-      padded = int(multihost_utils.process_allgather(np.asarray(padded)).max())
-      if local.shape[0] < padded:
-        local = np.concatenate([local, np.repeat(local[-1:], padded - local.shape[0], axis=0)])
-    global_batch = jax.make_array_from_process_local_data(self._batch_sharding, local)
-    out = fn(self._state, global_batch)
-    if jax.process_count() > 1:
-      out = multihost_utils.process_allgather(out, tiled=True)
+    if self.batch_size is None:
+      self.batch_size = max(1, -(-n // self._multiple)) * self._multiple
+    total = n
+    if jax.process_count() > 1:  # every process must make the same number of calls
+      total = int(np.asarray(multihost_utils.process_allgather(np.asarray(n))).max())
+    outs = [self._run_padded(fn, params, local[i:i + self.batch_size], local.shape[1:], local.dtype)
+            for i in range(0, max(total, 1), self.batch_size)]
+    return np.concatenate(outs)[:n]
+
+  def _run_padded(self, fn: Callable, params: Any, chunk: np.ndarray, row_shape, dtype) -> np.ndarray:
+    n = chunk.shape[0]
+    if n < self.batch_size:
+      pad_row = chunk[-1:] if n else np.zeros((1, *row_shape), dtype)
+      chunk = np.concatenate([chunk, np.repeat(pad_row, self.batch_size - n, axis=0)])
+    global_batch = jax.make_array_from_process_local_data(self.batch_sharding, chunk)
+    out = fn(params, global_batch)
+    if jax.process_count() > 1:  # every process gets its own rows back
+      out = np.asarray(multihost_utils.process_allgather(out, tiled=True))
       rank = jax.process_index()
-      return np.asarray(out)[rank * padded: rank * padded + n]
-    return np.asarray(out)[:n]
+      return out[rank * self.batch_size: rank * self.batch_size + n].astype(np.float32)
+    return np.asarray(out)[:n].astype(np.float32)  # scoring is in float32 whatever the towers computed in
+
+
+def features_in_lockstep(extractor, batches: Iterable[dict], key: str = 'image') -> Iterator[tuple[dict, np.ndarray]]:
+  """(batch, features of batch[key]) for this process's batches. With several processes, each encoder call is a
+  collective: a process whose share ran out keeps calling with no rows until every process is done."""
+  iterator, row = iter(batches), None
+  while True:
+    batch = next(iterator, None)
+    if batch is not None:
+      row = np.asarray(batch[key])[:1]
+    if jax.process_count() > 1:
+      if not np.asarray(multihost_utils.process_allgather(np.asarray(batch is not None))).any():
+        return
+      if batch is None:
+        if row is None:
+          raise ValueError('this process had no evaluation data while others did (fewer examples than processes)')
+        extractor.images(row[:0])
+        continue
+    elif batch is None:
+      return
+    yield batch, extractor.images(batch[key])
+
+
+class BoundExtractor:
+  """A FeatureExtractor with one set of parameters: what zero-shot and retrieval scoring call."""
+
+  def __init__(self, extractor: FeatureExtractor, params: Any):
+    self.extractor, self.params = extractor, params
+
+  @property
+  def classifiers(self) -> dict:
+    return self.extractor.classifier_cache(self.params)
 
   def images(self, images: np.ndarray) -> np.ndarray:
-    return self._run(self._encode_image, images)
+    return self.extractor.run(self.extractor.encode_image, self.params, images)
 
   def texts(self, tokens: np.ndarray) -> np.ndarray:
-    return self._run(self._encode_text, tokens)
+    return self.extractor.run(self.extractor.encode_text, self.params, tokens)
 
-  def images_from(self, batches: Iterable[dict], key: str = 'image') -> tuple[np.ndarray, list[dict]]:
+  def images_from(self, batches: Iterable[dict], key: str = 'image',
+                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[dict]]:
     """Features of every batch's `key`, concatenated; also returns the batches' other fields."""
     features, others = [], []
-    for batch in batches:
-      features.append(self.images(batch[key]))
+    for batch, batch_features in features_in_lockstep(self, batches, key):
+      features.append(batch_features)
       others.append({k: v for k, v in batch.items() if k != key})
+      if progress:
+        progress(len(batch[key]))
     if not features:
       raise ValueError('the evaluation data yielded no batches')
     return np.concatenate(features), others

@@ -35,3 +35,12 @@ def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray, text
     result[f'image_to_text_R@{k}'] = float(np.mean(i2t_rank < k))
     result[f'text_to_image_R@{k}'] = float(np.mean(t2i_rank < k))
   return result
+
+
+def score_retrieval(extractor, tokenizer, image_batches, captions: Sequence[str], text_to_image: Sequence[int],
+                    batch_size: int = 256, progress=None) -> dict[str, float]:
+  """Recall@1/5/10 both ways: every process embeds all images (`image_batches` in order) and all captions."""
+  image_features, _ = extractor.images_from(image_batches, progress=progress)
+  text_features = np.concatenate([extractor.texts(tokenizer(list(captions[i:i + batch_size])))
+                                  for i in range(0, len(captions), batch_size)])
+  return retrieval_recall(image_features, text_features, text_to_image)

@@ -87,7 +87,7 @@ def abstract_batch(config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   spec = get_model_spec(config.model.name)
   sharding = sharding_lib.batch_sharding(mesh)
   size, batch = spec.vision.image_size, config.batch_size
-  return {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=sharding),
+  return {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=sharding),  # as the input yields
           'text': jax.ShapeDtypeStruct((batch, spec.text.context_length), jnp.int32, sharding=sharding)}
 
 

@@ -1,0 +1,158 @@
+"""Running one dataset of the suite, or all of a suite's: results kept per dataset (a rerun skips what is done),
+class-text embeddings kept per (model, dataset), a missing dataset reported by name and layout while the suite
+goes on, and a progress line per dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from eva_clip_jax.evaluation import datasets, suite
+from eva_clip_jax.evaluation.retrieval import score_retrieval
+from eva_clip_jax.evaluation.zero_shot import score_zero_shot, zero_shot_classifier
+
+
+class Progress:
+  """'name  1234/50000  2%  310 img/s': rewritten in place on a terminal, a line per 10% elsewhere; process 0 only."""
+
+  def __init__(self, name: str, total: int | None, stream=None):
+    self.name, self.total, self.done = name, total, 0
+    self.stream = stream or sys.stderr
+    self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+    self.start, self._last_decile = time.perf_counter(), -1
+    self.quiet = jax.process_index() != 0
+
+  def __call__(self, n: int) -> None:
+    self.done += n
+    if self.quiet:
+      return
+    rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+    of = f'/{self.total}' if self.total else ''
+    pct = f' {100 * self.done / self.total:3.0f}%' if self.total else ''
+    line = f'{self.name}  {self.done}{of} images{pct}  {rate:.0f} img/s'
+    if self.tty:
+      self.stream.write('\r' + line)
+      self.stream.flush()
+    else:
+      decile = int(10 * self.done / self.total) if self.total else self.done // 10000
+      if decile != self._last_decile:
+        self._last_decile = decile
+        self.stream.write(line + '\n')
+
+  def close(self) -> None:
+    if self.tty and not self.quiet:
+      self.stream.write('\n')
+
+
+class _DiskCachedClassifiers(dict):
+  """The extractor's in-memory classifier cache, backed by <dir>/<hash>.npy for one model identity."""
+
+  def __init__(self, memory: dict, directory: str, model_id: str):
+    super().__init__()
+    self.memory, self.directory, self.model_id = memory, directory, model_id
+
+  def _path(self, key) -> str:
+    digest = hashlib.sha256(json.dumps([self.model_id, list(key[0]), list(key[1])]).encode()).hexdigest()[:24]
+    return os.path.join(self.directory, f'{digest}.npy')
+
+  def __contains__(self, key) -> bool:
+    return key in self.memory or os.path.exists(self._path(key))
+
+  def __getitem__(self, key):
+    if key not in self.memory:
+      self.memory[key] = np.load(self._path(key))
+    return self.memory[key]
+
+  def __setitem__(self, key, value) -> None:
+    self.memory[key] = value
+    if jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+      tmp = self._path(key) + '.tmp.npy'
+      np.save(tmp, value)
+      os.replace(tmp, self._path(key))
+
+
+class _CachedExtractor:
+  """A bound extractor whose classifier cache is also on disk."""
+
+  def __init__(self, bound, cache: _DiskCachedClassifiers):
+    self._bound, self.classifiers = bound, cache
+
+  def __getattr__(self, name):
+    return getattr(self._bound, name)
+
+
+def evaluate_dataset(bound, tokenizer, key: str, data_dir: str, image_size: int, batch_size: int = 64,
+                     num_workers: int = 0) -> dict:
+  """The metrics of one catalog dataset (raises MissingDataset when its data is not there)."""
+  spec = suite.DATASETS[key]
+  task = spec.load(spec, data_dir, image_size, batch_size, num_workers)
+  if isinstance(task, suite.Retrieval):
+    progress = Progress(key, len(task.images))
+    batches = datasets.image_batches(task.images, image_size, batch_size, num_workers)
+    result = score_retrieval(bound, tokenizer, batches, task.captions, task.text_to_image, progress=progress)
+    result.update(num_images=len(task.images), num_captions=len(task.captions))
+  else:
+    zero_shot_classifier(bound, tokenizer, task.classnames, task.templates)  # before the progress line starts
+    progress = Progress(key, task.size)
+    result = score_zero_shot(bound, tokenizer, task.batches, task.classnames, task.templates, subset=task.subset,
+                             progress=progress)
+    result['num_classes'] = len(task.subset) if task.subset is not None else len(task.classnames)
+  progress.close()
+  return result
+
+
+def run_suite(bound, tokenizer, keys: Sequence[str], *, data_dir: str, image_size: int, output_dir: str,
+              model_id: str, batch_size: int = 64, num_workers: int = 0, rerun: bool = False,
+              log: Callable[[str], None] = print) -> dict[str, dict]:
+  """Evaluates each dataset in `keys` unless <output_dir>/datasets/<key>.json records it done; returns
+  {key: {'status': 'done' | 'missing' | 'failed', metrics or 'message'}}. model_id names the weights (class-text
+  embeddings cached under <output_dir>/text_embeddings/ are reused only for the same model_id)."""
+  unknown = [k for k in keys if k not in suite.DATASETS]
+  if unknown:
+    raise ValueError(f'unknown datasets {unknown}; known: {", ".join(suite.DATASETS)}')
+  per_dataset = os.path.join(output_dir, 'datasets')
+  disk = _DiskCachedClassifiers(bound.classifiers, os.path.join(output_dir, 'text_embeddings'), model_id)
+  cached = _CachedExtractor(bound, disk)
+  results: dict[str, dict] = {}
+  for key in keys:
+    path = os.path.join(per_dataset, f'{key}.json')
+    if not rerun and os.path.exists(path):
+      with open(path, encoding='utf-8') as f:
+        saved = json.load(f)
+      if saved.get('status') == 'done' and saved.get('model_id') == model_id:
+        results[key] = saved['result']
+        log(f'{key}: done before, skipped ({path})')
+        continue
+    try:
+      result = dict(status='done', **evaluate_dataset(cached, tokenizer, key, data_dir, image_size, batch_size,
+                                                      num_workers))
+    except datasets.MissingDataset as e:
+      result = {'status': 'missing', 'message': str(e)}
+      log(f'{key}: MISSING - {e}')
+    except (ValueError, OSError) as e:  # bad data of one dataset (unreadable file, wrong class list): go on
+      result = {'status': 'failed', 'message': f'{type(e).__name__}: {e}'}
+      log(f'{key}: FAILED - {result["message"]}')
+    results[key] = result
+    if result['status'] == 'done':
+      log(f'{key}: ' + ', '.join(f'{m}={v:.4f}' if isinstance(v, float) else f'{m}={v}'
+                                 for m, v in result.items() if m != 'status'))
+      if jax.process_index() == 0:
+        os.makedirs(per_dataset, exist_ok=True)
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+          json.dump({'model_id': model_id, 'status': 'done', 'result': result}, f, indent=1)
+        os.replace(path + '.tmp', path)
+  return results
+
+
+def model_identity(config: Mapping) -> str:
+  """What the cached results belong to: the model, its weights and the evaluation precision."""
+  return json.dumps({'model': config['model']['name'], 'pretrained': config.get('pretrained') or None,
+                     'dtype': config['model'].get('dtype')}, sort_keys=True)
