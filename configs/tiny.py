@@ -17,7 +17,7 @@ def get_config(arg=None):
   config.model.dtype = 'float32'  # CPUs have no fast 16-bit matmuls
   # The demo set, as `python -m eva_clip_jax.data.demo --dst=demo_data` writes it.
   config.data.sources = (('demo_data/train', 1.0),)
-  config.data.update(dict(shuffle_buffer=512, cycle_length=4, num_workers=2))
+  config.data.update(dict(shuffle_buffer=512, cycle_length=4, num_workers=2, resampled=False))
   config.evals = dict(
       demo_zero_shot=dict(kind='zero_shot', data='demo_data/val', format='shards', classnames='demo_data/classnames.txt',
                        templates='demo_data/templates.txt', batch_size=128, every_steps=100),

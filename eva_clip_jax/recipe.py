@@ -94,6 +94,11 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
       name=data,
       sources=tuple(('', weight) for _, weight in DATASETS[data]),
       shuffle_buffer=10_000, cycle_length=16, num_workers=-1,  # -1: every core but the trainer's
+      # 'sample': sources mixed by weight within each batch; 'batch': each global batch from one source, taking
+      # turns by weight, as the reference's MixingDataLoader (its Merged-2B runs alternated LAION-2B and COYO
+      # batches 1:1: --config.data.mixing=batch with weights 0.5, 0.5).
+      mixing='sample',
+      resampled=True,  # shards drawn with replacement, as every released command ran (--dataset-resampled)
       synthetic=False,  # random images and tokens instead of the sources (benchmarks, tests)
   ))
   config.pretrained = ''  # weights for evaluation: a PyTorch file, a converted directory or hf-hub:...

@@ -2,7 +2,9 @@
 
 Training: each process takes its share of the shards (shards[process_index::process_count]); the shard order
 is reshuffled every epoch from the seed; several shards are read at once (interleave) and a sample buffer
-shuffles across them; sources mix by weight; decoding runs in `num_workers` processes. Evaluation: one pass,
+shuffles across them; sources mix by weight, sample by sample or (mixing='batch', as the reference's loader) whole
+batches at a time; `resampled` draws shards with replacement (--dataset-resampled); decoding runs in `num_workers`
+processes. Evaluation: one pass,
 in order, last batch kept.
 
 Training crops are uint8 (the train step normalises them on the accelerator) and JPEGs are decoded only at the
@@ -57,6 +59,27 @@ class _EpochShuffledShards(grain.MapDataset):
     return self._shards[self._order[1][position]]
 
 
+class _ResampledShards(grain.MapDataset):
+  """Shard paths drawn with replacement (open_clip's --dataset-resampled): position i is a seeded draw from all
+  of a source's shards, a function of (seed, process, i) alone, so a resumed iterator draws the same ones."""
+
+  def __init__(self, shards: Sequence[str], seed: int, process_index: int, length: int):
+    super().__init__()
+    self._shards, self._seed, self._process, self._length = list(shards), seed, process_index, length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    draw = np.random.default_rng([self._seed, self._process, index]).integers(len(self._shards))
+    return self._shards[int(draw)]
+
+
+MIXING = ('sample', 'batch')
+
+
 class DecodeSample(grain.transforms.RandomMap):
   """Raw shard sample -> {'image', 'text' [L] int32, 'label' int32} or a skip record.
 
@@ -96,7 +119,10 @@ class DecodeSample(grain.transforms.RandomMap):
     except Exception:  # pylint: disable=broad-except  (PIL raises many types for bad files)
       return {SKIP_KEY: 'bad_image'}
     tokens = get_tokenizer(context_length=self.context_length)([caption])[0]
-    return {'image': pixels, 'text': tokens, 'label': np.int32(_label(sample))}
+    out = {'image': pixels, 'text': tokens, 'label': np.int32(_label(sample))}
+    if not self.is_train:  # evaluation and feature export name their samples
+      out['key'] = np.asarray(str(sample.get('__key__', '')))
+    return out
 
 
 def _label(sample: dict[str, Any]) -> int:
@@ -136,7 +162,7 @@ class _SkipAndCountIterator(grain.DatasetIterator):
         counts[SKIP_REASONS.index(element[SKIP_KEY])] += 1
         continue
       if self._template is None:
-        self._template = {k: v for k, v in element.items() if k in ('image', 'text')}
+        self._template = {k: v for k, v in element.items() if k in ('image', 'text', 'key')}
       element['valid'] = np.bool_(True)
       element['skipped'] = counts
       return element
@@ -159,7 +185,7 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
                  context_length: int = 77, is_train: bool = True, seed: int = 0, process_index: int = 0,
                  process_count: int = 1, num_epochs: int | None = None, shuffle_buffer: int = 1000,
                  cycle_length: int = 4, num_workers: int = 0, reduced_decode: bool = True,
-                 uint8_images: bool = True) -> grain.IterDataset:
+                 uint8_images: bool = True, mixing: str = 'sample', resampled: bool = False) -> grain.IterDataset:
   """A batched grain dataset over webdataset shards.
 
   Args:
@@ -170,32 +196,51 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
     num_workers: decoding processes; 0 decodes in this process, -1 takes every core this process may use but
       TRAINER_CORES (see `resolve_num_workers`).
     reduced_decode, uint8_images: training only (see DecodeSample); the defaults are the fast path.
+    mixing: 'sample' mixes the sources' samples by weight within every batch; 'batch' makes each batch from one
+      source, the sources taking turns in proportion to their weights (equal weights alternate), as the
+      reference's MixingDataLoader does. The choice depends on the batch index alone, so every process's share of
+      a global batch comes from the same source, and a resumed iterator continues the pattern.
+    resampled: training shards are drawn with replacement from all of a source's shards, each process with its
+      own seeded draws (open_clip's --dataset-resampled), instead of each process reading its share every epoch.
   """
   if isinstance(sources, str) or (sources and isinstance(sources[0], str)):
     sources = [(sources, 1.0)]  # one source, however many patterns
   if not is_train and len(sources) > 1:
     raise ValueError('a weighted mixture of sources is for training; evaluate each source on its own')
+  if mixing not in MIXING:
+    raise ValueError(f'unknown mixing {mixing!r}; use one of {MIXING}')
   if num_epochs is None:
     num_epochs = 100_000 if is_train else 1
   datasets, weights = [], []
   for index, (pattern, weight) in enumerate(sources):
     shards = list_shards(pattern)
     mine = shards[process_index::process_count]
-    if len(shards) < process_count:  # checked on every process, so all of them fail alike
+    if is_train and resampled:
+      shard_paths = _ResampledShards(shards, seed + 1000 * index, process_index, len(mine) * num_epochs)
+    elif len(shards) < process_count:  # checked on every process, so all of them fail alike
       raise ValueError(f'{pattern!r} has {len(shards)} shards, fewer than the {process_count} processes reading '
-                       'it: write more, smaller shards')
-    shard_paths = _EpochShuffledShards(mine, seed + 1000 * index, num_epochs, shuffle=is_train)
+                       'it: write more, smaller shards (or resample them: resampled=True)')
+    else:
+      shard_paths = _EpochShuffledShards(mine, seed + 1000 * index, num_epochs, shuffle=is_train)
+    readable = len(shards) if is_train and resampled else len(mine)
     ds = grain.experimental.InterleaveIterDataset(shard_paths.map(TarShardIterDataset),
-                                                  cycle_length=min(cycle_length, len(mine)) if is_train else 1)
+                                                  cycle_length=min(cycle_length, readable) if is_train else 1)
     if is_train and shuffle_buffer > 1:
       ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_buffer, seed=seed + index)
     datasets.append(ds)
     weights.append(float(weight))
-  ds = datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
-  ds = ds.random_map(DecodeSample(image_size, context_length, is_train, reduced_decode=reduced_decode,
-                                  uint8_images=uint8_images), seed=seed)
-  ds = SkipAndCountIterDataset(ds)
-  ds = ds.batch(batch_size, drop_remainder=is_train)
+
+  def decode_and_batch(ds, decode_seed):
+    ds = ds.random_map(DecodeSample(image_size, context_length, is_train, reduced_decode=reduced_decode,
+                                    uint8_images=uint8_images), seed=decode_seed)
+    return SkipAndCountIterDataset(ds).batch(batch_size, drop_remainder=is_train)
+
+  if len(datasets) == 1:
+    ds = decode_and_batch(datasets[0], seed)
+  elif mixing == 'batch':
+    ds = grain.IterDataset.mix([decode_and_batch(d, seed + i) for i, d in enumerate(datasets)], weights)
+  else:
+    ds = decode_and_batch(grain.IterDataset.mix(datasets, weights), seed)
   num_workers = resolve_num_workers(num_workers)
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
@@ -222,7 +267,7 @@ def resolve_num_workers(num_workers: int) -> int:
 def make_dataset_from_config(data_config, *, batch_size: int, image_size: int, context_length: int, seed: int,
                              process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """The training dataset of a config's `data` block (`sources`, `shuffle_buffer`, `cycle_length`,
-  `num_workers`)."""
+  `num_workers`, `mixing`, `resampled`)."""
   sources = [(pattern, float(weight)) for pattern, weight in data_config.sources]
   empty = [i for i, (pattern, _) in enumerate(sources) if not pattern]
   if empty:
@@ -231,7 +276,8 @@ def make_dataset_from_config(data_config, *, batch_size: int, image_size: int, c
   return make_dataset(sources, batch_size=batch_size, image_size=image_size, context_length=context_length,
                       is_train=True, seed=seed, process_index=process_index, process_count=process_count,
                       shuffle_buffer=data_config.shuffle_buffer, cycle_length=data_config.cycle_length,
-                      num_workers=data_config.num_workers)
+                      num_workers=data_config.num_workers, mixing=data_config.get('mixing', 'sample'),
+                      resampled=bool(data_config.get('resampled', False)))
 
 
 def make_synthetic_dataset(*, batch_size: int, image_size: int, context_length: int = 77, seed: int = 0,

@@ -148,7 +148,7 @@ def shard_batches(pattern: str, image_size: int, batch_size: int = 64, context_l
     for batch in iterator:
       keep = np.asarray(batch['valid'], bool)
       yield {'image': batch['image'], 'label': np.where(keep, batch['label'], -1), 'text': batch['text'],
-             'valid': batch['valid']}
+             'valid': batch['valid'], 'key': batch['key']}
   finally:
     if hasattr(iterator, 'close'):
       iterator.close()

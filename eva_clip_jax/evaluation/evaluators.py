@@ -4,19 +4,22 @@
                                classnames='imagenet', templates='openai', every_steps=5000)
   config.evals.flickr = dict(kind='retrieval', data='/data/flickr30k/test.csv')
   config.evals.cifar10 = dict(kind='benchmark', dataset='cifar10', data='/data/tfds')  # a suite dataset
+  config.evals.val = dict(kind='contrastive_val', data='/data/val/{00000..00009}.tar', every_steps=1000)
 
   evaluators = build_evaluators(config.evals, model_fn=setup.model, mesh=mesh, param_shardings=shardings.params)
   evaluator.run(state.params)  # {'imagenet/top1': ..., ...}
 
 All evaluators of one call share one FeatureExtractor: its two jitted towers take the parameters as they are
 sharded for training, and compile once for the whole run. Zero-shot formats: folder, shards, csv (path,label rows),
-tfds:NAME; retrieval formats: csv (path,caption rows), shards; benchmark: any key of `suite.DATASETS`.
+tfds:NAME; retrieval formats: csv (path,caption rows), shards; benchmark: any key of `suite.DATASETS`;
+contrastive_val: held-out shards (validation loss and ranks, `contrastive_val.py`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -116,7 +119,24 @@ class BenchmarkEvaluator(_Evaluator):
     return {k: v for k, v in result.items() if isinstance(v, (int, float))}
 
 
-KINDS = {'zero_shot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator, 'benchmark': BenchmarkEvaluator}
+class ContrastiveValEvaluator(_Evaluator):
+  """Validation loss and mean / median rank on held-out shards (`contrastive_val.py`)."""
+
+  def run(self, params) -> dict[str, float]:
+    scale = params.logit_scale[...] if isinstance(params, nnx.Module) else params['logit_scale']
+    self._logit_scale = float(np.exp(np.asarray(jax.device_get(scale), np.float64)))
+    return super().run(params)
+
+  def score(self, bound, tokenizer, spec) -> dict[str, float]:
+    from eva_clip_jax.evaluation.contrastive_val import score_contrastive_val  # pylint: disable=g-import-not-at-top
+    batch_size = int(self.cfg.get('batch_size', 64))
+    batches = datasets.shard_batches(self.cfg['data'], spec.vision.image_size, batch_size, spec.text.context_length,
+                                     shard_by_process=False)
+    return score_contrastive_val(bound, batches, self._logit_scale, batch_size)
+
+
+KINDS = {'zero_shot': ZeroShotEvaluator, 'retrieval': RetrievalEvaluator, 'benchmark': BenchmarkEvaluator,
+         'contrastive_val': ContrastiveValEvaluator}
 
 
 def build_evaluators(evals_config: Mapping[str, Mapping[str, Any]], *,

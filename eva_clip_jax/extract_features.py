@@ -1,0 +1,117 @@
+r"""Image and text embeddings of a webdataset, written as .npy with the sample keys (the reference's
+--extract-features).
+
+  python -m eva_clip_jax.extract_features --config=configs/b16.py --config.pretrained=EVA02_CLIP_B_psz16_s8B.pt \
+      --data='/data/laion/{00000..00099}.tar' --output_dir=features/b16
+
+Writes `image_features.npy` and `text_features.npy` (float32 [N, embed_dim], L2-normalised, row i of both from the
+same sample) and `keys.txt` (sample i's webdataset key on line i). The model is built as training and evaluation
+build it (the config's mesh, parameter shardings and jitted towers); every device of every process encodes. With
+several processes each reads its share of the shards and writes its own files, `*.process-00001-of-00004.*`.
+Samples that cannot be read are skipped (as in training) and so are absent from the files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from eva_clip_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
+_DATA = flags.DEFINE_string('data', None, 'webdataset shard pattern, glob or directory to embed')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'where to write the .npy files and keys.txt')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 256, 'samples per process per step')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'grain processes decoding the shards')
+
+
+def output_paths(output_dir: str, process_index: int = 0, process_count: int = 1) -> dict[str, str]:
+  """The files one process writes: plain names for one process, a per-process suffix for several."""
+  part = '' if process_count == 1 else f'.process-{process_index:05d}-of-{process_count:05d}'
+  return {name: os.path.join(output_dir, f'{name}{part}.{ext}')
+          for name, ext in (('image_features', 'npy'), ('text_features', 'npy'), ('keys', 'txt'))}
+
+
+def _in_lockstep(bound, batches):
+  """(image features, text features, keys) per batch of this process. Each encoder call is a collective, so a
+  process whose share ran out keeps calling with no rows until every process is done."""
+  iterator, image_row, text_row = iter(batches), None, None
+  while True:
+    batch = next(iterator, None)
+    if jax.process_count() > 1:
+      if not np.asarray(multihost_utils.process_allgather(np.asarray(batch is not None))).any():
+        return
+      if batch is None:
+        if image_row is None:
+          raise ValueError('this process had no shards to embed while others did (fewer shards than processes)')
+        bound.images(image_row[:0])
+        bound.texts(text_row[:0])
+        continue
+    elif batch is None:
+      return
+    image_row, text_row = np.asarray(batch['image'])[:1], np.asarray(batch['text'])[:1]
+    keep = np.asarray(batch['valid'], bool)  # a pass that ends in unreadable samples ends in a placeholder
+    yield bound.images(batch['image'])[keep], bound.texts(batch['text'])[keep], np.asarray(batch['key'])[keep]
+
+
+def _params(config, setup):
+  """config.pretrained's weights (any format the conversion API reads), else the seeded random initialisation, on
+  the training shardings. (As evaluate.load_params, which cannot be imported here: that module defines flags.)"""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
+  if config.get('pretrained'):
+    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
+    api.load_pretrained(model, config.pretrained)
+  return jax.device_put(nnx.state(model, nnx.Param).to_pure_dict(), setup.shardings.params)
+
+
+def extract_features(config, data: str, output_dir: str, *, batch_size: int = 256,
+                     num_workers: int = 0) -> dict[str, str]:
+  """Embeds every readable sample of `data` with config's model (config.pretrained's weights, or the seeded random
+  initialisation); returns the paths this process wrote."""
+  from eva_clip_jax.evaluation import FeatureExtractor, datasets  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.models import get_model_spec  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  mesh = sharding_lib.make_mesh(config.mesh)
+  setup = step_lib.make_setup(config, mesh)  # the towers as training and evaluation build them
+  bound = FeatureExtractor(setup.model, mesh, setup.shardings.params, batch_size).bind(_params(config, setup))
+  spec = get_model_spec(config.model.name)
+  batches = datasets.shard_batches(data, spec.vision.image_size, batch_size, spec.text.context_length,
+                                   num_workers=num_workers, shard_by_process=True)
+  images, texts, keys = [], [], []
+  for image_features, text_features, batch_keys in _in_lockstep(bound, batches):
+    images.append(image_features)
+    texts.append(text_features)
+    keys.extend(str(k) for k in batch_keys)
+  dim = spec.embed_dim
+  paths = output_paths(output_dir, jax.process_index(), jax.process_count())
+  os.makedirs(output_dir, exist_ok=True)
+  np.save(paths['image_features'], np.concatenate(images) if images else np.zeros((0, dim), np.float32))
+  np.save(paths['text_features'], np.concatenate(texts) if texts else np.zeros((0, dim), np.float32))
+  with open(paths['keys'], 'w', encoding='utf-8') as f:
+    f.write(''.join(f'{k}\n' for k in keys))
+  return paths
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError('--config is required (a configs/*.py file)')
+  if not _DATA.value or not _OUTPUT_DIR.value:
+    raise app.UsageError('--data (the shards to embed) and --output_dir are required')
+  paths = extract_features(config, _DATA.value, _OUTPUT_DIR.value, batch_size=_BATCH_SIZE.value,
+                           num_workers=_NUM_WORKERS.value)
+  print('wrote ' + ', '.join(paths.values()))
+
+
+if __name__ == '__main__':
+  cli.run(main)
