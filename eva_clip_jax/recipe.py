@@ -109,6 +109,8 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
       imagenet=dict(kind='zero_shot', data='', format='folder', classnames='imagenet', templates='openai',
                     batch_size=256, every_steps=0),
       flickr30k=dict(kind='retrieval', data='', format='csv', batch_size=256, every_steps=0),
+      # Held-out training-like shards: the reference's validation loss and mean / median rank.
+      val=dict(kind='contrastive_val', data='', batch_size=256, every_steps=0),
   ))
 
   config.optimizer = ml_collections.ConfigDict(dict(

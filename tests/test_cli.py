@@ -15,6 +15,8 @@ CASES = {
                               '--config.model.name=EVA02-CLIP-Q-99'], "Unknown model 'EVA02-CLIP-Q-99'"),
     'train, no data there': (['eva_clip_jax.train', '--config=configs/tiny.py', '--workdir={tmp}',
                               "--config.data.sources=(('{tmp}/nothing', 1.0),)"], 'no shard matches'),
+    'extract_features, no data there': (['eva_clip_jax.extract_features', '--config=configs/tiny.py',
+                                         '--data={tmp}/nothing', '--output_dir={tmp}/out'], 'no shard matches'),
     'convert, no such file': (['eva_clip_jax.convert', '--model=tiny', '--src={tmp}/missing.pt', '--dst={tmp}/out'],
                               'missing.pt'),
 }

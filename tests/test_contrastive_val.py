@@ -57,3 +57,16 @@ def test_contrastive_val_evaluator_on_the_training_mesh(tmp_path):
     np.testing.assert_allclose(result[f'val/{key}'], value, rtol=1e-6, err_msg=key)
   np.testing.assert_allclose(result['val/val_loss'], contrastive_val.validation_loss(image, text, scale, 8),
                              rtol=1e-4)
+
+
+def test_training_reports_the_validation_numbers(tmp_path):
+  from eva_clip_jax.training.loop import train_and_evaluate
+  parts = write_demo_set(str(tmp_path / 'demo'), num_train=32, num_val=16, samples_per_shard=16)
+  config = tiny.get_config()
+  config.data.sources = ((parts['train'], 1.0),)
+  config.data.update(dict(num_workers=0, shuffle_buffer=8))
+  config.batch_size, config.total_steps, config.log_every_steps = 8, 2, 1
+  config.evals = {'val': dict(kind='contrastive_val', data=parts['val'], batch_size=8, every_steps=1)}
+  _, metrics = train_and_evaluate(config, str(tmp_path / 'work'))
+  assert metrics['val/num_samples'] == 16 and np.isfinite(metrics['val/val_loss'])
+  assert 1 <= metrics['val/text_to_image_median_rank'] <= 16
