@@ -163,6 +163,14 @@ def _reference_betas(config: ml_collections.ConfigDict) -> None:
   config.optimizer.update(REFERENCE_BETAS)
 
 
+def _reference_loader(config: ml_collections.ConfigDict) -> None:
+  """The sources as the released commands mixed them: whole batches taking turns, each source an equal share
+  (their --train-data-list gave no per-source sizes, so the MixingDataLoader went round-robin)."""
+  config.data.mixing = 'batch'
+  sources = config.data.sources
+  config.data.sources = tuple((pattern, 1.0 / len(sources)) for pattern, _ in sources)
+
+
 def _runlocal(config: ml_collections.ConfigDict) -> None:
   config.model.dtype = 'float32'
   config.batch_size = 8
@@ -178,8 +186,8 @@ def _runlocal(config: ml_collections.ConfigDict) -> None:
 
 
 # runlocal: a recipe shrunk to something a laptop CPU runs in minutes; reference_betas: the optimizer
-# hyper-parameters the released commands ran instead of the paper's.
-VARIANTS = {'runlocal': _runlocal, 'reference_betas': _reference_betas}
+# hyper-parameters the released commands ran instead of the paper's; reference_loader: their source mixing.
+VARIANTS = {'runlocal': _runlocal, 'reference_betas': _reference_betas, 'reference_loader': _reference_loader}
 
 
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:

@@ -38,10 +38,12 @@ def full_batch_step(initial_params):  # noqa: F811
   return _one_step(config, _single_device_mesh(), initial_params)
 
 
-@pytest.mark.parametrize('mesh_shape', [None, dict(data=8)])
-def test_four_micro_batches_of_16_equal_one_batch_of_64(full_batch_step, initial_params, mesh_shape):  # noqa: F811
+@pytest.mark.parametrize('strategy,mesh_shape', [('zero1', None), ('zero1', dict(data=8)),
+                                                 ('fsdp', dict(data=2, fsdp=4))])
+def test_four_micro_batches_of_16_equal_one_batch_of_64(full_batch_step, initial_params, strategy,  # noqa: F811
+                                                        mesh_shape):
   want_state, want = full_batch_step
-  config = _config(batch_size=64, accum_steps=4, **{'model.patch_dropout': 0.0})
+  config = _config(batch_size=64, accum_steps=4, **{'model.patch_dropout': 0.0, 'sharding.strategy': strategy})
   mesh = _single_device_mesh() if mesh_shape is None else sharding_lib.make_mesh(mesh_shape)
   state, got = _one_step(config, mesh, initial_params)
   # float32; the sums run in a different order, hence not bit-exact.

@@ -13,8 +13,9 @@ from test_train_step import _batch, _config, initial_params  # noqa: F401  (a fi
 def test_locked_image_tower_and_partly_locked_text_tower(initial_params):  # noqa: F811
   # LiT-style: the image tower locked whole; the text tower locked but for its last two groups (the final norm and
   # projection, and the last block). On 8 devices under zero1, so the moments' shardings are exercised too.
-  config = _config(**{'lock.visual': True, 'lock.text': True, 'lock.text_unlocked_groups': 2,
-                      'sharding.strategy': 'zero1'})
+  # With two accumulation micro-batches: the re-run differentiates the trainable view only.
+  config = _config(accum_steps=2, **{'lock.visual': True, 'lock.text': True, 'lock.text_unlocked_groups': 2,
+                                     'sharding.strategy': 'zero1'})
   mesh = sharding_lib.make_mesh(dict(data=8))
   setup = step_lib.make_setup(config, mesh)
   state = step_lib.init_state(setup, initial_params)

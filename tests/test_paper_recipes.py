@@ -94,3 +94,11 @@ def test_reference_betas_are_one_flag_away():
   assert (released.optimizer.b1, released.optimizer.b2, released.optimizer.eps) == (0.9, 0.999, 1e-8)
   both = _load([f'--config={CONFIG_DIR}/l14.py:runlocal,reference_betas'])
   assert both.optimizer.b2 == 0.999 and both.total_steps == 10
+
+
+def test_reference_loader_variant_alternates_whole_batches():
+  paper = _load([f'--config={CONFIG_DIR}/b16.py'])
+  released = _load([f'--config={CONFIG_DIR}/b16.py:reference_loader'])
+  assert (paper.data.mixing, [w for _, w in paper.data.sources]) == ('sample', [0.8, 0.2])
+  assert (released.data.mixing, [w for _, w in released.data.sources]) == ('batch', [0.5, 0.5])
+  assert paper.data.resampled and released.data.resampled  # --dataset-resampled in every released command
