@@ -22,5 +22,6 @@ def get_config(arg=None):
       demo_zero_shot=dict(kind='zero_shot', data='demo_data/val', format='shards', classnames='demo_data/classnames.txt',
                        templates='demo_data/templates.txt', batch_size=128, every_steps=100),
       demo_retrieval=dict(kind='retrieval', data='demo_data/val.csv', format='csv', batch_size=128, every_steps=100),
+      demo_val=dict(kind='contrastive_val', data='demo_data/val', batch_size=64, every_steps=100),
   )
   return apply_variant(config, arg)
