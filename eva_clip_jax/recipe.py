@@ -85,9 +85,10 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
                                                skip=('visual.head', 'text.text_projection', 'logit_scale')))
   # Locked towers (open_clip's --lock-image / --lock-text): a locked tower's parameters get no gradient, no
   # optimizer state and no update, except its last `*_unlocked_groups` layer groups (the layer-decay groups: the
-  # final norm and head are the last group, the last block the one before it, ...). LiT: lock.visual=True.
-  config.lock = ml_collections.ConfigDict(dict(visual=False, visual_unlocked_groups=0, text=False,
-                                               text_unlocked_groups=0))
+  # final norm and head are the last group, the last block the one before it, ...). LiT: lock_towers.visual=True.
+  # (Not `config.lock`: ConfigDict.lock is a method, and attribute access would find it.)
+  config.lock_towers = ml_collections.ConfigDict(dict(visual=False, visual_unlocked_groups=0, text=False,
+                                                      text_unlocked_groups=0))
   # Training data: webdataset shard patterns and their sampling weights, one per source of the paper's data set
   # (`DATASETS`). Set the patterns to your copies, e.g. (('/data/laion2b/{00000..231349}.tar', 0.8), ...).
   config.data = ml_collections.ConfigDict(dict(

@@ -14,8 +14,8 @@ def test_locked_image_tower_and_partly_locked_text_tower(initial_params):  # noq
   # LiT-style: the image tower locked whole; the text tower locked but for its last two groups (the final norm and
   # projection, and the last block). On 8 devices under zero1, so the moments' shardings are exercised too.
   # With two accumulation micro-batches: the re-run differentiates the trainable view only.
-  config = _config(accum_steps=2, **{'lock.visual': True, 'lock.text': True, 'lock.text_unlocked_groups': 2,
-                                     'sharding.strategy': 'zero1'})
+  config = _config(accum_steps=2, **{'lock_towers.visual': True, 'lock_towers.text': True,
+                                     'lock_towers.text_unlocked_groups': 2, 'sharding.strategy': 'zero1'})
   mesh = sharding_lib.make_mesh(dict(data=8))
   setup = step_lib.make_setup(config, mesh)
   state = step_lib.init_state(setup, initial_params)
@@ -51,7 +51,7 @@ def test_locking_frees_the_optimizer_state(initial_params):  # noqa: F811
   """The abstract state (what the memory planner and the checkpointer see) has no moments for a locked tower."""
   mesh = sharding_lib.make_mesh(dict(data=1), devices=jax.devices()[:1])
   full = step_lib.make_setup(_config(), mesh).abstract_state.opt_state
-  lit = step_lib.make_setup(_config(**{'lock.visual': True}), mesh).abstract_state.opt_state
+  lit = step_lib.make_setup(_config(**{'lock_towers.visual': True}), mesh).abstract_state.opt_state
   size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   visual = sum(x.size for x in jax.tree.leaves(initial_params['visual']))
   assert size(full.mu) - size(lit.mu) == visual

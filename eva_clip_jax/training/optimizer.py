@@ -5,7 +5,7 @@ Parameter groups are keyed by '/'-joined parameter paths ('visual/blocks/attn/q_
 leaf under a tower's 'blocks' is stacked: its leading axis is the layer, so its layer ids and learning-rate scales
 are arrays along that axis, and LAMB takes its norms per layer, as the reference did on each layer's own tensor.
 
-Locked towers (open_clip's --lock-image / --lock-text, `config.lock`): a parameter's group says how many of its
+Locked towers (open_clip's --lock-image / --lock-text, `config.lock_towers`): a parameter's group says how many of its
 leading rows are frozen (`ParamGroup.frozen`): all of a locked leaf, the first layers of a stacked leaf whose last
 blocks stay unlocked. The optimizer works on the trainable view of the parameters (`trainable_view`): a frozen
 leaf is an empty array there, a partly frozen stacked leaf its trainable layers, so frozen parameters have no
@@ -66,7 +66,7 @@ def _frozen_rows(tower: str, ids, stacked: bool, depths: dict, lock) -> int:
     return 0
   unlocked = int(lock.get(f'{tower}_unlocked_groups', 0))
   if unlocked < 0:
-    raise ValueError(f'config.lock.{tower}_unlocked_groups must be >= 0, got {unlocked}')
+    raise ValueError(f'config.lock_towers.{tower}_unlocked_groups must be >= 0, got {unlocked}')
   first_unlocked = depths[tower] + 2 - unlocked
   locked = np.atleast_1d(ids) < first_unlocked
   return int(locked.sum()) if stacked else int(locked[0])
@@ -75,7 +75,7 @@ def _frozen_rows(tower: str, ids, stacked: bool, depths: dict, lock) -> int:
 def param_groups(params: Any, *, visual_depth: int, text_depth: int, config) -> dict[str, ParamGroup]:
   """One group per leaf of `params` (arrays or ShapeDtypeStructs), in tree order."""
   depths = {'visual': visual_depth, 'text': text_depth}
-  lock = config.get('lock')
+  lock = config.get('lock_towers')
   groups = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     name, shape = path_name(path), tuple(leaf.shape)
@@ -245,7 +245,7 @@ def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -
 
   `tx.update(grads, state, params, step=None)` clips the gradients, then returns updates to add to the parameters.
   The schedules read `step` when given (the reference indexes them by iteration, skipped fp16 steps included) and
-  the count of applied updates otherwise. With locked parameters (`config.lock`), `init`, `update`, the gradients
+  the count of applied updates otherwise. With locked parameters (`config.lock_towers`), `init`, `update`, the gradients
   and the parameters it is given are all `trainable_view`s; without, the view is the parameters themselves.
   """
   opt = config.optimizer

@@ -128,7 +128,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
   """The jitted step: (state, batch) -> (state, metrics). The state is donated.
 
   A step whose gradients are not finite (float16 overflow, or a bad batch under any dtype) changes neither the
-  parameters nor the optimizer state; it is counted in `loss_scale.skipped`. Locked parameters (`config.lock`) are
+  parameters nor the optimizer state; it is counted in `loss_scale.skipped`. Locked parameters (`config.lock_towers`) are
   left out of differentiation and of the optimizer (`optimizer.trainable_view`). `config.accum_steps` > 1 runs the
   batch as that many micro-batches with the whole batch's loss and gradients (`accumulate.py`).
   """
