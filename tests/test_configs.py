@@ -58,3 +58,14 @@ def test_overrides_and_runlocal():
   assert config.total_steps == 10 and config.model.dtype == 'float32'
   with pytest.raises(Exception, match='unknown config argument'):
     _load([f'--config={CONFIG_DIR}/l14.py:fast'])
+
+
+def test_training_features_are_one_flag_each():
+  """Locked towers, accumulation, fine-tuning, mixing and resampling are fields the command line reaches."""
+  config = _load([f'--config={CONFIG_DIR}/b16.py', '--config.lock_towers.visual=True',
+                  '--config.lock_towers.text_unlocked_groups=2', '--config.accum_steps=4',
+                  '--config.init.full=EVA02_CLIP_B_psz16_s8B.pt', '--config.data.mixing=batch',
+                  '--config.data.resampled=False'])
+  assert config.lock_towers.visual and config.lock_towers.text_unlocked_groups == 2 and config.accum_steps == 4
+  assert config.init.full == 'EVA02_CLIP_B_psz16_s8B.pt'
+  assert config.data.mixing == 'batch' and not config.data.resampled
