@@ -3,12 +3,17 @@
 All backends take q, k, v shaped [batch, seq, heads, head_dim] (the layout of `jax.nn.dot_product_attention`)
 and return the same shape. Backends:
   xla    plain einsum + float32 softmax; runs everywhere and is the numerical reference.
-  cudnn  cuDNN's fused attention through `jax.nn.dot_product_attention`; NVIDIA GPUs only.
+  cudnn  cuDNN's fused attention through `jax.nn.dot_product_attention`; NVIDIA GPUs, 16-bit inputs only.
   pallas the project's flash-attention kernel (`eva_clip_jax.ops.flash_attention`: Triton on GPU, Mosaic on
          TPU, the Pallas interpreter on CPU, where it is correct but slow). That module registers itself
          through `register_backend` when `eva_clip_jax.ops` imports it.
-  auto   'xla' for now, on every platform. Whether GPUs and TPUs should default to 'pallas' (or 'cudnn') awaits
-         benchmarks of the kernels on that hardware; on CPU it stays 'xla' (the kernels only interpret there).
+  auto   GPU: 'cudnn' where its constraints hold (16-bit inputs, head_dim a multiple of 8 up to 128; no mask
+         but the causal one, which cuDNN takes as `is_causal`), else 'xla'. TPU and CPU: 'xla' (on TPU the
+         compiler's estimate in BENCHMARKS.md puts XLA's attention ahead of the Mosaic kernel at EVA's shapes).
+
+"The platform" is the compile target's, not the default backend's: `compile_platform` reads it from the inputs'
+sharding (the mesh's devices, also in an ahead-of-time compile for devices this host does not have, as the
+planner does with `jax.experimental.topologies`), and only falls back to `jax.devices()`.
 """
 
 from __future__ import annotations
@@ -38,11 +43,40 @@ def _xla_attention(q, k, v, *, causal: bool, scale: float):
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
 
 
+_PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}
+
+
+def compile_platform(*arrays) -> str:
+  """'tpu', 'gpu' or 'cpu': what the computation consuming `arrays` is compiled for.
+
+  Under jit an input's abstract sharding names its mesh's device kind and platform (`AbstractMesh.abstract_device`),
+  through scans, remat and custom_vjp; that is the only place a trace sees the target of an ahead-of-time compile
+  for a TPU topology or a deviceless GPU. Concrete arrays name their devices. Otherwise: the default backend.
+  """
+  for x in arrays:
+    mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
+    device = getattr(mesh, 'abstract_device', None)
+    if device is not None:
+      return _PLATFORM_ALIASES.get(device.platform, device.platform)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      platform = next(iter(x.devices())).platform
+      return _PLATFORM_ALIASES.get(platform, platform)
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  platform = device.platform if device is not None else jax.devices()[0].platform
+  return _PLATFORM_ALIASES.get(platform, platform)
+
+
+def cudnn_supports(q: jax.Array) -> bool:
+  """cuDNN fused attention's constraints that `auto` checks (the causal mask is its `is_causal`; no other mask is
+  ever passed, so the odd ViT lengths 197/257/577, which cuDNN's masked training path rejects, are fine)."""
+  return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+
+
 def _cudnn_attention(q, k, v, *, causal: bool, scale: float):
-  platform = jax.devices()[0].platform
+  platform = compile_platform(q, k, v)
   if platform != 'gpu':
-    raise ValueError(f"attention backend 'cudnn' needs an NVIDIA GPU, but JAX runs on {platform!r}; "
-                     "use attention='xla' (or 'auto').")
+    raise ValueError(f"attention backend 'cudnn' needs an NVIDIA GPU, but this computation is compiled for "
+                     f"{platform!r}; use attention='xla' (or 'auto').")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention backend 'cudnn' supports bfloat16 and float16 only, got {q.dtype}; "
                      "set dtype='bfloat16' or use attention='xla'.")
@@ -61,10 +95,16 @@ def available_backends() -> list[str]:
   return sorted(_BACKENDS)
 
 
-def _resolve(backend: str) -> AttentionFn:
+def resolve_auto(q: jax.Array) -> str:
+  """The backend 'auto' means for these inputs on their compile target (see the module docstring)."""
+  if compile_platform(q) == 'gpu' and cudnn_supports(q):
+    return 'cudnn'
+  return 'xla'
+
+
+def _resolve(backend: str, q: jax.Array | None = None) -> AttentionFn:
   if backend == 'auto':
-    # Until the kernel benchmarks decide otherwise, XLA is the safe fastest-available choice everywhere.
-    backend = 'xla'
+    backend = 'xla' if q is None else resolve_auto(q)
   if backend not in _BACKENDS:
     raise ValueError(f'Unknown attention backend {backend!r}; available: {available_backends()}.')
   return _BACKENDS[backend]
@@ -77,7 +117,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     raise ValueError(f'expected q, k, v as [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}')
   if scale is None:
     scale = q.shape[-1] ** -0.5
-  return _resolve(backend)(q, k, v, causal=causal, scale=scale)
+  return _resolve(backend, q)(q, k, v, causal=causal, scale=scale)
 
 
 def validate_backend(backend: str) -> str:

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from eva_clip_jax.ops.attention import register_backend
+from eva_clip_jax.ops.attention import compile_platform, register_backend
 
 # Finite rather than -inf, so that a row whose keys are all masked in one block never computes inf - inf.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -84,8 +84,10 @@ class _Config:
     return 2 if self.rope else 1
 
 
-def _default_target() -> tuple[str, bool]:
-  platform = jax.devices()[0].platform
+def _default_target(*arrays) -> tuple[str, bool]:
+  # The compile target's platform, not jax.devices()': an ahead-of-time compile for TPU or GPU devices on a CPU host
+  # must get the real kernel, not the interpreter (which XLA compiles as loops over whole-array copies).
+  platform = compile_platform(*arrays)
   if platform == 'tpu':
     return 'tpu', False
   if platform == 'gpu':
@@ -251,8 +253,10 @@ def _dkv_kernel(*refs, cfg: _Config):
     return tuple(acc + _dot_tn(ds, qp) for acc, qp in zip(dk, q)), dv
 
   first_q = lax.div(k_start, block_q) if cfg.causal else 0  # earlier queries cannot see these keys
-  # A block made only of padded keys (the sequence is padded to the largest block size) gets zeros.
-  num_q = jnp.where(k_start < cfg.kv_len, _num_blocks(cfg.q_len, block_q), first_q)
+  # A block made only of padded keys (the sequence is padded to the largest block size) gets zeros. Both bounds
+  # int32, not weakly typed: Triton's scf.for rejects a loop whose bounds differ in type (sm_90 compile; the
+  # interpreter accepts it).
+  num_q = jnp.where(k_start < cfg.kv_len, jnp.int32(_num_blocks(cfg.q_len, block_q)), jnp.int32(first_q))
   init = (tuple(jnp.zeros(r.shape, jnp.float32) for r in dk_refs), jnp.zeros(dv_ref.shape, jnp.float32))
   dk, dv = lax.fori_loop(first_q, num_q, body, init)
   dk = tuple(d * cfg.scale for d in dk)
@@ -401,7 +405,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     kernels to q and k of every token but the first (`models.rope.apply_rope_skip_cls`).
   block_*: query/key rows per block in the forward and backward kernels (powers of two >= 16; clamped to the
     sequence). target: 'triton' (GPU) or 'tpu' (Mosaic); interpret: run through the Pallas interpreter.
-    Both default to the platform of the first JAX device (CPU: 'triton', interpreted).
+    Both default to the compile target's platform (`ops.attention.compile_platform`; CPU: 'triton', interpreted).
   """
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f'expected q, k, v as [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}')
@@ -409,7 +413,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
-  default_target, default_interpret = _default_target()
+  default_target, default_interpret = _default_target(q, k, v)
   target = target or default_target
   if target not in _DEFAULT_BLOCKS:
     raise ValueError(f"target must be 'triton' or 'tpu', got {target!r}")
@@ -438,8 +442,36 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     dim = _padded_head_dim(head_dim, target)
     q_parts, k_parts = (_pad_to(q, (batch, heads, q_pad, dim)),), (_pad_to(k, (batch, heads, k_pad, dim)),)
   v = _pad_to(v, (batch, heads, k_pad, _padded_head_dim(head_dim, target)))
-  out = _attention(q_parts, k_parts, v, table, cfg)
+  out = _per_shard(q, batch, heads, cfg.per_sample_tables, lambda *a: _attention(*a, cfg))(q_parts, k_parts, v, table)
   return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
+
+
+def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn):
+  """fn over [batch, heads, ...] arrays, run per device when `x` lives on a mesh of several devices.
+
+  XLA cannot partition a kernel's custom call (Mosaic refuses: "Mosaic kernels cannot be automatically
+  partitioned"; a Triton call would be replicated), so under jit on a mesh the kernels run in a shard_map: the batch
+  split over the mesh axes that divide it ('tensor' aside), the heads over 'tensor' where it divides them.
+  """
+  mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
+  if mesh is None or getattr(mesh, 'empty', True) or mesh.size == 1:
+    return fn
+  from jax.sharding import PartitionSpec as P
+  batch_axes, size = [], 1
+  for axis, n in mesh.shape.items():
+    if axis != 'tensor' and n > 1 and batch % (size * n) == 0:
+      batch_axes.append(axis)
+      size *= n
+  tensor = mesh.shape.get('tensor', 1)
+  head_axis = 'tensor' if tensor > 1 and heads % tensor == 0 else None
+  spec = P(tuple(batch_axes) or None, head_axis)
+  table_spec = P(tuple(batch_axes) or None) if per_sample_tables else P()
+
+  def run(q_parts, k_parts, v, table):
+    specs = (tuple(spec for _ in q_parts), tuple(spec for _ in k_parts), spec, None if table is None else table_spec)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(q_parts, k_parts, v, table)
+
+  return run
 
 
 def _pallas_backend(q, k, v, *, causal: bool, scale: float):
