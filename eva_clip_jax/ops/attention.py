@@ -80,7 +80,17 @@ def _cudnn_attention(q, k, v, *, causal: bool, scale: float):
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention backend 'cudnn' supports bfloat16 and float16 only, got {q.dtype}; "
                      "set dtype='bfloat16' or use attention='xla'.")
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation='cudnn')
+  seq = q.shape[1]
+  if seq % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation='cudnn')
+  # Odd lengths (ViT's 1 + grid^2, the text tower's 77): jax 0.10.2 replaces an absent bias by a placeholder before
+  # checking "biased training needs even lengths", so cuDNN's backward refuses 197 tokens even without a mask.
+  # One padded token, masked out through the sequence lengths (cuDNN's padding mask), satisfies the check.
+  q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+  lengths = jnp.full((q.shape[0],), seq, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation='cudnn')
+  return out[:, :seq]
 
 
 _BACKENDS: dict[str, AttentionFn] = {'xla': _xla_attention, 'cudnn': _cudnn_attention}
