@@ -12,7 +12,8 @@ measurement: no TPU ran anything.
 The scan under-count: XLA counts a while loop's body once, so a model whose towers run as a `lax.scan` reports one
 layer per tower. Here the layers are unrolled instead (scan_layers=False) and, because unrolling all of them makes
 the compile slow, the towers are compiled at depths (1, 1), (2, 1) and (1, 2) and extrapolated linearly: one more
-vision layer costs c(2, 1) - c(1, 1), exactly, since the layers are identical. Everything else (embeddings, loss,
+vision layer costs c(2, 1) - c(1, 1), exactly, since the layers are identical (equal depths, as B/16's 12 and 12:
+(1, 1) and (2, 2) only). Everything else (embeddings, loss,
 LAMB over the real parameter count's structure per layer, the gradient reduce-scatter of zero1) is in c(1, 1).
 MFU = analytic model FLOPs (training.flops, 3x forward) x samples/s / the chip's datasheet bf16 peak.
 """
@@ -113,7 +114,9 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
   mesh = sharding_lib.make_mesh({'data': len(target.devices)}, devices=target.devices)
   spec = get_model_spec(model)
   costs, start = {}, time.perf_counter()
-  for depths in ((1, 1), (2, 1), (1, 2)):
+  # Equal tower depths (B/16: 12 and 12) need one compile fewer: c(2, 2) - c(1, 1) is one layer of each.
+  same = spec.vision.depth == spec.text.depth
+  for depths in ((1, 1), (2, 2)) if same else ((1, 1), (2, 1), (1, 2)):
     variant = replace_spec(spec, name=f'{spec.name}-v{depths[0]}t{depths[1]}', vision__depth=depths[0],
                            text__depth=depths[1])
     _register(variant)
@@ -124,11 +127,16 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
     config.model.update(attention=attention, remat=remat, patch_dropout=mask, scan_layers=False, dtype='bfloat16',
                         mlp_pad_multiple=pad)
     config.sharding.strategy = strategy
-    compiled, _ = memory.compile_train_step(config, mesh, batch)
+    compiled, estimate = memory.compile_train_step(config, mesh, batch)
     costs[depths] = _cost(compiled)
-  base, v2, t2 = costs[(1, 1)], costs[(2, 1)], costs[(1, 2)]
-  total = {key: base[key] + (spec.vision.depth - 1) * (v2[key] - base[key]) + (spec.text.depth - 1) * (
-      t2[key] - base[key]) for key in base}
+    print(f'#   depths {depths}: compiled in {estimate.compile_seconds:.0f} s, {costs[depths]}', flush=True)
+  base = costs[(1, 1)]
+  if same:
+    total = {key: base[key] + (spec.vision.depth - 1) * (costs[(2, 2)][key] - base[key]) for key in base}
+  else:
+    v2, t2 = costs[(2, 1)], costs[(1, 2)]
+    total = {key: base[key] + (spec.vision.depth - 1) * (v2[key] - base[key]) + (spec.text.depth - 1) * (
+        t2[key] - base[key]) for key in base}
   model_flops = flops_lib.train_flops_per_sample(spec, patch_dropout=mask)['total'] * batch
   peak = flops_lib.peak_flops_per_device(target.devices[0])
   samples = batch / total['seconds']

@@ -58,9 +58,11 @@ def compile_platform(*arrays) -> str:
     device = getattr(mesh, 'abstract_device', None)
     if device is not None:
       return _PLATFORM_ALIASES.get(device.platform, device.platform)
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+    try:  # a concrete array; a tracer has no devices
       platform = next(iter(x.devices())).platform
-      return _PLATFORM_ALIASES.get(platform, platform)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    return _PLATFORM_ALIASES.get(platform, platform)
   device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
   platform = device.platform if device is not None else jax.devices()[0].platform
   return _PLATFORM_ALIASES.get(platform, platform)
