@@ -125,3 +125,34 @@ def test_tiny_train_step_compiles_for_8_h100s(h100, attention):
   calls = _custom_calls(compiled)
   assert calls.count(TRITON) == (6 if attention == 'pallas' else 0), calls
   assert any(c.startswith(CUDNN) for c in calls) == (attention == 'cudnn'), calls
+
+
+@pytest.mark.parametrize('target_args,kind', [(['--target=tpu', '--topology=v5e:2x2'], 'TPU v5 lite'),
+                                              (['--target=gpu', '--gpu=h200', '--topology=1x1x2'], 'H200')])
+def test_planner_command_line_compiles_for_the_target(tmp_path, target_args, kind):
+  if 'tpu' in target_args[0]:
+    _require('libtpu', 'libtpu (jax[tpu])')
+  else:
+    _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
+  import json
+  import subprocess
+  import sys
+  out = tmp_path / 'plan.json'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # --target=gpu sets its flag itself (re-exec)
+  proc = subprocess.run([sys.executable, '-m', 'eva_clip_jax.plan', '--config=configs/tiny.py', *target_args,
+                         '--strategies=zero1', '--remat=none', '--batch_per_device=4', f'--json={out}'], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert kind in proc.stdout and 'XLA:CPU' not in proc.stdout, proc.stdout
+  row, = json.loads(out.read_text())
+  budget = (16 if kind == 'TPU v5 lite' else 151397597184 / 2**30) * 0.9 * 2**30
+  assert row['budget'] == int(budget) and row['fits'] and row['params'] > 0
+
+
+def test_bad_targets_are_clear_errors():
+  with pytest.raises(ValueError, match='GENERATION:CHIPS'):
+    memory.target_devices('tpu', 'v9:2x2')
+  with pytest.raises(ValueError, match='unknown GPU'):
+    memory.gpu_spec('b200')
+  with pytest.raises(ValueError, match="'tpu', 'gpu' or 'cpu'"):
+    memory.target_devices('npu')
