@@ -156,3 +156,18 @@ def test_bad_targets_are_clear_errors():
     memory.gpu_spec('b200')
   with pytest.raises(ValueError, match="'tpu', 'gpu' or 'cpu'"):
     memory.target_devices('npu')
+
+
+def test_xla_attention_stores_16_bit_probabilities_only(h100):
+  # bf16 compute: the backward reuses the bf16 probabilities the second matmul keeps, not a float32 softmax output
+  # (which stored every [batch, heads, q, k] score matrix twice, 6 bytes per element; ops.attention._softmax_to).
+  # Three scanned layers, so that what the backward keeps is a stacked [3, batch, heads, q, k] residual.
+  sharding = NamedSharding(jax.sharding.Mesh(h100.devices[:1], ('data',)), P())
+  x = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.bfloat16, sharding=sharding)
+
+  def loss(x):
+    body = lambda h, _: (ops.dot_product_attention(h, h, h, backend='xla') * 1.01, None)
+    return jnp.sum(jax.lax.scan(body, x, None, length=3)[0].astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+  assert 'bf16[3,2,2,197,197]' in text and 'f32[3,2,2,197,197]' not in text

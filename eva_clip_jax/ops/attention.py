@@ -18,6 +18,7 @@ planner does with `jax.experimental.topologies`), and only falls back to `jax.de
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import jax
@@ -39,8 +40,34 @@ def _xla_attention(q, k, v, *, causal: bool, scale: float):
     mask = jnp.tril(jnp.ones((q_len, k_len), dtype=bool))
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   # Softmax in float32 whatever the compute dtype, as the fused kernels of the reference do.
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  weights = _softmax_to(logits, v.dtype)
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_to(logits: jax.Array, dtype) -> jax.Array:
+  """softmax(logits) in float32, returned in `dtype`; its gradient is computed from that `dtype` output.
+
+  jax.nn.softmax's gradient keeps its float32 output for the backward pass, and the matmul with v keeps the 16-bit
+  cast: with 16-bit compute each [batch, heads, q, k] score matrix was stored twice, 6 bytes per element (the
+  compiled HLO of a deviceless GPU and a TPU compile shows both). Reusing the 16-bit probabilities, which the
+  matmul keeps anyway, stores 2 bytes, and rounds the backward's probabilities as FlashAttention's matmuls do.
+  """
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _softmax_to_fwd(logits, dtype):
+  out = _softmax_to(logits, dtype)
+  return out, out
+
+
+def _softmax_to_bwd(dtype, probs, g):
+  del dtype
+  probs, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+  return (probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)),)
+
+
+_softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
 
 
 _PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}
@@ -69,8 +96,8 @@ def compile_platform(*arrays) -> str:
 
 
 def cudnn_supports(q: jax.Array) -> bool:
-  """cuDNN fused attention's constraints that `auto` checks (the causal mask is its `is_causal`; no other mask is
-  ever passed, so the odd ViT lengths 197/257/577, which cuDNN's masked training path rejects, are fine)."""
+  """cuDNN fused attention's constraints that `auto` checks: 16-bit inputs, head_dim a multiple of 8 up to 128 (256
+  on Hopper). No mask but the causal one (`is_causal`) is ever passed; odd lengths are padded (`_cudnn_attention`)."""
   return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
 
 
