@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -290,7 +291,20 @@ def _table_spec(cfg: _Config, rows: int | None, table: jax.Array) -> pl.BlockSpe
   return pl.BlockSpec((4, rows, dim), lambda b, h, i: (0, i, 0))
 
 
-def _pallas_call(kernel, cfg: _Config, *, grid, in_specs, out_specs, out_shape, name, head_dim):
+def _cost(cfg: _Config, args, out_shape, matmuls: int) -> pl.CostEstimate:
+  """What one call computes, for XLA's cost analysis (which cannot see into a kernel and otherwise counts nothing):
+  `matmuls` [q_pad, k_pad] x width products per (batch, head), at the padded sizes the kernel really runs."""
+  batch, heads, q_pad, _ = args[0].shape
+  k_pad = args[cfg.parts].shape[2]
+  width = sum(a.shape[-1] for a in args[:cfg.parts])  # q's parts: the head dim as the kernel pads it
+  work = batch * heads * q_pad * k_pad
+  if cfg.causal:
+    work //= 2
+  moved = sum(math.prod(a.shape) * a.dtype.itemsize for a in (*args, *jax.tree.leaves(out_shape)))
+  return pl.CostEstimate(flops=int(2 * matmuls * work * width), transcendentals=int(work), bytes_accessed=int(moved))
+
+
+def _pallas_call(kernel, cfg: _Config, *, grid, in_specs, out_specs, out_shape, name, head_dim, cost=None):
   # Imported here, not at the top: `import eva_clip_jax` should not pay for (or depend on) both backends.
   from jax.experimental.pallas import tpu as pltpu
   from jax.experimental.pallas import triton as pltriton
@@ -301,7 +315,8 @@ def _pallas_call(kernel, cfg: _Config, *, grid, in_specs, out_specs, out_shape, 
     params = pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
     interpret = cfg.interpret
   return pl.pallas_call(functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, compiler_params=params, interpret=interpret, name=name)
+                        out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
+                        cost_estimate=cost)
 
 
 def _qk_specs(cfg, q_parts, k_parts, table, *, block_q, block_k, grid_over_q: bool):
@@ -324,11 +339,12 @@ def _forward(q_parts, k_parts, v, table, cfg: _Config):
                                             block_k=cfg.block_k, grid_over_q=True)
   out_shape = (jax.ShapeDtypeStruct((batch, heads, q_pad, v.shape[-1]), v.dtype),
                jax.ShapeDtypeStruct((batch, heads, q_pad, 1), jnp.float32))
+  args = (*q_parts, *k_parts, v, *([table] * 2 * cfg.rope))
   return _pallas_call(
       _forward_kernel, cfg, grid=(batch, heads, q_pad // cfg.block_q),
       in_specs=[*q_specs, *k_specs, _whole(v.shape[2], v.shape[-1]), *table_specs],
       out_specs=(_blocked(cfg.block_q, v.shape[-1]), _blocked(cfg.block_q, 1)), out_shape=out_shape,
-      name='flash_attention_fwd', head_dim=v.shape[-1])(*q_parts, *k_parts, v, *([table] * 2 * cfg.rope))
+      name='flash_attention_fwd', head_dim=v.shape[-1], cost=_cost(cfg, args, out_shape, 2))(*args)
 
 
 def _backward(q_parts, k_parts, v, table, out, lse, d_out, cfg: _Config):
@@ -341,23 +357,23 @@ def _backward(q_parts, k_parts, v, table, out, lse, d_out, cfg: _Config):
   q_specs, k_specs, table_specs = _qk_specs(cfg, q_parts, k_parts, table, block_q=block_q, block_k=block_k,
                                             grid_over_q=True)
   row_specs = [_whole(k_pad, dim), _blocked(block_q, dim), _blocked(block_q, 1), _blocked(block_q, 1)]
-  dq = _pallas_call(
+  args = (*q_parts, *k_parts, v, d_out, lse, delta, *tables)
+  dq_shape = tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in q_parts)
+  dq = _pallas_call(  # q k^T, do v^T, ds k
       _dq_kernel, cfg, grid=(batch, heads, q_pad // block_q), in_specs=[*q_specs, *k_specs, *row_specs,
                                                                           *table_specs],
-      out_specs=tuple(_blocked(block_q, p.shape[-1]) for p in q_parts),
-      out_shape=tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in q_parts),
-      name='flash_attention_dq', head_dim=dim)(*q_parts, *k_parts, v, d_out, lse, delta, *tables)
+      out_specs=tuple(_blocked(block_q, p.shape[-1]) for p in q_parts), out_shape=dq_shape,
+      name='flash_attention_dq', head_dim=dim, cost=_cost(cfg, args, dq_shape, 3))(*args)
 
   q_specs, k_specs, table_specs = _qk_specs(cfg, q_parts, k_parts, table, block_q=block_q, block_k=block_k,
                                             grid_over_q=False)
   row_specs = [_blocked(block_k, dim), _whole(q_pad, dim), _whole(q_pad, 1), _whole(q_pad, 1)]
-  *dk, dv = _pallas_call(
+  dkv_shape = (*(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in k_parts), jax.ShapeDtypeStruct(v.shape, v.dtype))
+  *dk, dv = _pallas_call(  # q k^T, p^T do, do v^T, ds^T q
       _dkv_kernel, cfg, grid=(batch, heads, k_pad // block_k), in_specs=[*q_specs, *k_specs, *row_specs,
                                                                            *table_specs],
-      out_specs=(*(_blocked(block_k, p.shape[-1]) for p in k_parts), _blocked(block_k, dim)),
-      out_shape=(*(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in k_parts),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      name='flash_attention_dkv', head_dim=dim)(*q_parts, *k_parts, v, d_out, lse, delta, *tables)
+      out_specs=(*(_blocked(block_k, p.shape[-1]) for p in k_parts), _blocked(block_k, dim)), out_shape=dkv_shape,
+      name='flash_attention_dkv', head_dim=dim, cost=_cost(cfg, args, dkv_shape, 4))(*args)
   return tuple(dq), tuple(dk), dv
 
 

@@ -87,6 +87,9 @@ def target_devices(kind: str, topology: str = '', gpu: str = 'h100', num_devices
                        f"'v5p:4x4x4' or 'v5e:4x4'; got {topology!r}")
     # v4's default is one device per TensorCore; JAX on a v4 VM runs megacore (one device per chip).
     extra = {'chip_config_name': 'megacore'} if generation == 'v4' else {}
+    # libtpu takes a host-wide lock file at load, so a second process (a parallel test worker, a planner beside
+    # a benchmark) would fail to compile; compiling opens no chip, so several loads are safe.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     try:
       topo = topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra)
     except Exception as e:  # no libtpu, or a shape the generation does not have
