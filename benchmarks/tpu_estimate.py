@@ -92,6 +92,7 @@ class Row:
   mlp_pad_multiple: int
   flops: float  # per chip per step, scan-corrected
   seconds: float  # optimal_seconds, scan-corrected
+  bytes_accessed: float  # HBM traffic XLA's cost model counts, scan-corrected
   samples_per_second_per_chip: float
   mfu: float
   hlo_over_model_flops: float
@@ -141,7 +142,7 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
   peak = flops_lib.peak_flops_per_device(target.devices[0])
   samples = batch / total['seconds']
   return Row(model=model, topology=topology, batch_per_chip=batch, mask=mask, attention=attention, remat=remat,
-             mlp_pad_multiple=pad, flops=total['flops'], seconds=total['seconds'],
+             mlp_pad_multiple=pad, flops=total['flops'], seconds=total['seconds'], bytes_accessed=total['bytes'],
              samples_per_second_per_chip=samples, mfu=model_flops / total['seconds'] / peak,
              hlo_over_model_flops=total['flops'] / model_flops, compile_seconds=time.perf_counter() - start)
 
