@@ -34,6 +34,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 from absl import app, flags  # noqa: E402
 
 _CHECK = flags.DEFINE_bool('check_matmul', False, "compare optimal_seconds with FLOPs / peak on one matmul")
+_ATTENTION_ONLY = flags.DEFINE_bool('attention_only', False, 'attention forward+backward alone, xla vs pallas')
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5p:2x2x1', 'the TPU slice compiled for (the step is data parallel)')
 _MODEL = flags.DEFINE_string('model', 'EVA02-CLIP-B-16', 'model name')
 _BATCH = flags.DEFINE_integer('batch_per_chip', 256, 'samples per chip')
@@ -78,6 +79,39 @@ def check_matmul(n: int = 8192) -> list[dict]:
       print(f"{topology:10} {r['device_kind']:14} {m}x{k}x{out}: flops {r['flops']:.4g} (by hand {r['by_hand']:.4g}), "
             f"optimal_seconds {r['optimal_seconds'] * 1e3:.3f} ms, FLOPs/peak {r['flops_over_peak'] * 1e3:.3f} ms, "
             f"implied {r['implied_tflops']:.0f} TFLOP/s vs datasheet {r['peak_tflops']:.0f}", flush=True)
+  return rows
+
+
+def attention_only(topology: str, batch: int = 32) -> list[dict]:
+  """Forward + backward of attention alone at EVA-02's shapes (RoPE fused for pallas, rotated first for xla)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from eva_clip_jax import ops
+  from eva_clip_jax.models import rope as rope_lib
+  from eva_clip_jax.training import memory
+  target = memory.target_devices('tpu', topology)
+  sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
+  rows = []
+  for name, seq, heads, grid in (('B/16', 197, 12, 14), ('B/16 50% masked', 99, 12, 14), ('L/14', 257, 16, 16),
+                                 ('L/14 50% masked', 129, 16, 16)):
+    spec = jax.ShapeDtypeStruct((batch, seq, heads, 64), jnp.bfloat16, sharding=sharding)
+    cos, sin = (jnp.asarray(t) for t in rope_lib.rope_2d_tables(64, grid))
+    cos, sin = cos[:seq - 1], sin[:seq - 1]  # masked: the first kept rows (the cost does not depend on which)
+    for backend in ('xla', 'pallas'):
+      def loss(q, k, v, backend=backend):
+        if backend == 'pallas':
+          out = ops.flash_attention(q, k, v, rope=(cos, sin))
+        else:
+          q, k = (rope_lib.apply_rope_skip_cls(t, cos, sin) for t in (q, k))
+          out = ops.dot_product_attention(q, k, v, backend='xla')
+        return jnp.sum(out.astype(jnp.float32))
+      cost = _cost(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile())
+      model = 3 * 4 * batch * heads * seq * seq * 64
+      rows.append({'case': name, 'backend': backend, 'batch': batch, **cost, 'model_flops': model})
+      print(f"{name:16} {backend:6} optimal {cost['seconds'] * 1e3:7.3f} ms, flops {cost['flops']:.3g} "
+            f"({cost['flops'] / model:.2f}x model), bytes {cost['bytes']:.3g}", flush=True)
   return rows
 
 
@@ -153,6 +187,8 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   if _CHECK.value:
     rows = check_matmul()
+  elif _ATTENTION_ONLY.value:
+    rows = attention_only(_TOPOLOGY.value)
   else:
     rows = []
     print(f"{'model':16} {'mask':>4} {'attention':9} {'remat':5} {'pad':>3} {'step ms':>8} {'smp/s/chip':>10} "
