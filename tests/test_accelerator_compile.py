@@ -6,9 +6,12 @@ Needs requirements-accel.txt; without it the tests skip, unless EVA_REQUIRE_ACCE
 """
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +100,6 @@ def test_auto_is_cudnn_on_gpu_for_16_bit_and_xla_elsewhere(tpu, h100):
 
 
 def _tiny_config(attention: str):
-  import importlib
   spec = importlib.util.spec_from_file_location('configs_tiny', ROOT / 'configs' / 'tiny.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -134,9 +136,6 @@ def test_planner_command_line_compiles_for_the_target(tmp_path, target_args, kin
     _require('libtpu', 'libtpu (jax[tpu])')
   else:
     _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
-  import json
-  import subprocess
-  import sys
   out = tmp_path / 'plan.json'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # --target=gpu sets its flag itself (re-exec)
   proc = subprocess.run([sys.executable, '-m', 'eva_clip_jax.plan', '--config=configs/tiny.py', *target_args,
