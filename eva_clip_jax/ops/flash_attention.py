@@ -40,8 +40,16 @@ before their matmuls (as in FlashAttention). Matmuls use the target's default pr
 as the 'xla' backend does (for float32 inputs that can mean TF32 on GPUs and bfloat16 passes on TPUs).
 float16 is meant for GPUs; TPUs have no float16 matmul.
 
-Block sizes are untuned defaults; the GPU/TPU speed of this kernel has not been measured yet. Tested on CPU
-only (both interpreters, plus lowering -- not compiling -- the Triton and Mosaic kernels); no GPU or TPU run.
+Targets come from the compile target (the inputs' mesh, `ops.attention.compile_platform`), so an ahead-of-time
+compile for TPU or GPU devices on a CPU host gets the real kernel; on a mesh of several devices the kernels run per
+shard in a `shard_map` (XLA cannot partition a custom call). Each call declares its cost (`pl.CostEstimate`) so that
+XLA's cost analysis does not count it as free.
+
+Block sizes are untuned defaults; the GPU/TPU speed of this kernel has not been measured yet. Tested in both
+interpreters on CPU and compiled (tests/test_accelerator_compile.py) by the TPU compiler and for sm_90; no GPU or
+TPU run. On TPU the compiler's estimate (BENCHMARKS.md) finds it slower than XLA's attention at EVA-02's shapes:
+with fused RoPE each 32-wide half of head dim 64 is padded to 128 lanes and 197 tokens to 256 rows, 10x the
+model's attention FLOPs; packing the halves and 16-row sequence padding are the TPU to-dos.
 """
 
 from __future__ import annotations
