@@ -42,6 +42,7 @@ _PREDICT = flags.DEFINE_bool('predict', False, 'CPU host: write the deviceless G
 
 PREDICTIONS = ROOT / 'benchmarks' / 'gpu_predictions.json'
 RESULT = 'RESULT '
+_USER_ENV = dict(os.environ)  # before this process changes its own allocator settings
 
 
 def plan() -> dict:
@@ -57,7 +58,7 @@ def plan() -> dict:
 
 
 def _env(dry: bool) -> dict:
-  env = dict(os.environ)
+  env = dict(_USER_ENV)  # the workers preallocate as JAX does by default; only this process must not
   env['JAX_PLATFORMS'] = 'cpu' if dry else 'cuda'
   # This working tree's package, whatever else the interpreter has installed.
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
@@ -173,20 +174,36 @@ def section_train(p: dict, framework: str) -> dict:
     if missing:
       return {'skipped': f'not installed: {", ".join(missing)}'}
   predictions = json.loads(PREDICTIONS.read_text()) if PREDICTIONS.exists() else {}
+  import jax
+  gpu = _gpu_name(jax.devices()[0].device_kind)
   rows = []
   for model, batch in p['models']:
     for mask in p['masks']:
+      batch = _fitting_batch(predictions, gpu, model, batch, mask)
       r = _worker(framework, model, batch, mask, p)
       row = {'framework': framework, 'model': model, 'batch': batch, 'mask': float(mask), **r}
       if 'step_s' in r:
         per_sample = flops_lib.train_flops_per_sample(model, patch_dropout=float(mask))['total']
         row['samples_per_s'] = batch / r['step_s']
         row['mfu'] = row['samples_per_s'] / r['devices'] * per_sample / r['peak_flops'] if r.get('peak_flops') else None
-        gpu = _gpu_name(r.get('device', ''))
         predicted = predictions.get(_prediction_key(gpu, model, batch, mask)) if gpu else None
         row['predicted_bytes'] = predicted['total'] if predicted else None
       rows.append(row)
   return {'rows': rows}
+
+
+def _fitting_batch(predictions: dict, gpu: str | None, model: str, batch: int, mask: str) -> int:
+  """`batch`, or half of it where the deviceless prediction says `batch` does not fit this GPU (L/14 unmasked at
+  128 needs 98 GiB without remat: an H200's 141 GB hold it, an H100's 80 do not)."""
+  if gpu is None:
+    return batch
+  from eva_clip_jax.training import memory
+  limit = 0.9 * memory.target_memory_bytes(gpu)
+  for candidate in (batch, batch // 2, batch // 4):
+    predicted = predictions.get(_prediction_key(gpu, model, candidate, mask))
+    if predicted is None or predicted['total'] <= limit:
+      return candidate
+  return batch // 4
 
 
 def _importable(name: str) -> bool:
@@ -245,8 +262,10 @@ def predict() -> None:
   for gpu in ('h100', 'h200'):
     target = memory.target_devices('gpu', '1x1x1', gpu)
     mesh = sharding_lib.make_mesh({'data': 1}, devices=target.devices)
-    for model, batch in p['models']:
-      for mask in p['masks']:
+    for model, full_batch in p['models']:
+      for mask, batch in ((m, b) for m in p['masks'] for b in (full_batch, full_batch // 2)):
+        if _prediction_key(gpu, model, batch, mask) in predictions:
+          continue  # delete the file to recompute everything
         # The same config as benchmarks/train_step.py's JAX worker builds.
         config = clip_recipe(model=model, visual_lr=2e-4, text_lr=2e-5, visual_layer_decay=0.75,
                              text_layer_decay=0.75, batch_size=batch, samples_seen=batch * 1000,
@@ -270,6 +289,8 @@ def main(argv):
     return
   if _DRY.value:
     os.environ['JAX_PLATFORMS'] = 'cpu'
+  else:  # this process times attention on the GPU; the train-step workers after it need the memory
+    os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
   start = time.perf_counter()
   p = plan()
   report = {'dry_run': _DRY.value, 'budget_s': _BUDGET.value, 'plan': {k: v for k, v in p.items()},

@@ -59,6 +59,11 @@ def gpu_spec(gpu: str) -> str:
   return (_GPU_SPEC_DIR / GPU_SPECS[gpu]).read_text()
 
 
+def target_memory_bytes(gpu: str) -> int:
+  """Device memory of a GPU in GPU_SPECS, from its XLA description."""
+  return _memory_from_spec(gpu_spec(gpu))
+
+
 def _memory_from_spec(spec: str) -> int:
   for line in spec.splitlines():
     key, _, value = line.strip().partition(':')
