@@ -28,6 +28,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from eva_clip_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _TARGET = flags.DEFINE_enum('target', 'cpu', ['tpu', 'gpu', 'cpu'], 'whose compiler: the TPU, GPU or CPU one')
 _TOPOLOGY = flags.DEFINE_string('topology', '', "tpu: 'v5p:4x4x4' (chips); gpu: hosts x slices x GPUs, '1x8x8'")
@@ -158,4 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
