@@ -1,14 +1,19 @@
-r"""Plans per-device memory for a topology this machine does not have: the train step is compiled ahead of time for
-as many CPU devices as the mesh names, from abstract inputs (nothing is allocated; eva_clip_jax/training/memory.py).
+r"""Plans per-device memory for a topology this machine does not have: the train step is compiled ahead of time, from
+abstract inputs (nothing is allocated; eva_clip_jax/training/memory.py), by the target's own compiler.
 
-  python -m eva_clip_jax.plan --config=configs/l14.py --mesh=data:64 --device_memory_gb=80
-  python -m eva_clip_jax.plan --config=configs/e14.py --mesh=data:9,fsdp:16 --strategies=fsdp --remat=full
-  python -m eva_clip_jax.plan --config=configs/b16.py --mesh=data:16 --strategies=zero1 --batch_per_device=2048
+  python -m eva_clip_jax.plan --config=configs/b16.py --target=tpu --topology=v5p:4x4x4
+  python -m eva_clip_jax.plan --config=configs/b16.py --target=gpu --gpu=h100 --topology=1x8x8
+  python -m eva_clip_jax.plan --config=configs/e14.py --target=tpu --topology=v5p:8x4x4 --mesh=data:8,fsdp:16
+  python -m eva_clip_jax.plan --config=configs/l14.py --target=cpu --mesh=data:64 --device_memory_gb=80
 
-For each strategy x remat policy: parameter and optimizer-state bytes per device, the step's fixed bytes and bytes
-per sample, and the largest per-device batch within --device_memory_gb x --usable_fraction (found by compiling a
-few batch sizes; --batch_per_device compiles one size instead). fsdp rows move the data axis onto 'fsdp' when the
-mesh has none. The numbers are XLA:CPU's buffer assignment: launch/README.md says how a GPU's or TPU's differ.
+--target=tpu: the TPU compiler (libtpu, from jax[tpu]) for a slice GENERATION:CHIPS (v4, v5e, v5p, v6e; HBM per
+chip from memory.TPU_HBM_GIB). --target=gpu: XLA's GPU compiler without a GPU (jax-cuda12-plugin), for --gpu
+(h100, h200, a100: XLA device descriptions in eva_clip_jax/assets/gpu_targets) on HOSTSxSLICESxGPUS. --target=cpu:
+XLA:CPU devices, the fallback when neither package is installed (`pip install -r requirements-accel.txt`); its
+buffers overstate an accelerator's (launch/README.md). For each strategy x remat policy: parameter and optimizer-state
+bytes per device, the step's fixed bytes and bytes per sample, and the largest per-device batch within the device's
+memory x --usable_fraction (a few compiles; --batch_per_device compiles one size instead). fsdp rows move the data
+axis onto 'fsdp' when the mesh has none.
 """
 
 from __future__ import annotations
@@ -17,13 +22,21 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from eva_clip_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
-_MESH = flags.DEFINE_string('mesh', 'data:8', "devices by mesh axis: 'data:64' or 'data:8,fsdp:8'")
-_MEMORY = flags.DEFINE_float('device_memory_gb', 80.0, 'memory per device in GiB (A100/H100 80GB: 80)')
+_TARGET = flags.DEFINE_enum('target', 'cpu', ['tpu', 'gpu', 'cpu'], 'whose compiler: the TPU, GPU or CPU one')
+_TOPOLOGY = flags.DEFINE_string('topology', '', "tpu: 'v5p:4x4x4' (chips); gpu: hosts x slices x GPUs, '1x8x8'")
+_GPU = flags.DEFINE_enum('gpu', 'h100', ['h100', 'h200', 'a100'], 'the GPU of --target=gpu')
+_MESH = flags.DEFINE_string('mesh', '', "devices by mesh axis: 'data:64' or 'data:8,fsdp:8' (default: all devices "
+                            "on 'data'; --target=cpu: data:8)")
+_MEMORY = flags.DEFINE_float('device_memory_gb', 0.0, "memory per device in GiB (0: the target's; CPU: 80)")
 _FRACTION = flags.DEFINE_float('usable_fraction', 0.9, 'share of it the step may use (GPU: '
                                'XLA_PYTHON_CLIENT_MEM_FRACTION; the rest is runtime and fragmentation headroom)')
 _STRATEGIES = flags.DEFINE_list('strategies', ['dp', 'zero1', 'fsdp'], 'sharding strategies to plan')
@@ -44,8 +57,10 @@ def _gib(n: float) -> str:
 
 
 def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: int, batch_per_device: int = 0,
-             start: int = 16, limit: int = 1 << 16, max_compiles: int = 5) -> dict:
-  """One strategy x remat: the estimate at the planned batch, and the line fitted through the compiles."""
+             start: int = 16, limit: int = 1 << 16, max_compiles: int = 5, devices=None) -> dict:
+  """One strategy x remat: the estimate at the planned batch, and the line fitted through the compiles.
+
+  devices: what to compile for (`memory.target_devices(...).devices`); default: this process's JAX devices."""
   import jax
 
   from eva_clip_jax.training import memory
@@ -53,8 +68,8 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
   config = copy.deepcopy(config)
   config.sharding.strategy, config.model.remat = strategy, remat
   mesh_config = memory.strategy_mesh(mesh_config, strategy)
-  devices = math.prod(mesh_config.values())
-  mesh = sharding_lib.make_mesh(mesh_config, devices=jax.devices()[:devices])
+  num_devices = math.prod(mesh_config.values())
+  mesh = sharding_lib.make_mesh(mesh_config, devices=list(devices or jax.devices())[:num_devices])
   estimates: dict[int, memory.MemoryEstimate] = {}
 
   def measure(batch: int) -> int:
@@ -89,32 +104,54 @@ def format_row(row: dict) -> str:
           f"{'yes' if row['fits'] else 'no':>4} {row['compiles']:3d} ({row['compile_seconds']:3.0f}s)")
 
 
+def _reexec_with_gpu_flags() -> None:
+  """XLA reads XLA_FLAGS once, when the process starts its first backend: set the GPU flag and start again."""
+  from eva_clip_jax.training import memory
+  if memory.GPU_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {memory.GPU_XLA_FLAGS}".strip()
+    os.environ['JAX_PLATFORMS'] = 'cpu'
+    os.execv(sys.executable, [sys.executable, '-m', 'eva_clip_jax.plan', *sys.argv[1:]])
+
+
 def main(argv):
   del argv
+  if _TARGET.value == 'gpu':
+    _reexec_with_gpu_flags()
   import jax
 
   from eva_clip_jax.training import memory
-  mesh_config = memory.parse_mesh(_MESH.value)
-  # XLA:CPU devices stand in for the accelerators: a fresh process makes as many as the mesh names.
+  mesh_text = _MESH.value or ('data:8' if _TARGET.value == 'cpu' else '')
+  # The host runs on XLA:CPU: accelerator targets are compiled for, never initialised (no TPU or GPU is needed).
   jax.config.update('jax_platforms', 'cpu')
-  jax.config.update('jax_num_cpu_devices', math.prod(mesh_config.values()))
+  if _TARGET.value == 'cpu':  # XLA:CPU devices stand in for the accelerators: as many as the mesh names
+    jax.config.update('jax_num_cpu_devices', math.prod(memory.parse_mesh(mesh_text).values()))
+  target = memory.target_devices(_TARGET.value, _TOPOLOGY.value, _GPU.value)
+  mesh_config = memory.parse_mesh(mesh_text or f'data:{len(target.devices)}')
+  if math.prod(mesh_config.values()) != len(target.devices):
+    raise app.UsageError(f'--mesh={memory.format_mesh(mesh_config)} names {math.prod(mesh_config.values())} '
+                         f'devices; {target.name} has {len(target.devices)}')
   from eva_clip_jax.models import count_params, create_model
 
   config = _CONFIG.value
-  budget = int(_MEMORY.value * _FRACTION.value * memory.GIB)
+  memory_gib = _MEMORY.value or (target.memory_bytes / memory.GIB if target.memory_bytes else 80.0)
+  budget = int(memory_gib * _FRACTION.value * memory.GIB)
   params = count_params(create_model(config.model.name, abstract=True))
+  compiler = {'tpu': f'the TPU compiler (libtpu) for {target.name}, {target.devices[0].device_kind}',
+              'gpu': f'XLA:GPU without a GPU for {target.name}, {target.devices[0].device_kind} (no autotuning)',
+              'cpu': 'XLA:CPU, the fallback: CPU buffers overstate an accelerator\'s (launch/README.md)'}[target.kind]
   print(f'{config.model.name}: {params / 1e6:.0f}M parameters, {config.model.dtype} compute, '
         f'{config.model.param_dtype} parameters, attention {config.model.attention}, '
         f'patch dropout {config.model.patch_dropout}, optimizer {config.optimizer.name}')
-  print(f'mesh {memory.format_mesh(mesh_config)}; budget {_MEMORY.value:g} GiB x {_FRACTION.value:g} = '
-        f'{budget / memory.GIB:.1f} GiB per device; compiled for XLA:CPU by JAX {jax.__version__} '
+  print(f'mesh {memory.format_mesh(mesh_config)}; budget {memory_gib:g} GiB x {_FRACTION.value:g} = '
+        f'{budget / memory.GIB:.1f} GiB per device; compiled by {compiler}, JAX {jax.__version__} '
         f'(GiB per device; fixed + MiB/smp x batch = total)')
   print(_HEADER, flush=True)
   rows = []
   for strategy in _STRATEGIES.value:
     for remat in _REMAT.value:
       row = plan_row(config, mesh_config, strategy, remat, budget=budget, batch_per_device=_BATCH.value,
-                     start=_START.value, limit=_LIMIT.value, max_compiles=_COMPILES.value)
+                     start=_START.value, limit=_LIMIT.value, max_compiles=_COMPILES.value, devices=target.devices)
+      row['target'] = target.name
       rows.append(row)
       print(format_row(row), flush=True)
   if _JSON.value:
@@ -123,4 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

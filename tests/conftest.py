@@ -1,6 +1,14 @@
 import os
 
+# CPU, also where the CUDA plugin is installed (requirements-accel.txt): it would otherwise probe for a GPU. The
+# accelerator-compile tests reach TPU and GPU compilers through jax.experimental.topologies, not as backends.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# libtpu's host-wide lock file would let only one test worker compile for TPU (compiling opens no chip).
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+# XLA reads XLA_FLAGS once per process: deviceless GPU compiles need cuBLAS for the matmuls (untuned Triton GEMM
+# tiles may fail to compile without a GPU to autotune on; eva_clip_jax.training.memory.GPU_XLA_FLAGS).
+if '--xla_gpu_enable_triton_gemm' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
 
 import jax  # noqa: E402
 

@@ -17,6 +17,10 @@ CASES = {
                               "--config.data.sources=(('{tmp}/nothing', 1.0),)"], 'no shard matches'),
     'extract_features, no data there': (['eva_clip_jax.extract_features', '--config=configs/tiny.py',
                                          '--data={tmp}/nothing', '--output_dir={tmp}/out'], 'no shard matches'),
+    'plan, unknown mesh axis': (['eva_clip_jax.plan', '--config=configs/tiny.py', '--mesh=model:8', '--target=cpu',
+                                 '--strategies=zero1', '--remat=none', '--batch_per_device=1'], 'model'),
+    'evaluate, unknown model': (['eva_clip_jax.evaluate', '--config=configs/tiny.py', '--config.model.name=nope-99',
+                                 '--output_dir={tmp}/out'], "Unknown model 'nope-99'"),
     'convert, no such file': (['eva_clip_jax.convert', '--model=tiny', '--src={tmp}/missing.pt', '--dst={tmp}/out'],
                               'missing.pt'),
 }

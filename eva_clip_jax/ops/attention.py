@@ -3,16 +3,22 @@
 All backends take q, k, v shaped [batch, seq, heads, head_dim] (the layout of `jax.nn.dot_product_attention`)
 and return the same shape. Backends:
   xla    plain einsum + float32 softmax; runs everywhere and is the numerical reference.
-  cudnn  cuDNN's fused attention through `jax.nn.dot_product_attention`; NVIDIA GPUs only.
+  cudnn  cuDNN's fused attention through `jax.nn.dot_product_attention`; NVIDIA GPUs, 16-bit inputs only.
   pallas the project's flash-attention kernel (`eva_clip_jax.ops.flash_attention`: Triton on GPU, Mosaic on
          TPU, the Pallas interpreter on CPU, where it is correct but slow). That module registers itself
          through `register_backend` when `eva_clip_jax.ops` imports it.
-  auto   'xla' for now, on every platform. Whether GPUs and TPUs should default to 'pallas' (or 'cudnn') awaits
-         benchmarks of the kernels on that hardware; on CPU it stays 'xla' (the kernels only interpret there).
+  auto   GPU: 'cudnn' where its constraints hold (16-bit inputs, head_dim a multiple of 8 up to 128; no mask
+         but the causal one, which cuDNN takes as `is_causal`), else 'xla'. TPU and CPU: 'xla' (on TPU the
+         compiler's estimate in BENCHMARKS.md puts XLA's attention ahead of the Mosaic kernel at EVA's shapes).
+
+"The platform" is the compile target's, not the default backend's: `compile_platform` reads it from the inputs'
+sharding (the mesh's devices, also in an ahead-of-time compile for devices this host does not have, as the
+planner does with `jax.experimental.topologies`), and only falls back to `jax.devices()`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import jax
@@ -34,19 +40,86 @@ def _xla_attention(q, k, v, *, causal: bool, scale: float):
     mask = jnp.tril(jnp.ones((q_len, k_len), dtype=bool))
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   # Softmax in float32 whatever the compute dtype, as the fused kernels of the reference do.
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  weights = _softmax_to(logits, v.dtype)
   return jnp.einsum('bhqk,bhkd->bhqd', weights, v).transpose(0, 2, 1, 3)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_to(logits: jax.Array, dtype) -> jax.Array:
+  """softmax(logits) in float32, returned in `dtype`; its gradient is computed from that `dtype` output.
+
+  jax.nn.softmax's gradient keeps its float32 output for the backward pass, and the matmul with v keeps the 16-bit
+  cast: with 16-bit compute each [batch, heads, q, k] score matrix was stored twice, 6 bytes per element (the
+  compiled HLO of a deviceless GPU and a TPU compile shows both). Reusing the 16-bit probabilities, which the
+  matmul keeps anyway, stores 2 bytes, and rounds the backward's probabilities as FlashAttention's matmuls do.
+  """
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def _softmax_to_fwd(logits, dtype):
+  out = _softmax_to(logits, dtype)
+  return out, out
+
+
+def _softmax_to_bwd(dtype, probs, g):
+  del dtype
+  probs, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+  return (probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)),)
+
+
+_softmax_to.defvjp(_softmax_to_fwd, _softmax_to_bwd)
+
+
+_PLATFORM_ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}
+
+
+def compile_platform(*arrays) -> str:
+  """'tpu', 'gpu' or 'cpu': what the computation consuming `arrays` is compiled for.
+
+  Under jit an input's abstract sharding names its mesh's device kind and platform (`AbstractMesh.abstract_device`),
+  through scans, remat and custom_vjp; that is the only place a trace sees the target of an ahead-of-time compile
+  for a TPU topology or a deviceless GPU. Concrete arrays name their devices. Otherwise: the default backend.
+  """
+  for x in arrays:
+    mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
+    device = getattr(mesh, 'abstract_device', None)
+    if device is not None:
+      return _PLATFORM_ALIASES.get(device.platform, device.platform)
+    try:  # a concrete array; a tracer has no devices
+      platform = next(iter(x.devices())).platform
+    except Exception:  # pylint: disable=broad-except
+      continue
+    return _PLATFORM_ALIASES.get(platform, platform)
+  device = getattr(jax.sharding.get_abstract_mesh(), 'abstract_device', None)
+  platform = device.platform if device is not None else jax.devices()[0].platform
+  return _PLATFORM_ALIASES.get(platform, platform)
+
+
+def cudnn_supports(q: jax.Array) -> bool:
+  """cuDNN fused attention's constraints that `auto` checks: 16-bit inputs, head_dim a multiple of 8 up to 128 (256
+  on Hopper). No mask but the causal one (`is_causal`) is ever passed; odd lengths are padded (`_cudnn_attention`)."""
+  return q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+
+
 def _cudnn_attention(q, k, v, *, causal: bool, scale: float):
-  platform = jax.devices()[0].platform
+  platform = compile_platform(q, k, v)
   if platform != 'gpu':
-    raise ValueError(f"attention backend 'cudnn' needs an NVIDIA GPU, but JAX runs on {platform!r}; "
-                     "use attention='xla' (or 'auto').")
+    raise ValueError(f"attention backend 'cudnn' needs an NVIDIA GPU, but this computation is compiled for "
+                     f"{platform!r}; use attention='xla' (or 'auto').")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention backend 'cudnn' supports bfloat16 and float16 only, got {q.dtype}; "
                      "set dtype='bfloat16' or use attention='xla'.")
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation='cudnn')
+  seq = q.shape[1]
+  if seq % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, implementation='cudnn')
+  # Odd lengths (ViT's 1 + grid^2, the text tower's 77): jax 0.10.2 replaces an absent bias by a placeholder before
+  # checking "biased training needs even lengths", so cuDNN's backward refuses 197 tokens even without a mask.
+  # One padded token, masked out through the sequence lengths (cuDNN's padding mask), satisfies the check.
+  q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+  lengths = jnp.full((q.shape[0],), seq, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation='cudnn')
+  return out[:, :seq]
 
 
 _BACKENDS: dict[str, AttentionFn] = {'xla': _xla_attention, 'cudnn': _cudnn_attention}
@@ -61,10 +134,16 @@ def available_backends() -> list[str]:
   return sorted(_BACKENDS)
 
 
-def _resolve(backend: str) -> AttentionFn:
+def resolve_auto(q: jax.Array) -> str:
+  """The backend 'auto' means for these inputs on their compile target (see the module docstring)."""
+  if compile_platform(q) == 'gpu' and cudnn_supports(q):
+    return 'cudnn'
+  return 'xla'
+
+
+def _resolve(backend: str, q: jax.Array | None = None) -> AttentionFn:
   if backend == 'auto':
-    # Until the kernel benchmarks decide otherwise, XLA is the safe fastest-available choice everywhere.
-    backend = 'xla'
+    backend = 'xla' if q is None else resolve_auto(q)
   if backend not in _BACKENDS:
     raise ValueError(f'Unknown attention backend {backend!r}; available: {available_backends()}.')
   return _BACKENDS[backend]
@@ -77,7 +156,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
     raise ValueError(f'expected q, k, v as [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}')
   if scale is None:
     scale = q.shape[-1] ** -0.5
-  return _resolve(backend)(q, k, v, causal=causal, scale=scale)
+  return _resolve(backend, q)(q, k, v, causal=causal, scale=scale)
 
 
 def validate_backend(backend: str) -> str:

@@ -40,21 +40,30 @@ before their matmuls (as in FlashAttention). Matmuls use the target's default pr
 as the 'xla' backend does (for float32 inputs that can mean TF32 on GPUs and bfloat16 passes on TPUs).
 float16 is meant for GPUs; TPUs have no float16 matmul.
 
-Block sizes are untuned defaults; the GPU/TPU speed of this kernel has not been measured yet. Tested on CPU
-only (both interpreters, plus lowering -- not compiling -- the Triton and Mosaic kernels); no GPU or TPU run.
+Targets come from the compile target (the inputs' mesh, `ops.attention.compile_platform`), so an ahead-of-time
+compile for TPU or GPU devices on a CPU host gets the real kernel; on a mesh of several devices the kernels run per
+shard in a `shard_map` (XLA cannot partition a custom call). Each call declares its cost (`pl.CostEstimate`) so that
+XLA's cost analysis does not count it as free.
+
+Block sizes are untuned defaults; the GPU/TPU speed of this kernel has not been measured yet. Tested in both
+interpreters on CPU and compiled (tests/test_accelerator_compile.py) by the TPU compiler and for sm_90; no GPU or
+TPU run. On TPU the compiler's estimate (BENCHMARKS.md) finds it slower than XLA's attention at EVA-02's shapes:
+with fused RoPE each 32-wide half of head dim 64 is padded to 128 lanes and 197 tokens to 256 rows, 10x the
+model's attention FLOPs; packing the halves and 16-row sequence padding are the TPU to-dos.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from eva_clip_jax.ops.attention import register_backend
+from eva_clip_jax.ops.attention import compile_platform, register_backend
 
 # Finite rather than -inf, so that a row whose keys are all masked in one block never computes inf - inf.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -84,8 +93,10 @@ class _Config:
     return 2 if self.rope else 1
 
 
-def _default_target() -> tuple[str, bool]:
-  platform = jax.devices()[0].platform
+def _default_target(*arrays) -> tuple[str, bool]:
+  # The compile target's platform, not jax.devices()': an ahead-of-time compile for TPU or GPU devices on a CPU host
+  # must get the real kernel, not the interpreter (which XLA compiles as loops over whole-array copies).
+  platform = compile_platform(*arrays)
   if platform == 'tpu':
     return 'tpu', False
   if platform == 'gpu':
@@ -251,8 +262,10 @@ def _dkv_kernel(*refs, cfg: _Config):
     return tuple(acc + _dot_tn(ds, qp) for acc, qp in zip(dk, q)), dv
 
   first_q = lax.div(k_start, block_q) if cfg.causal else 0  # earlier queries cannot see these keys
-  # A block made only of padded keys (the sequence is padded to the largest block size) gets zeros.
-  num_q = jnp.where(k_start < cfg.kv_len, _num_blocks(cfg.q_len, block_q), first_q)
+  # A block made only of padded keys (the sequence is padded to the largest block size) gets zeros. Both bounds
+  # int32, not weakly typed: Triton's scf.for rejects a loop whose bounds differ in type (sm_90 compile; the
+  # interpreter accepts it).
+  num_q = jnp.where(k_start < cfg.kv_len, jnp.int32(_num_blocks(cfg.q_len, block_q)), jnp.int32(first_q))
   init = (tuple(jnp.zeros(r.shape, jnp.float32) for r in dk_refs), jnp.zeros(dv_ref.shape, jnp.float32))
   dk, dv = lax.fori_loop(first_q, num_q, body, init)
   dk = tuple(d * cfg.scale for d in dk)
@@ -286,7 +299,20 @@ def _table_spec(cfg: _Config, rows: int | None, table: jax.Array) -> pl.BlockSpe
   return pl.BlockSpec((4, rows, dim), lambda b, h, i: (0, i, 0))
 
 
-def _pallas_call(kernel, cfg: _Config, *, grid, in_specs, out_specs, out_shape, name, head_dim):
+def _cost(cfg: _Config, args, out_shape, matmuls: int) -> pl.CostEstimate:
+  """What one call computes, for XLA's cost analysis (which cannot see into a kernel and otherwise counts nothing):
+  `matmuls` [q_pad, k_pad] x width products per (batch, head), at the padded sizes the kernel really runs."""
+  batch, heads, q_pad, _ = args[0].shape
+  k_pad = args[cfg.parts].shape[2]
+  width = sum(a.shape[-1] for a in args[:cfg.parts])  # q's parts: the head dim as the kernel pads it
+  work = batch * heads * q_pad * k_pad
+  if cfg.causal:
+    work //= 2
+  moved = sum(math.prod(a.shape) * a.dtype.itemsize for a in (*args, *jax.tree.leaves(out_shape)))
+  return pl.CostEstimate(flops=int(2 * matmuls * work * width), transcendentals=int(work), bytes_accessed=int(moved))
+
+
+def _pallas_call(kernel, cfg: _Config, *, grid, in_specs, out_specs, out_shape, name, head_dim, cost=None):
   # Imported here, not at the top: `import eva_clip_jax` should not pay for (or depend on) both backends.
   from jax.experimental.pallas import tpu as pltpu
   from jax.experimental.pallas import triton as pltriton
@@ -297,7 +323,8 @@ def _pallas_call(kernel, cfg: _Config, *, grid, in_specs, out_specs, out_shape, 
     params = pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
     interpret = cfg.interpret
   return pl.pallas_call(functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, compiler_params=params, interpret=interpret, name=name)
+                        out_shape=out_shape, compiler_params=params, interpret=interpret, name=name,
+                        cost_estimate=cost)
 
 
 def _qk_specs(cfg, q_parts, k_parts, table, *, block_q, block_k, grid_over_q: bool):
@@ -320,11 +347,12 @@ def _forward(q_parts, k_parts, v, table, cfg: _Config):
                                             block_k=cfg.block_k, grid_over_q=True)
   out_shape = (jax.ShapeDtypeStruct((batch, heads, q_pad, v.shape[-1]), v.dtype),
                jax.ShapeDtypeStruct((batch, heads, q_pad, 1), jnp.float32))
+  args = (*q_parts, *k_parts, v, *([table] * 2 * cfg.rope))
   return _pallas_call(
       _forward_kernel, cfg, grid=(batch, heads, q_pad // cfg.block_q),
       in_specs=[*q_specs, *k_specs, _whole(v.shape[2], v.shape[-1]), *table_specs],
       out_specs=(_blocked(cfg.block_q, v.shape[-1]), _blocked(cfg.block_q, 1)), out_shape=out_shape,
-      name='flash_attention_fwd', head_dim=v.shape[-1])(*q_parts, *k_parts, v, *([table] * 2 * cfg.rope))
+      name='flash_attention_fwd', head_dim=v.shape[-1], cost=_cost(cfg, args, out_shape, 2))(*args)
 
 
 def _backward(q_parts, k_parts, v, table, out, lse, d_out, cfg: _Config):
@@ -337,23 +365,23 @@ def _backward(q_parts, k_parts, v, table, out, lse, d_out, cfg: _Config):
   q_specs, k_specs, table_specs = _qk_specs(cfg, q_parts, k_parts, table, block_q=block_q, block_k=block_k,
                                             grid_over_q=True)
   row_specs = [_whole(k_pad, dim), _blocked(block_q, dim), _blocked(block_q, 1), _blocked(block_q, 1)]
-  dq = _pallas_call(
+  args = (*q_parts, *k_parts, v, d_out, lse, delta, *tables)
+  dq_shape = tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in q_parts)
+  dq = _pallas_call(  # q k^T, do v^T, ds k
       _dq_kernel, cfg, grid=(batch, heads, q_pad // block_q), in_specs=[*q_specs, *k_specs, *row_specs,
                                                                           *table_specs],
-      out_specs=tuple(_blocked(block_q, p.shape[-1]) for p in q_parts),
-      out_shape=tuple(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in q_parts),
-      name='flash_attention_dq', head_dim=dim)(*q_parts, *k_parts, v, d_out, lse, delta, *tables)
+      out_specs=tuple(_blocked(block_q, p.shape[-1]) for p in q_parts), out_shape=dq_shape,
+      name='flash_attention_dq', head_dim=dim, cost=_cost(cfg, args, dq_shape, 3))(*args)
 
   q_specs, k_specs, table_specs = _qk_specs(cfg, q_parts, k_parts, table, block_q=block_q, block_k=block_k,
                                             grid_over_q=False)
   row_specs = [_blocked(block_k, dim), _whole(q_pad, dim), _whole(q_pad, 1), _whole(q_pad, 1)]
-  *dk, dv = _pallas_call(
+  dkv_shape = (*(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in k_parts), jax.ShapeDtypeStruct(v.shape, v.dtype))
+  *dk, dv = _pallas_call(  # q k^T, p^T do, do v^T, ds^T q
       _dkv_kernel, cfg, grid=(batch, heads, k_pad // block_k), in_specs=[*q_specs, *k_specs, *row_specs,
                                                                            *table_specs],
-      out_specs=(*(_blocked(block_k, p.shape[-1]) for p in k_parts), _blocked(block_k, dim)),
-      out_shape=(*(jax.ShapeDtypeStruct(p.shape, p.dtype) for p in k_parts),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      name='flash_attention_dkv', head_dim=dim)(*q_parts, *k_parts, v, d_out, lse, delta, *tables)
+      out_specs=(*(_blocked(block_k, p.shape[-1]) for p in k_parts), _blocked(block_k, dim)), out_shape=dkv_shape,
+      name='flash_attention_dkv', head_dim=dim, cost=_cost(cfg, args, dkv_shape, 4))(*args)
   return tuple(dq), tuple(dk), dv
 
 
@@ -401,7 +429,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     kernels to q and k of every token but the first (`models.rope.apply_rope_skip_cls`).
   block_*: query/key rows per block in the forward and backward kernels (powers of two >= 16; clamped to the
     sequence). target: 'triton' (GPU) or 'tpu' (Mosaic); interpret: run through the Pallas interpreter.
-    Both default to the platform of the first JAX device (CPU: 'triton', interpreted).
+    Both default to the compile target's platform (`ops.attention.compile_platform`; CPU: 'triton', interpreted).
   """
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f'expected q, k, v as [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}')
@@ -409,7 +437,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
-  default_target, default_interpret = _default_target()
+  default_target, default_interpret = _default_target(q, k, v)
   target = target or default_target
   if target not in _DEFAULT_BLOCKS:
     raise ValueError(f"target must be 'triton' or 'tpu', got {target!r}")
@@ -438,8 +466,36 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     dim = _padded_head_dim(head_dim, target)
     q_parts, k_parts = (_pad_to(q, (batch, heads, q_pad, dim)),), (_pad_to(k, (batch, heads, k_pad, dim)),)
   v = _pad_to(v, (batch, heads, k_pad, _padded_head_dim(head_dim, target)))
-  out = _attention(q_parts, k_parts, v, table, cfg)
+  out = _per_shard(q, batch, heads, cfg.per_sample_tables, lambda *a: _attention(*a, cfg))(q_parts, k_parts, v, table)
   return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
+
+
+def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn):
+  """fn over [batch, heads, ...] arrays, run per device when `x` lives on a mesh of several devices.
+
+  XLA cannot partition a kernel's custom call (Mosaic refuses: "Mosaic kernels cannot be automatically
+  partitioned"; a Triton call would be replicated), so under jit on a mesh the kernels run in a shard_map: the batch
+  split over the mesh axes that divide it ('tensor' aside), the heads over 'tensor' where it divides them.
+  """
+  mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
+  if mesh is None or getattr(mesh, 'empty', True) or mesh.size == 1:
+    return fn
+  from jax.sharding import PartitionSpec as P
+  batch_axes, size = [], 1
+  for axis, n in mesh.shape.items():
+    if axis != 'tensor' and n > 1 and batch % (size * n) == 0:
+      batch_axes.append(axis)
+      size *= n
+  tensor = mesh.shape.get('tensor', 1)
+  head_axis = 'tensor' if tensor > 1 and heads % tensor == 0 else None
+  spec = P(tuple(batch_axes) or None, head_axis)
+  table_spec = P(tuple(batch_axes) or None) if per_sample_tables else P()
+
+  def run(q_parts, k_parts, v, table):
+    specs = (tuple(spec for _ in q_parts), tuple(spec for _ in k_parts), spec, None if table is None else table_spec)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(q_parts, k_parts, v, table)
+
+  return run
 
 
 def _pallas_backend(q, k, v, *, causal: bool, scale: float):

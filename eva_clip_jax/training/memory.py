@@ -5,8 +5,11 @@ Nothing is allocated: the trainer's state is `ShapeDtypeStruct`s carrying their 
 `memory_analysis()` gives the bytes of arguments, outputs, donated (aliased) buffers and temporaries of one device's
 program. The parameter and optimizer-state bytes come from the shardings' shard shapes, independently of XLA.
 
-What is compiled is XLA's program for the devices it has: on a machine without accelerators, CPU devices. See
-launch/README.md for how that differs from a GPU's or a TPU's compile.
+What is compiled is XLA's program for the devices of the mesh. `target_devices` makes them for an accelerator this
+machine does not have: TPU chips of a slice (`jax.experimental.topologies` with libtpu: the real TPU compiler) or
+NVIDIA GPUs from an XLA GPU device description (the CUDA plugin's compiler, deviceless: no autotuning). XLA:CPU
+devices remain the fallback when neither compiler package is installed (`requirements-accel.txt`); launch/README.md
+says how their accounting differs.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import pathlib
 import time
 from typing import Any, Callable, Mapping
 
@@ -29,6 +34,84 @@ from eva_clip_jax.training import step as step_lib
 # of a CPU compile) and leave every buffer as it was (tests/test_plan.py compares with a default compile).
 FAST_COMPILE_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 GIB = 2**30
+
+# HBM per chip (one JAX device: v4 and v5p run as megacore, two TensorCores per device), GiB, from Cloud TPU docs.
+TPU_HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+# XLA's GPU device descriptions (openxla/xla target_config specs, Apache-2.0), which also give the memory size.
+GPU_SPECS = {'h100': 'h100_sxm.txtpb', 'h200': 'h200.txtpb', 'a100': 'a100_sxm_80.txtpb'}
+_GPU_SPEC_DIR = pathlib.Path(__file__).resolve().parents[1] / 'assets' / 'gpu_targets'
+# Untuned Triton GEMM tiles can fail to compile without a GPU to autotune on; cuBLAS takes the matmuls instead.
+GPU_XLA_FLAGS = '--xla_gpu_enable_triton_gemm=false'
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Devices to compile for, what they are, and their memory per device."""
+  kind: str  # 'tpu', 'gpu' or 'cpu'
+  name: str  # 'v5p:4x4x4', 'h100 1x8x8', 'cpu'
+  devices: tuple
+  memory_bytes: int | None  # None: unknown (CPU)
+
+
+def gpu_spec(gpu: str) -> str:
+  if gpu not in GPU_SPECS:
+    raise ValueError(f'unknown GPU {gpu!r}; known: {sorted(GPU_SPECS)}')
+  return (_GPU_SPEC_DIR / GPU_SPECS[gpu]).read_text()
+
+
+def target_memory_bytes(gpu: str) -> int:
+  """Device memory of a GPU in GPU_SPECS, from its XLA description."""
+  return _memory_from_spec(gpu_spec(gpu))
+
+
+def _memory_from_spec(spec: str) -> int:
+  for line in spec.splitlines():
+    key, _, value = line.strip().partition(':')
+    if key == 'device_memory_size':
+      return int(value)
+  raise ValueError('GPU spec without device_memory_size')
+
+
+def target_devices(kind: str, topology: str = '', gpu: str = 'h100', num_devices: int = 0) -> Target:
+  """Devices of a TPU slice ('v5p:4x4x4'), of `gpu`s ('1x8x8': hosts x slices x GPUs per host) or XLA:CPU's.
+
+  Compiling for TPU needs `jax[tpu]` (libtpu), for GPU `jax-cuda12-plugin` and `jax-cuda12-pjrt` with
+  JAX_PLATFORMS=cpu (so that the plugin does not look for a GPU); neither needs the hardware.
+  """
+  import jax
+  from jax.experimental import topologies
+  if kind == 'cpu':
+    devices = jax.devices('cpu')
+    if num_devices > len(devices):
+      raise ValueError(f'{num_devices} CPU devices asked for, {len(devices)} exist: set jax_num_cpu_devices first')
+    return Target('cpu', 'cpu', tuple(devices[:num_devices or len(devices)]), None)
+  if kind == 'tpu':
+    generation = topology.partition(':')[0]
+    if generation not in TPU_HBM_GIB or ':' not in topology:
+      raise ValueError(f"TPU topology must be GENERATION:CHIPS with a generation in {sorted(TPU_HBM_GIB)}, e.g. "
+                       f"'v5p:4x4x4' or 'v5e:4x4'; got {topology!r}")
+    # v4's default is one device per TensorCore; JAX on a v4 VM runs megacore (one device per chip).
+    extra = {'chip_config_name': 'megacore'} if generation == 'v4' else {}
+    # libtpu takes a host-wide lock file at load, so a second process (a parallel test worker, a planner beside
+    # a benchmark) would fail to compile; compiling opens no chip, so several loads are safe.
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+    try:
+      topo = topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra)
+    except Exception as e:  # no libtpu, or a shape the generation does not have
+      raise RuntimeError(f'cannot make TPU topology {topology!r} (is jax[tpu] installed? '
+                         f'pip install -r requirements-accel.txt): {e}') from e
+    return Target('tpu', topology, tuple(topo.devices), TPU_HBM_GIB[generation] * GIB)
+  if kind == 'gpu':
+    spec = gpu_spec(gpu)
+    if GPU_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+      raise RuntimeError(f'deviceless GPU compiles need XLA_FLAGS={GPU_XLA_FLAGS} set before jax starts')
+    try:
+      topo = topologies.get_topology_desc(platform='cuda', target_config=spec, topology=topology or '1x1x8')
+    except Exception as e:
+      raise RuntimeError(f'cannot make a {gpu} topology {topology!r} (are jax-cuda12-plugin and jax-cuda12-pjrt '
+                         f'installed, JAX_PLATFORMS=cpu? pip install -r requirements-accel.txt): {e}') from e
+    return Target('gpu', f'{gpu} {topology or "1x1x8"}', tuple(topo.devices), _memory_from_spec(spec))
+  raise ValueError(f"target must be 'tpu', 'gpu' or 'cpu', got {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +183,8 @@ def compile_train_step(config, mesh: Mesh, batch_per_device: int, *,
   batch = abstract_batch(config, mesh)
   start = time.perf_counter()
   lowered = step_lib.make_train_step(setup).lower(setup.abstract_state, batch)
+  if mesh.devices.flat[0].platform != 'cpu':
+    compiler_options = None  # the fast options are XLA:CPU's (LLVM); TPU and GPU compilers reject them
   compiled = lowered.compile(compiler_options=dict(compiler_options) if compiler_options else None)
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()

@@ -1,0 +1,172 @@
+"""The real TPU and GPU compilers, on this CPU host: the flash-attention kernels and the tiny model's train step
+compile (not interpret) for a TPU slice (libtpu, `jax.experimental.topologies`) and for 8 H100s (the CUDA plugin's
+compiler, deviceless), and the attention backends pick their kernels from the compile target, not jax.devices().
+
+Needs requirements-accel.txt; without it the tests skip, unless EVA_REQUIRE_ACCEL=1 (CI sets it) makes that a failure.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from eva_clip_jax import ops
+from eva_clip_jax.models import rope as rope_lib
+from eva_clip_jax.training import memory
+from eva_clip_jax.training import sharding as sharding_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRITON, MOSAIC, CUDNN = '__gpu$xla.gpu.triton', 'tpu_custom_call', '__cudnn$fmha'
+
+
+def _require(module: str, what: str):
+  if importlib.util.find_spec(module) is None:
+    if os.environ.get('EVA_REQUIRE_ACCEL') == '1':
+      pytest.fail(f'{what} is not installed (pip install -r requirements-accel.txt)')
+    pytest.skip(f'{what} is not installed (requirements-accel.txt)')
+
+
+@pytest.fixture(scope='module')
+def tpu():
+  _require('libtpu', 'libtpu (jax[tpu])')
+  return memory.target_devices('tpu', 'v5e:2x2')
+
+
+@pytest.fixture(scope='module')
+def h100():
+  _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
+  return memory.target_devices('gpu', '1x1x8', 'h100')
+
+
+def _custom_calls(compiled) -> list[str]:
+  return re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
+
+
+def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend='pallas', batch=2):
+  """Forward + backward of attention over [batch, seq, 2, head_dim] bf16 inputs on one device of `target`."""
+  sharding = NamedSharding(jax.sharding.Mesh(target.devices[:1], ('data',)), P())
+  spec = jax.ShapeDtypeStruct((batch, seq, 2, head_dim), jnp.bfloat16, sharding=sharding)
+  rope = None
+  if with_rope:  # the vision tower's shared tables for 1 + grid^2 tokens
+    rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(head_dim, int(round((seq - 1) ** 0.5))))
+
+  def loss(q, k, v):
+    if backend == 'pallas':
+      out = ops.flash_attention(q, k, v, causal=causal, rope=rope)
+    else:
+      out = ops.dot_product_attention(q, k, v, causal=causal, backend=backend)
+    return jnp.sum(out.astype(jnp.float32))
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+
+
+# EVA's head dims: 64 (B/16, L/14), 88 (g/14), 112 (bigE/14); ViT lengths 1 + grid^2 (B/16 at 224: 197).
+@pytest.mark.parametrize('head_dim,seq', [(64, 197), (88, 257), (112, 50)])
+def test_flash_kernels_compile_for_tpu_and_sm90(tpu, h100, head_dim, seq):
+  for target, call in ((tpu, MOSAIC), (h100, TRITON)):
+    # forward, dq, dk/dv: three kernels, none of them interpreted (an interpreted kernel has no custom call)
+    assert _custom_calls(_kernel_step(target, head_dim, seq)).count(call) == 3, target.name
+
+
+def test_causal_flash_kernels_compile(tpu, h100):
+  for target, call in ((tpu, MOSAIC), (h100, TRITON)):
+    assert _custom_calls(_kernel_step(target, 64, 77, causal=True, with_rope=False)).count(call) == 3
+
+
+@pytest.mark.parametrize('head_dim,seq,causal', [(64, 197, False), (88, 257, False), (112, 50, False),
+                                                 (64, 77, True)])
+def test_cudnn_attention_compiles_for_h100(h100, head_dim, seq, causal):
+  # cuDNN's fused attention, forward and backward, at odd ViT lengths (no mask) and the causal text tower.
+  calls = _custom_calls(_kernel_step(h100, head_dim, seq, causal=causal, with_rope=False, backend='cudnn'))
+  assert sum(c.startswith(CUDNN) for c in calls) >= 2, calls  # forward and backward fused-attention calls
+
+
+def test_auto_is_cudnn_on_gpu_for_16_bit_and_xla_elsewhere(tpu, h100):
+  calls = _custom_calls(_kernel_step(h100, 64, 197, with_rope=False, backend='auto'))
+  assert any(c.startswith(CUDNN) for c in calls), calls
+  assert not _custom_calls(_kernel_step(tpu, 64, 197, with_rope=False, backend='auto'))
+  spec = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.float32)
+  assert ops.attention.resolve_auto(jnp.zeros(spec.shape, jnp.bfloat16)) == 'xla'  # CPU
+  with pytest.raises(ValueError, match="compiled for 'tpu'"):
+    _kernel_step(tpu, 64, 197, with_rope=False, backend='cudnn')
+
+
+def _tiny_config(attention: str):
+  spec = importlib.util.spec_from_file_location('configs_tiny', ROOT / 'configs' / 'tiny.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.attention, config.model.dtype = attention, 'bfloat16'
+  config.sharding.strategy = 'zero1'
+  return config
+
+
+@pytest.mark.parametrize('attention', ['xla', 'pallas'])
+def test_tiny_train_step_compiles_for_a_tpu_slice(tpu, attention):
+  mesh = sharding_lib.make_mesh({'data': len(tpu.devices)}, devices=tpu.devices)
+  compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
+  assert 0 < estimate.total < 2**30
+  kernels = _custom_calls(compiled).count(MOSAIC)
+  # pallas: fused-RoPE vision attention and causal text attention, forward + dq + dk/dv each, one per scan body
+  assert kernels == (6 if attention == 'pallas' else 0), kernels
+
+
+@pytest.mark.parametrize('attention', ['xla', 'pallas', 'cudnn'])
+def test_tiny_train_step_compiles_for_8_h100s(h100, attention):
+  mesh = sharding_lib.make_mesh({'data': 8}, devices=h100.devices)
+  compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
+  assert 0 < estimate.total < 2**30
+  calls = _custom_calls(compiled)
+  assert calls.count(TRITON) == (6 if attention == 'pallas' else 0), calls
+  assert any(c.startswith(CUDNN) for c in calls) == (attention == 'cudnn'), calls
+
+
+@pytest.mark.parametrize('target_args,kind', [(['--target=tpu', '--topology=v5e:2x2'], 'TPU v5 lite'),
+                                              (['--target=gpu', '--gpu=h200', '--topology=1x1x2'], 'H200')])
+def test_planner_command_line_compiles_for_the_target(tmp_path, target_args, kind):
+  if 'tpu' in target_args[0]:
+    _require('libtpu', 'libtpu (jax[tpu])')
+  else:
+    _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
+  out = tmp_path / 'plan.json'
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # --target=gpu sets its flag itself (re-exec)
+  proc = subprocess.run([sys.executable, '-m', 'eva_clip_jax.plan', '--config=configs/tiny.py', *target_args,
+                         '--strategies=zero1', '--remat=none', '--batch_per_device=4', f'--json={out}'], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert kind in proc.stdout and 'XLA:CPU' not in proc.stdout, proc.stdout
+  row, = json.loads(out.read_text())
+  budget = (16 if kind == 'TPU v5 lite' else 151397597184 / 2**30) * 0.9 * 2**30
+  assert row['budget'] == int(budget) and row['fits'] and row['params'] > 0
+
+
+def test_bad_targets_are_clear_errors():
+  with pytest.raises(ValueError, match='GENERATION:CHIPS'):
+    memory.target_devices('tpu', 'v9:2x2')
+  with pytest.raises(ValueError, match='unknown GPU'):
+    memory.gpu_spec('b200')
+  with pytest.raises(ValueError, match="'tpu', 'gpu' or 'cpu'"):
+    memory.target_devices('npu')
+
+
+def test_xla_attention_stores_16_bit_probabilities_only(h100):
+  # bf16 compute: the backward reuses the bf16 probabilities the second matmul keeps, not a float32 softmax output
+  # (which stored every [batch, heads, q, k] score matrix twice, 6 bytes per element; ops.attention._softmax_to).
+  # Three scanned layers, so that what the backward keeps is a stacked [3, batch, heads, q, k] residual.
+  sharding = NamedSharding(jax.sharding.Mesh(h100.devices[:1], ('data',)), P())
+  x = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.bfloat16, sharding=sharding)
+
+  def loss(x):
+    body = lambda h, _: (ops.dot_product_attention(h, h, h, backend='xla') * 1.01, None)
+    return jnp.sum(jax.lax.scan(body, x, None, length=3)[0].astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+  assert 'bf16[3,2,2,197,197]' in text and 'f32[3,2,2,197,197]' not in text
