@@ -48,6 +48,9 @@ _JSON = flags.DEFINE_string('json', None, 'append the rows to this JSON file')
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if float(cost['optimal_seconds']) <= 0:  # seen for v5e slices: -3, a sentinel, not a time
+    raise ValueError(f"the TPU compiler gave no time estimate (optimal_seconds = {cost['optimal_seconds']}); "
+                     'try a v5p, v4 or v6e topology')
   return {'flops': float(cost['flops']), 'seconds': float(cost['optimal_seconds']),
           'bytes': float(cost.get('bytes accessed', 0.0))}
 

@@ -170,3 +170,18 @@ def test_xla_attention_stores_16_bit_probabilities_only(h100):
 
   text = jax.jit(jax.grad(loss)).lower(x).compile().as_text()
   assert 'bf16[3,2,2,197,197]' in text and 'f32[3,2,2,197,197]' not in text
+
+
+def test_tpu_estimate_benchmark_runs_on_the_tiny_model():
+  """benchmarks/tpu_estimate.py at toy settings: one row of the TPU compiler's estimate, numbers that parse."""
+  _require('libtpu', 'the TPU compiler (libtpu)')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, 'benchmarks/tpu_estimate.py', '--model=tiny', '--batch_per_chip=8',
+                         '--masks=0.5', '--attention=xla', '--remat=none', '--topology=v5p:2x2x1'],
+                        capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[1], env=env,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split() for line in proc.stdout.splitlines() if line.startswith('tiny')]
+  assert len(rows) == 1
+  step_ms, samples, mfu = float(rows[0][5]), float(rows[0][6]), float(rows[0][7].rstrip('%'))
+  assert step_ms > 0 and samples > 0 and 0 < mfu < 100

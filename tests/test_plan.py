@@ -74,10 +74,10 @@ def test_fsdp_activations_stay_batch_sharded(capfd):
     small, large = (memory.compile_train_step(config, mesh, b)[1].temp for b in (8, 16))
     per_sample[strategy, memory.format_mesh(mesh.shape)] = (large - small) / 8
   zero1 = per_sample['zero1', 'data:8']
-  # Within 10%: with uint8 input XLA:CPU fuses the on-device normalisation into the patch embedding differently per
-  # strategy (measured: zero1 1.14 MB, fsdp 1.21-1.22 MB per sample; with float32 input both were 1.35 MB). The
-  # failure this guards against is the 4.6x of activations inheriting the weights' sharding.
-  assert all(value < 1.10 * zero1 for value in per_sample.values()), per_sample
+  # Within 25%: the failure this guards against is the 4.6x of activations inheriting the weights' sharding. The
+  # rest is XLA:CPU fusing differently per strategy: measured zero1 1.07-1.14 MB and fsdp 1.17-1.22 MB per sample
+  # with uint8 input and 16-bit attention probabilities (with float32 input and scores both were 1.35 MB).
+  assert all(value < 1.25 * zero1 for value in per_sample.values()), per_sample
   assert 'Involuntary full rematerialization' not in capfd.readouterr().err
 
 
