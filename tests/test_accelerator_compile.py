@@ -69,16 +69,35 @@ def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend
 
 
 # EVA's head dims: 64 (B/16, L/14), 88 (g/14), 112 (bigE/14); ViT lengths 1 + grid^2 (B/16 at 224: 197).
+# On TPU head dim 64 gets the whole-sequence kernel (forward, backward: two calls), the others the flash kernels
+# (forward, dq, dk/dv: three); on GPU the flash kernels. None is interpreted (an interpreted kernel has no custom call).
 @pytest.mark.parametrize('head_dim,seq', [(64, 197), (88, 257), (112, 50)])
-def test_flash_kernels_compile_for_tpu_and_sm90(tpu, h100, head_dim, seq):
-  for target, call in ((tpu, MOSAIC), (h100, TRITON)):
-    # forward, dq, dk/dv: three kernels, none of them interpreted (an interpreted kernel has no custom call)
-    assert _custom_calls(_kernel_step(target, head_dim, seq)).count(call) == 3, target.name
+def test_attention_kernels_compile_for_tpu_and_sm90(tpu, h100, head_dim, seq):
+  for target, call, kernels in ((tpu, MOSAIC, 2 if head_dim == 64 else 3), (h100, TRITON, 3)):
+    assert _custom_calls(_kernel_step(target, head_dim, seq)).count(call) == kernels, target.name
 
 
-def test_causal_flash_kernels_compile(tpu, h100):
-  for target, call in ((tpu, MOSAIC), (h100, TRITON)):
-    assert _custom_calls(_kernel_step(target, 64, 77, causal=True, with_rope=False)).count(call) == 3
+def test_causal_attention_kernels_compile(tpu, h100):
+  for target, call, kernels in ((tpu, MOSAIC, 2), (h100, TRITON, 3)):
+    assert _custom_calls(_kernel_step(target, 64, 77, causal=True, with_rope=False)).count(call) == kernels
+
+
+def test_whole_sequence_tpu_kernel_compiles_per_device_on_a_slice(tpu):
+  # B/16's 50%-masked vision attention (99 tokens, 12 heads of 64, per-sample RoPE tables) and L/14's 257 tokens,
+  # batch-sharded over the slice's 4 chips: the kernel runs per device in a shard_map, one call each way.
+  mesh = jax.sharding.Mesh(tpu.devices, ('data',))
+  for seq, heads in ((99, 12), (257, 16)):
+    spec = jax.ShapeDtypeStruct((8, seq, heads, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
+    grid = 14 if seq == 99 else 16
+    cos, sin = (jnp.asarray(t) for t in rope_lib.rope_2d_tables(64, grid))
+    keep = jnp.tile(jnp.arange(seq - 1), (8, 1))
+
+    def loss(q, k, v, keep=keep, cos=cos, sin=sin):
+      return jnp.sum(ops.flash_attention(q, k, v, rope=(cos[keep], sin[keep])).astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+    assert _custom_calls(compiled).count(MOSAIC) == 2
+    assert 0 < compiled.memory_analysis().temp_size_in_bytes < 2 ** 30
 
 
 @pytest.mark.parametrize('head_dim,seq,causal', [(64, 197, False), (88, 257, False), (112, 50, False),
@@ -89,10 +108,11 @@ def test_cudnn_attention_compiles_for_h100(h100, head_dim, seq, causal):
   assert sum(c.startswith(CUDNN) for c in calls) >= 2, calls  # forward and backward fused-attention calls
 
 
-def test_auto_is_cudnn_on_gpu_for_16_bit_and_xla_elsewhere(tpu, h100):
+def test_auto_is_cudnn_on_gpu_the_tpu_kernel_on_tpu_and_xla_elsewhere(tpu, h100):
   calls = _custom_calls(_kernel_step(h100, 64, 197, with_rope=False, backend='auto'))
   assert any(c.startswith(CUDNN) for c in calls), calls
-  assert not _custom_calls(_kernel_step(tpu, 64, 197, with_rope=False, backend='auto'))
+  assert _custom_calls(_kernel_step(tpu, 64, 197, with_rope=False, backend='auto')).count(MOSAIC) == 2
+  assert not _custom_calls(_kernel_step(tpu, 88, 197, with_rope=False, backend='auto'))  # no lane packing: XLA
   spec = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.float32)
   assert ops.attention.resolve_auto(jnp.zeros(spec.shape, jnp.bfloat16)) == 'xla'  # CPU
   with pytest.raises(ValueError, match="compiled for 'tpu'"):

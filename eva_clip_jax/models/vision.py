@@ -17,6 +17,7 @@ from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stac
                                         param, run_stacked, trunc_normal)
 from eva_clip_jax.models.registry import VisionSpec
 from eva_clip_jax.ops import dot_product_attention, flash_attention
+from eva_clip_jax.ops.attention import backend_name
 
 
 class EvaAttention(nnx.Module):
@@ -51,7 +52,8 @@ class EvaAttention(nnx.Module):
     q = q + self.q_bias[...].astype(self.dtype)
     v = v + self.v_bias[...].astype(self.dtype)
     q, k, v = (t.reshape(batch, seq, self.num_heads, -1) for t in (q, k, v))
-    if rope is not None and self.backend == 'pallas':
+    backend = backend_name(self.backend, q)
+    if rope is not None and backend == 'pallas':
       # Fused: the kernels rotate each q/k block as they load it, so the rotated q and k (and, in training,
       # their saved copies) never exist in memory. Tables are [seq - 1, D], or [B, kept, D] under patch dropout.
       out = flash_attention(q, k, v, rope=rope)
@@ -59,7 +61,7 @@ class EvaAttention(nnx.Module):
       if rope is not None:
         q = rope_lib.apply_rope_skip_cls(q, *rope)
         k = rope_lib.apply_rope_skip_cls(k, *rope)
-      out = dot_product_attention(q, k, v, backend=self.backend)
+      out = dot_product_attention(q, k, v, backend=backend)
     out = out.reshape(batch, seq, width)
     if self.inner_attn_ln is not None:
       out = self.inner_attn_ln(out)

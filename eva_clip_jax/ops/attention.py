@@ -8,8 +8,10 @@ and return the same shape. Backends:
          TPU, the Pallas interpreter on CPU, where it is correct but slow). That module registers itself
          through `register_backend` when `eva_clip_jax.ops` imports it.
   auto   GPU: 'cudnn' where its constraints hold (16-bit inputs, head_dim a multiple of 8 up to 128; no mask
-         but the causal one, which cuDNN takes as `is_causal`), else 'xla'. TPU and CPU: 'xla' (on TPU the
-         compiler's estimate in BENCHMARKS.md puts XLA's attention ahead of the Mosaic kernel at EVA's shapes).
+         but the causal one, which cuDNN takes as `is_causal`), else 'xla'. TPU: 'pallas' where its
+         whole-sequence kernel fits (`ops.tpu_attention.supports`: B/16 and L/14's head dim 64, the text tower),
+         else 'xla' (the TPU compiler's estimate in BENCHMARKS.md: the kernel saves the score matrices' HBM
+         traffic, XLA's attention beats the flash kernel). CPU: 'xla'.
 
 "The platform" is the compile target's, not the default backend's: `compile_platform` reads it from the inputs'
 sharding (the mesh's devices, also in an ahead-of-time compile for devices this host does not have, as the
@@ -136,9 +138,19 @@ def available_backends() -> list[str]:
 
 def resolve_auto(q: jax.Array) -> str:
   """The backend 'auto' means for these inputs on their compile target (see the module docstring)."""
-  if compile_platform(q) == 'gpu' and cudnn_supports(q):
+  platform = compile_platform(q)
+  if platform == 'gpu' and cudnn_supports(q):
     return 'cudnn'
+  if platform == 'tpu' and 'pallas' in _BACKENDS:
+    from eva_clip_jax.ops import tpu_attention  # Pallas is imported with the 'pallas' backend anyway
+    if tpu_attention.supports(q):
+      return 'pallas'
   return 'xla'
+
+
+def backend_name(backend: str, q: jax.Array) -> str:
+  """The backend that runs for `backend` ('auto' resolved for q's compile target)."""
+  return resolve_auto(q) if backend == 'auto' else backend
 
 
 def _resolve(backend: str, q: jax.Array | None = None) -> AttentionFn:

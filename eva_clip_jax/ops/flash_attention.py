@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from eva_clip_jax.ops import tpu_attention
 from eva_clip_jax.ops.attention import compile_platform, register_backend
 
 # Finite rather than -inf, so that a row whose keys are all masked in one block never computes inf - inf.
@@ -445,6 +446,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   if rope is not None and (q_len != kv_len or head_dim % 2):
     raise ValueError(f'fused RoPE needs self-attention with an even head_dim, got q {q.shape} and k {k.shape}')
 
+  if (target == 'tpu' and q_len == kv_len and not any((block_q, block_k, block_q_bwd, block_k_bwd))
+      and tpu_attention.supports(_local_shape(q))):
+    def kernel(q, k, v, rope):
+      return tpu_attention.tpu_attention(q, k, v, causal=causal, scale=scale, rope=rope, interpret=interpret)
+    return _per_shard(q, batch, heads, rope is not None and rope[0].ndim == 3, kernel, heads_dim=2)(q, k, v, rope)
+
   defaults = _DEFAULT_BLOCKS[target]
   bq, bk, bq_bwd, bk_bwd = (_block(b or d, n) for b, d, n in zip(
       (block_q, block_k, block_q_bwd, block_k_bwd), defaults, (q_len, kv_len, q_len, kv_len)))
@@ -470,30 +477,52 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
 
 
-def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn):
-  """fn over [batch, heads, ...] arrays, run per device when `x` lives on a mesh of several devices.
-
-  XLA cannot partition a kernel's custom call (Mosaic refuses: "Mosaic kernels cannot be automatically
-  partitioned"; a Triton call would be replicated), so under jit on a mesh the kernels run in a shard_map: the batch
-  split over the mesh axes that divide it ('tensor' aside), the heads over 'tensor' where it divides them.
-  """
+def _shard_axes(x: jax.Array, batch: int, heads: int):
+  """(mesh, batch axes, head axis) for running a kernel per device, or None off a mesh (see `_per_shard`)."""
   mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
   if mesh is None or getattr(mesh, 'empty', True) or mesh.size == 1:
-    return fn
-  from jax.sharding import PartitionSpec as P
+    return None
   batch_axes, size = [], 1
   for axis, n in mesh.shape.items():
     if axis != 'tensor' and n > 1 and batch % (size * n) == 0:
       batch_axes.append(axis)
       size *= n
   tensor = mesh.shape.get('tensor', 1)
-  head_axis = 'tensor' if tensor > 1 and heads % tensor == 0 else None
-  spec = P(tuple(batch_axes) or None, head_axis)
-  table_spec = P(tuple(batch_axes) or None) if per_sample_tables else P()
+  return mesh, tuple(batch_axes) or None, 'tensor' if tensor > 1 and heads % tensor == 0 else None
 
-  def run(q_parts, k_parts, v, table):
-    specs = (tuple(spec for _ in q_parts), tuple(spec for _ in k_parts), spec, None if table is None else table_spec)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(q_parts, k_parts, v, table)
+
+def _local_shape(q: jax.Array) -> jax.ShapeDtypeStruct:
+  """q [batch, seq, heads, head_dim] as one device sees it inside `_per_shard`."""
+  axes = _shard_axes(q, q.shape[0], q.shape[2])
+  if axes is None:
+    return jax.ShapeDtypeStruct(q.shape, q.dtype)
+  mesh, batch_axes, head_axis = axes
+  batch = q.shape[0] // math.prod(mesh.shape[a] for a in batch_axes or ())
+  heads = q.shape[2] // (mesh.shape[head_axis] if head_axis else 1)
+  return jax.ShapeDtypeStruct((batch, q.shape[1], heads, q.shape[3]), q.dtype)
+
+
+def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn, *, heads_dim: int = 1):
+  """fn(q, k, v, tables) over [batch, heads, ...] arrays (heads at `heads_dim`), run per device when `x` lives on
+  a mesh of several devices.
+
+  XLA cannot partition a kernel's custom call (Mosaic refuses: "Mosaic kernels cannot be automatically
+  partitioned"; a Triton call would be replicated), so under jit on a mesh the kernels run in a shard_map: the batch
+  split over the mesh axes that divide it ('tensor' aside), the heads over 'tensor' where it divides them.
+  """
+  axes = _shard_axes(x, batch, heads)
+  if axes is None:
+    return fn
+  from jax.sharding import PartitionSpec as P
+  mesh, batch_axes, head_axis = axes
+  spec = P(batch_axes, *[None] * (heads_dim - 1), head_axis)
+  table_spec = P(batch_axes) if per_sample_tables else P()
+
+  def run(q, k, v, tables):
+    # q and k may be tuples of parts (the flash kernels' RoPE halves); tables one array or a (cos, sin) pair.
+    specs = (jax.tree.map(lambda _: spec, q), jax.tree.map(lambda _: spec, k), spec,
+             jax.tree.map(lambda _: table_spec, tables))
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(q, k, v, tables)
 
   return run
 

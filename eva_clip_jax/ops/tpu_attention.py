@@ -1,0 +1,325 @@
+"""Whole-sequence attention for TPU (Mosaic), lane-dense, with fused 2D RoPE: the 'pallas' backend's TPU kernel.
+
+Why not the flash kernel (`ops.flash_attention`) on TPU: at CLIP's lengths (77 to 577 tokens) one sequence's keys
+and scores fit in VMEM, so the online softmax over key blocks buys nothing, while the flash layout does cost: it
+needs q, k, v heads-major ([batch, heads, seq, head_dim], a transposing copy each way) and pads head_dim 64 to the
+128 TPU lanes (twice the HBM bytes of every q/k/v/o block). Here the kernels read q, k, v exactly as the
+projections write them, [batch, seq, heads * head_dim], one block of whole sequences per grid step, and write the
+output in the layout the output projection reads. HBM then sees each input and output once per pass: no score
+matrix (the XLA path stores it in float32 and bfloat16, tile-padded), no rotated q/k, no transposes.
+
+Heads are processed in groups of 128 lanes (two heads of 64, one of 128): head j of a group is the group's lanes
+[j * head_dim, (j + 1) * head_dim). A head's scores are q_group * mask_j against k_group (the masked lanes add
+zeros), and its output is p_j @ v_group kept on head j's lanes. So head_dim 64 does the matmul work of 128, which
+is what the 128-wide MXU does for a 64-deep contraction anyway, and no lane is ever shifted.
+
+Fused RoPE: the EVA-02 rotation x * cos + rotate_half(x) * sin rotates interleaved pairs (x0, x1) -> (-x1, x0);
+rotate_half is a signed permutation inside each pair, done on the MXU as x @ R with a fixed [128, 128] matrix
+(exact: one nonzero term per output). The tables carry an identity row for the CLS token (cos 1, sin 0), so
+every token is rotated the same way. Gradients: d/dx = g * cos + (g * sin) @ R^T. No gradient flows to the tables.
+
+Forward: out, and the per-row logsumexp of each head (stored as [batch, seq, 128] float32, lane h for head h;
+so at most 128 heads). Backward, one kernel: recompute p from the logsumexp, then dv = p^T do,
+ds = p * (do v^T - rowsum(o * do)), dq = scale * ds k, dk = scale * ds^T q (all float32 accumulators; p and ds cast to
+the input dtype before their matmuls, as FlashAttention does).
+
+Constraints (`supports`): head_dim dividing 128 (EVA-02 B and L, the text towers: 64), heads * head_dim a multiple
+of 128, one
+sequence per block within VMEM (checked against a budget). Tested in the Mosaic TPU interpreter on CPU
+(tests/test_tpu_attention.py) and compiled by the TPU compiler (tests/test_accelerator_compile.py); not run on a TPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+LANES = 128
+# Finite rather than -inf: a fully masked row never computes inf - inf.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# VMEM for one grid step's blocks (double-buffered by the pipeline): well inside v4/v5e/v5p/v6e's scoped default.
+_VMEM_BUDGET = 12 * 2 ** 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  causal: bool
+  scale: float
+  head_dim: int
+  rope: bool
+  per_sample_tables: bool
+  batch_block: int
+  interpret: bool
+
+  @property
+  def heads_per_group(self) -> int:
+    return LANES // self.head_dim
+
+
+def _arrays_per_step(rope: bool) -> int:
+  # backward: q, k, v, o, do, (cos, sin) in, dq, dk, dv out; lse is small
+  return 8 + 2 * rope
+
+
+def batch_block(batch: int, seq: int, width: int, itemsize: int, rope: bool) -> int:
+  """Sequences per grid step: the largest power of two <= 8 dividing `batch` whose blocks fit the VMEM budget (0:
+  not even one sequence fits)."""
+  per_sequence = 2 * _arrays_per_step(rope) * seq * width * itemsize
+  block = 8
+  while block and (batch % block or block * per_sequence > _VMEM_BUDGET):
+    block //= 2
+  return block
+
+
+def supports(q: jax.Array) -> bool:
+  """Whether these [batch, seq, heads, head_dim] inputs fit the kernel (see the module docstring)."""
+  batch, seq, heads, head_dim = q.shape
+  lane_ok = LANES % head_dim == 0 and (heads * head_dim) % LANES == 0
+  return lane_ok and batch_block(batch, seq, heads * head_dim, q.dtype.itemsize, True) > 0
+
+
+def _rotation_matrix(dtype) -> jax.Array:
+  """R with (x @ R) = rotate_half(x) on interleaved pairs: out[2m] = -x[2m + 1], out[2m + 1] = x[2m]."""
+  r = np.zeros((LANES, LANES), np.float32)
+  idx = np.arange(0, LANES, 2)
+  r[idx + 1, idx] = -1.0
+  r[idx, idx + 1] = 1.0
+  return jnp.asarray(r, dtype)
+
+
+def _dot(a, b, contract):
+  return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+_NT, _NN, _TN = ((1,), (1,)), ((1,), (0,)), ((0,), (0,))
+
+
+def _rotate(x, cos, sin, rot, dtype, *, transpose=False):
+  """RoPE of a [seq, 128] group (float32 result), or with transpose=True the gradient map g -> dx."""
+  if transpose:
+    return x * cos + _dot((x * sin).astype(dtype), rot, ((1,), (1,)))  # (g * sin) @ R^T
+  return x.astype(jnp.float32) * cos + _dot(x, rot, _NN) * sin
+
+
+def _head_masks(cfg: _Config):
+  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+  if cfg.head_dim == LANES:
+    return [None]
+  return [(lane >= j * cfg.head_dim) & (lane < (j + 1) * cfg.head_dim) for j in range(cfg.heads_per_group)]
+
+
+def _causal_mask(seq: int):
+  rows = lax.broadcasted_iota(jnp.int32, (seq, seq), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (seq, seq), 1)
+  return cols <= rows
+
+
+def _masked(x, mask):
+  return x if mask is None else jnp.where(mask, x, jnp.zeros_like(x))
+
+
+def _groups(width: int, cfg: _Config):
+  """(lane slice, first head's index) of each 128-lane group of the `width` = heads * head_dim lanes."""
+  return [(pl.ds(g * LANES, LANES), g * cfg.heads_per_group) for g in range(width // LANES)]
+
+
+def _load_qk(refs, b, lanes, tables, rot, cfg, dtype):
+  q_ref, k_ref = refs
+  q, k = q_ref[b, :, lanes], k_ref[b, :, lanes]
+  if not cfg.rope:
+    return q, k
+  cos, sin = tables
+  return tuple(_rotate(x, cos, sin, rot, dtype).astype(dtype) for x in (q, k))
+
+
+def _tables(cos_ref, sin_ref, b):
+  row = b if cos_ref.shape[0] > 1 else 0  # per-sample tables (patch dropout), or one shared by the batch
+  return cos_ref[row].astype(jnp.float32), sin_ref[row].astype(jnp.float32)
+
+
+def _forward_kernel(*refs, cfg: _Config):
+  if cfg.rope:
+    q_ref, k_ref, v_ref, cos_ref, sin_ref, rot_ref, o_ref, lse_ref = refs
+  else:
+    (q_ref, k_ref, v_ref, o_ref, lse_ref), cos_ref = refs, None
+  seq, width = q_ref.shape[1:]
+  dtype = v_ref.dtype
+  masks = _head_masks(cfg)
+  causal = _causal_mask(seq) if cfg.causal else None
+  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+  rot = rot_ref[...] if cfg.rope else None
+  for b in range(cfg.batch_block):
+    tables = _tables(cos_ref, sin_ref, b) if cfg.rope else None
+    lse = jnp.zeros((seq, LANES), jnp.float32)
+    for lanes, first_head in _groups(width, cfg):
+      q, k = _load_qk((q_ref, k_ref), b, lanes, tables, rot, cfg, dtype)
+      v = v_ref[b, :, lanes]
+      out = jnp.zeros(q.shape, jnp.float32)
+      for j, mask in enumerate(masks):
+        s = _dot(_masked(q, mask), k, _NT) * cfg.scale
+        if causal is not None:
+          s = jnp.where(causal, s, _MASK_VALUE)
+        row_max = jnp.max(s, axis=1, keepdims=True)
+        p = jnp.exp(s - row_max)
+        row_sum = jnp.sum(p, axis=1, keepdims=True)
+        o = _dot(p.astype(dtype), v, _NN) / row_sum
+        out = o if mask is None else jnp.where(mask, o, out)
+        lse = jnp.where(lane == first_head + j, row_max + jnp.log(row_sum), lse)
+      o_ref[b, :, lanes] = out.astype(o_ref.dtype)
+    lse_ref[b] = lse
+
+
+def _backward_kernel(*refs, cfg: _Config):
+  if cfg.rope:
+    q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, cos_ref, sin_ref, rot_ref, dq_ref, dk_ref, dv_ref = refs
+  else:
+    (q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, dk_ref, dv_ref), cos_ref = refs, None
+  seq, width = q_ref.shape[1:]
+  dtype = v_ref.dtype
+  masks = _head_masks(cfg)
+  causal = _causal_mask(seq) if cfg.causal else None
+  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+  rot = rot_ref[...] if cfg.rope else None
+  for b in range(cfg.batch_block):
+    tables = _tables(cos_ref, sin_ref, b) if cfg.rope else None
+    lse_all = lse_ref[b]
+    for lanes, first_head in _groups(width, cfg):
+      q, k = _load_qk((q_ref, k_ref), b, lanes, tables, rot, cfg, dtype)
+      v, do = v_ref[b, :, lanes], do_ref[b, :, lanes]
+      o_do = o_ref[b, :, lanes].astype(jnp.float32) * do.astype(jnp.float32)
+      dq = dk = dv = jnp.zeros(q.shape, jnp.float32)
+      for j, mask in enumerate(masks):
+        lse = jnp.sum(jnp.where(lane == first_head + j, lse_all, 0.0), axis=1, keepdims=True)
+        delta = jnp.sum(_masked(o_do, mask), axis=1, keepdims=True)
+        s = _dot(_masked(q, mask), k, _NT) * cfg.scale
+        if causal is not None:
+          s = jnp.where(causal, s, _MASK_VALUE)
+        p = jnp.exp(s - lse)
+        dp = _dot(_masked(do, mask), v, _NT)
+        ds = (p * (dp - delta)).astype(dtype)
+        dv = dv + _masked(_dot(p.astype(dtype), do, _TN), mask)
+        dq = dq + _masked(_dot(ds, k, _NN), mask)
+        dk = dk + _masked(_dot(ds, q, _TN), mask)
+      dq, dk = dq * cfg.scale, dk * cfg.scale
+      if cfg.rope:
+        dq, dk = (_rotate(g, *tables, rot, dtype, transpose=True) for g in (dq, dk))
+      dq_ref[b, :, lanes] = dq.astype(dq_ref.dtype)
+      dk_ref[b, :, lanes] = dk.astype(dk_ref.dtype)
+      dv_ref[b, :, lanes] = dv.astype(dv_ref.dtype)
+
+
+def _specs(cfg: _Config, seq: int, width: int, table_rows: int):
+  block = pl.BlockSpec((cfg.batch_block, seq, width), lambda i: (i, 0, 0))
+  lse = pl.BlockSpec((cfg.batch_block, seq, LANES), lambda i: (i, 0, 0))
+  if not cfg.rope:
+    return block, lse, []
+  if table_rows > 1:
+    table = pl.BlockSpec((cfg.batch_block, seq, LANES), lambda i: (i, 0, 0))
+  else:
+    table = pl.BlockSpec((1, seq, LANES), lambda i: (0, 0, 0))
+  return block, lse, [table, table, pl.BlockSpec((LANES, LANES), lambda i: (0, 0))]
+
+
+def _cost(cfg: _Config, batch: int, seq: int, width: int, matmuls: int, arrays, outs) -> pl.CostEstimate:
+  """The work the kernel really does (masked-lane matmuls at the group's full 128-lane depth, the RoPE rotations),
+  for XLA's cost analysis, which cannot see into a kernel."""
+  groups = width // LANES
+  flops = batch * groups * cfg.heads_per_group * seq * seq * LANES * 2 * matmuls
+  if cfg.rope:  # q @ R and k @ R; the backward also rotates dq and dk back
+    flops += batch * groups * 2 * seq * LANES * LANES * 2 * (1 + (matmuls > 2))
+  moved = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (*arrays, *outs))
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(batch * width // cfg.head_dim * seq * seq),
+                         bytes_accessed=int(moved))
+
+
+def _call(kernel, cfg: _Config, args, out_shape, in_specs, out_specs, name, cost):
+  from jax.experimental.pallas import tpu as pltpu
+  return pl.pallas_call(
+      functools.partial(kernel, cfg=cfg), grid=(args[0].shape[0] // cfg.batch_block,), in_specs=in_specs,
+      out_specs=out_specs, out_shape=out_shape, name=name, cost_estimate=cost,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
+      interpret=pltpu.InterpretParams() if cfg.interpret else False)(*args)
+
+
+def _forward(q, k, v, tables, cfg: _Config):
+  batch, seq, width = q.shape
+  block, lse_spec, table_specs = _specs(cfg, seq, width, tables[0].shape[0] if cfg.rope else 0)
+  args = (q, k, v, *tables) if cfg.rope else (q, k, v)
+  out_shape = (jax.ShapeDtypeStruct(q.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, LANES), jnp.float32))
+  return _call(_forward_kernel, cfg, args, out_shape, [block, block, block, *table_specs], (block, lse_spec),
+               'tpu_attention_fwd', _cost(cfg, batch, seq, width, 2, args, out_shape))
+
+
+def _backward(q, k, v, tables, out, lse, d_out, cfg: _Config):
+  batch, seq, width = q.shape
+  block, lse_spec, table_specs = _specs(cfg, seq, width, tables[0].shape[0] if cfg.rope else 0)
+  args = (q, k, v, out, d_out, lse, *tables) if cfg.rope else (q, k, v, out, d_out, lse)
+  out_shape = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+  return _call(_backward_kernel, cfg, args, out_shape, [block] * 5 + [lse_spec, *table_specs], (block,) * 3,
+               'tpu_attention_bwd', _cost(cfg, batch, seq, width, 5, args, out_shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, tables, cfg: _Config):
+  return _forward(q, k, v, tables, cfg)[0]
+
+
+def _attention_fwd(q, k, v, tables, cfg: _Config):
+  out, lse = _forward(q, k, v, tables, cfg)
+  return out, (q, k, v, tables, out, lse)
+
+
+def _attention_bwd(cfg: _Config, residuals, d_out):
+  q, k, v, tables, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, tables, out, lse, d_out, cfg)
+  return dq, dk, dv, jax.tree.map(jnp.zeros_like, tables)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _rope_tables(cos, sin, batch: int, seq: int, head_dim: int, dtype):
+  """(cos, sin) [(batch,) seq - 1, head_dim] -> each [batch or 1, seq, 128]: a CLS identity row first, the head
+  dim repeated over the heads of a 128-lane group, plus the rotation matrix."""
+  if cos.shape != sin.shape or cos.shape[-2:] != (seq - 1, head_dim) or cos.ndim not in (2, 3) or (
+      cos.ndim == 3 and cos.shape[0] != batch):
+    raise ValueError(f'rope tables must be [seq - 1, head_dim] or [batch, seq - 1, head_dim] = '
+                     f'[{batch}, {seq - 1}, {head_dim}], got {cos.shape} and {sin.shape}')
+  out = []
+  for table, first in ((cos, 1.0), (sin, 0.0)):
+    table = lax.stop_gradient(table)
+    table = table[None] if table.ndim == 2 else table
+    table = jnp.concatenate([jnp.full((table.shape[0], 1, head_dim), first, table.dtype), table], axis=1)
+    out.append(jnp.tile(table, (1, 1, LANES // head_dim)).astype(dtype))
+  return (*out, _rotation_matrix(dtype))
+
+
+def tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False, scale: float | None = None,
+                  rope: tuple[jax.Array, jax.Array] | None = None, interpret: bool = False) -> jax.Array:
+  """Attention over [batch, seq, heads, head_dim] inputs with the whole-sequence Mosaic TPU kernels.
+
+  rope: (cos, sin) [seq - 1, head_dim] or per-sample [batch, seq - 1, head_dim], applied to q and k of every token
+  but the first (`models.rope.apply_rope_skip_cls`). interpret: run in the Mosaic TPU interpreter (CPU tests).
+  Call it per device: the caller (`ops.flash_attention`) wraps it in a shard_map on a mesh.
+  """
+  if q.shape != k.shape or k.shape != v.shape or q.ndim != 4:
+    raise ValueError(f'expected q, k, v of one shape [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, '
+                     f'{v.shape}')
+  if not supports(q):
+    raise ValueError(f'the TPU whole-sequence kernel does not support {q.shape} {q.dtype}: it needs head_dim '
+                     f'dividing {LANES}, heads x head_dim a multiple of {LANES}, and one sequence '
+                     'within its VMEM budget')
+  batch, seq, heads, head_dim = q.shape
+  width = heads * head_dim
+  cfg = _Config(causal=causal, scale=float(head_dim ** -0.5 if scale is None else scale), head_dim=head_dim,
+                rope=rope is not None, per_sample_tables=rope is not None and rope[0].ndim == 3,
+                batch_block=batch_block(batch, seq, width, q.dtype.itemsize, rope is not None), interpret=interpret)
+  tables = _rope_tables(*rope, batch, seq, head_dim, q.dtype) if rope is not None else ()
+  flat = [t.reshape(batch, seq, width) for t in (q, k, v)]
+  return _attention(*flat, tables, cfg).reshape(q.shape)

@@ -1,0 +1,85 @@
+"""The whole-sequence TPU attention kernel (`ops.tpu_attention`), run by Pallas' Mosaic TPU interpreter on CPU,
+against the 'xla' backend: outputs and gradients, fused RoPE (shared and per-sample tables), causal masks, the head
+dims it packs into 128 lanes; and `flash_attention` choosing it for TPU targets. Its real compile (the TPU
+compiler, no TPU) is in tests/test_accelerator_compile.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eva_clip_jax import ops
+from eva_clip_jax.ops import tpu_attention
+from test_flash_attention import _assert_close, _inputs, _out_and_grads, _patch_dropout_tables, _xla
+
+
+def _kernel(causal=False, rope=None):
+  return lambda q, k, v: tpu_attention.tpu_attention(q, k, v, causal=causal, rope=rope, interpret=True)
+
+
+# seq, heads, head_dim, causal, rope: B/16's 50%-masked vision length with per-sample tables, an odd length with
+# the shared table, the causal text tower, 4 heads of 32 and one of 128 in a lane group.
+@pytest.mark.parametrize('seq,heads,head_dim,causal,rope', [(26, 2, 64, False, 'per_sample'),
+                                                            (17, 4, 64, False, 'shared'),
+                                                            (13, 2, 64, True, None),
+                                                            (17, 4, 32, False, 'per_sample'),
+                                                            (10, 1, 128, False, None)])
+def test_float32_matches_xla(seq, heads, head_dim, causal, rope):
+  batch = 2
+  q, k, v, cotangent = _inputs(seq, head_dim, batch=batch, heads=heads)
+  tables = None
+  if rope == 'per_sample':
+    tables = _patch_dropout_tables(head_dim, grid=6, kept=seq - 1, batch=batch)
+  elif rope == 'shared':
+    tables = _patch_dropout_tables(head_dim, grid=4, kept=seq - 1, batch=1)
+    tables = tuple(t[0] for t in tables)
+  got = _out_and_grads(_kernel(causal, tables), q, k, v, cotangent)
+  _assert_close(got, _out_and_grads(_xla(causal, tables), q, k, v, cotangent), atol=1e-5)
+
+
+def test_bfloat16_matches_float32_reference():
+  # As for the flash kernels (tests/test_flash_attention.py): the rounding of what feeds the kernel's matmuls
+  # to bfloat16 (8 significant bits) leaves differences under 2% of the largest reference value.
+  q, k, v, cotangent = _inputs(26, 64, batch=2, heads=2, seed=1)
+  q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))
+  tables = _patch_dropout_tables(64, grid=6, kept=25, batch=2)
+  assert jax.eval_shape(_kernel(rope=tables), q, k, v).dtype == jnp.bfloat16
+  got = _out_and_grads(_kernel(rope=tables), q, k, v, cotangent)
+  want = _out_and_grads(_xla(rope=tables), *(t.astype(jnp.float32) for t in (q, k, v)), cotangent)
+  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
+
+
+def test_several_sequences_per_grid_step():
+  # 8 sequences: the batch block (sequences per kernel instance) is 8, so every per-sequence index is exercised.
+  q, k, v, cotangent = _inputs(9, 64, batch=8, heads=2)
+  assert tpu_attention.batch_block(8, 9, 128, 4, True) == 8
+  tables = _patch_dropout_tables(64, grid=4, kept=8, batch=8)
+  _assert_close(_out_and_grads(_kernel(rope=tables), q, k, v, cotangent),
+                _out_and_grads(_xla(rope=tables), q, k, v, cotangent), atol=1e-5)
+
+
+def test_flash_attention_uses_it_for_tpu_where_it_fits():
+  q, k, v, _ = _inputs(17, 64, batch=2, heads=2)
+  tables = _patch_dropout_tables(64, grid=4, kept=16, batch=2)
+  jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, rope=tables, target='tpu', interpret=True))(q, k, v))
+  assert 'tpu_attention_fwd' in jaxpr and 'flash_attention_fwd' not in jaxpr
+  # head_dim 88 does not pack into 128 lanes; explicit block sizes ask for the flash kernels
+  q88, k88, v88, _ = _inputs(17, 88, batch=2, heads=2)
+  jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, target='tpu', interpret=True))(q88, k88, v88))
+  assert 'flash_attention_fwd' in jaxpr and 'tpu_attention_fwd' not in jaxpr
+  jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, target='tpu', interpret=True, block_q=16))(q, k, v))
+  assert 'flash_attention_fwd' in jaxpr
+
+
+def test_unsupported_shapes_are_clear_errors():
+  q, k, v, _ = _inputs(17, 88, batch=1, heads=2)
+  assert not tpu_attention.supports(q)
+  with pytest.raises(ValueError, match='head_dim'):
+    tpu_attention.tpu_attention(q, k, v, interpret=True)
+  q, k, v, _ = _inputs(17, 64, batch=1, heads=1)  # 64 lanes: not a whole 128-lane group
+  assert not tpu_attention.supports(q)
+  q, k, v, _ = _inputs(17, 64, batch=1, heads=2)
+  with pytest.raises(ValueError, match='rope tables'):
+    tpu_attention.tpu_attention(q, k, v, rope=(jnp.ones((17, 64)), jnp.ones((17, 64))), interpret=True)
