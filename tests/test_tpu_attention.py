@@ -54,7 +54,7 @@ def test_bfloat16_matches_float32_reference():
 def test_several_sequences_per_grid_step():
   # 8 sequences: the batch block (sequences per kernel instance) is 8, so every per-sequence index is exercised.
   q, k, v, cotangent = _inputs(9, 64, batch=8, heads=2)
-  assert tpu_attention.batch_block(8, 9, 128, 4, True) == 8
+  assert tpu_attention.batch_block(8, 9, 4, True) == 8
   tables = _patch_dropout_tables(64, grid=4, kept=8, batch=8)
   _assert_close(_out_and_grads(_kernel(rope=tables), q, k, v, cotangent),
                 _out_and_grads(_xla(rope=tables), q, k, v, cotangent), atol=1e-5)

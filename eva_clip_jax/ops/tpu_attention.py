@@ -53,7 +53,6 @@ class _Config:
   scale: float
   head_dim: int
   rope: bool
-  per_sample_tables: bool
   batch_block: int
   interpret: bool
 
@@ -62,26 +61,21 @@ class _Config:
     return LANES // self.head_dim
 
 
-def _arrays_per_step(rope: bool) -> int:
-  # backward: q, k, v, o, do, (cos, sin) in, dq, dk, dv out; lse is small
-  return 8 + 2 * rope
+def batch_block(batch: int, seq: int, itemsize: int, rope: bool) -> int:
+  """Sequences per grid step (0: none fits). The batch is the blocks' second-minor (sublane) dimension, so a block
+  holds 16 or 8 of them (bfloat16 packs 16 rows per tile), or the whole batch when it is smaller."""
+  arrays = 8 + 2 * rope  # the backward's q, k, v, o, do (tables) in, dq, dk, dv out; double-buffered below
+  for block in ((16, 8) if batch > 16 else (batch,)):
+    if batch % block == 0 and 2 * arrays * seq * block * LANES * itemsize <= _VMEM_BUDGET:
+      return block
+  return 0
 
 
-def batch_block(batch: int, seq: int, width: int, itemsize: int, rope: bool) -> int:
-  """Sequences per grid step: the largest power of two <= 8 dividing `batch` whose blocks fit the VMEM budget (0:
-  not even one sequence fits)."""
-  per_sequence = 2 * _arrays_per_step(rope) * seq * width * itemsize
-  block = 8
-  while block and (batch % block or block * per_sequence > _VMEM_BUDGET):
-    block //= 2
-  return block
-
-
-def supports(q: jax.Array) -> bool:
+def supports(q) -> bool:
   """Whether these [batch, seq, heads, head_dim] inputs fit the kernel (see the module docstring)."""
   batch, seq, heads, head_dim = q.shape
   lane_ok = LANES % head_dim == 0 and (heads * head_dim) % LANES == 0
-  return lane_ok and batch_block(batch, seq, heads * head_dim, q.dtype.itemsize, True) > 0
+  return lane_ok and batch_block(batch, seq, jnp.dtype(q.dtype).itemsize, True) > 0
 
 
 def _rotation_matrix(dtype) -> jax.Array:
@@ -103,136 +97,108 @@ _NT, _NN, _TN = ((1,), (1,)), ((1,), (0,)), ((0,), (0,))
 def _rotate(x, cos, sin, rot, dtype, *, transpose=False):
   """RoPE of a [seq, 128] group (float32 result), or with transpose=True the gradient map g -> dx."""
   if transpose:
-    return x * cos + _dot((x * sin).astype(dtype), rot, ((1,), (1,)))  # (g * sin) @ R^T
+    return x * cos + _dot((x * sin).astype(dtype), rot, _NT)  # (g * sin) @ R^T
   return x.astype(jnp.float32) * cos + _dot(x, rot, _NN) * sin
 
 
 def _head_masks(cfg: _Config):
-  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
   if cfg.head_dim == LANES:
     return [None]
+  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
   return [(lane >= j * cfg.head_dim) & (lane < (j + 1) * cfg.head_dim) for j in range(cfg.heads_per_group)]
-
-
-def _causal_mask(seq: int):
-  rows = lax.broadcasted_iota(jnp.int32, (seq, seq), 0)
-  cols = lax.broadcasted_iota(jnp.int32, (seq, seq), 1)
-  return cols <= rows
 
 
 def _masked(x, mask):
   return x if mask is None else jnp.where(mask, x, jnp.zeros_like(x))
 
 
-def _groups(width: int, cfg: _Config):
-  """(lane slice, first head's index) of each 128-lane group of the `width` = heads * head_dim lanes."""
-  return [(pl.ds(g * LANES, LANES), g * cfg.heads_per_group) for g in range(width // LANES)]
+def _probabilities(q, k, mask, causal, cfg: _Config):
+  """softmax(scale * q_j k^T) of head j (its lanes selected by `mask`) over the whole sequence, float32."""
+  s = _dot(_masked(q, mask), k, _NT) * cfg.scale
+  if causal is not None:
+    s = jnp.where(causal, s, _MASK_VALUE)
+  p = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
+  return p / jnp.sum(p, axis=1, keepdims=True)
 
 
-def _load_qk(refs, b, lanes, tables, rot, cfg, dtype):
-  q_ref, k_ref = refs
-  q, k = q_ref[b, :, lanes], k_ref[b, :, lanes]
+def _sequence(refs, b, cfg: _Config):
+  """Sequence b of the block: the [seq, 128] rows of each array ref (tables: row b, or the shared row 0)."""
+  return tuple(ref[:, b if ref.shape[1] > 1 else 0, :] for ref in refs)
+
+
+def _rotated_qk(q, k, tables, rot, cfg: _Config, dtype):
   if not cfg.rope:
     return q, k
-  cos, sin = tables
-  return tuple(_rotate(x, cos, sin, rot, dtype).astype(dtype) for x in (q, k))
-
-
-def _tables(cos_ref, sin_ref, b):
-  row = b if cos_ref.shape[0] > 1 else 0  # per-sample tables (patch dropout), or one shared by the batch
-  return cos_ref[row].astype(jnp.float32), sin_ref[row].astype(jnp.float32)
+  return tuple(_rotate(x, *tables, rot, dtype).astype(dtype) for x in (q, k))
 
 
 def _forward_kernel(*refs, cfg: _Config):
-  if cfg.rope:
-    q_ref, k_ref, v_ref, cos_ref, sin_ref, rot_ref, o_ref, lse_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, o_ref, lse_ref), cos_ref = refs, None
-  seq, width = q_ref.shape[1:]
-  dtype = v_ref.dtype
+  (q_ref, k_ref, v_ref), rest = refs[:3], refs[3:]
+  table_refs, rot_ref, (o_ref,) = (rest[:2], rest[2], rest[3:]) if cfg.rope else ((), None, rest)
+  seq, dtype = q_ref.shape[0], v_ref.dtype
   masks = _head_masks(cfg)
-  causal = _causal_mask(seq) if cfg.causal else None
-  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+  causal = (lax.broadcasted_iota(jnp.int32, (seq, seq), 1) <= lax.broadcasted_iota(jnp.int32, (seq, seq), 0)
+            if cfg.causal else None)
   rot = rot_ref[...] if cfg.rope else None
   for b in range(cfg.batch_block):
-    tables = _tables(cos_ref, sin_ref, b) if cfg.rope else None
-    lse = jnp.zeros((seq, LANES), jnp.float32)
-    for lanes, first_head in _groups(width, cfg):
-      q, k = _load_qk((q_ref, k_ref), b, lanes, tables, rot, cfg, dtype)
-      v = v_ref[b, :, lanes]
-      out = jnp.zeros(q.shape, jnp.float32)
-      for j, mask in enumerate(masks):
-        s = _dot(_masked(q, mask), k, _NT) * cfg.scale
-        if causal is not None:
-          s = jnp.where(causal, s, _MASK_VALUE)
-        row_max = jnp.max(s, axis=1, keepdims=True)
-        p = jnp.exp(s - row_max)
-        row_sum = jnp.sum(p, axis=1, keepdims=True)
-        o = _dot(p.astype(dtype), v, _NN) / row_sum
-        out = o if mask is None else jnp.where(mask, o, out)
-        lse = jnp.where(lane == first_head + j, row_max + jnp.log(row_sum), lse)
-      o_ref[b, :, lanes] = out.astype(o_ref.dtype)
-    lse_ref[b] = lse
+    q, k, v = _sequence((q_ref, k_ref, v_ref), b, cfg)
+    tables = tuple(t.astype(jnp.float32) for t in _sequence(table_refs, b, cfg))
+    q, k = _rotated_qk(q, k, tables, rot, cfg, dtype)
+    out = jnp.zeros(q.shape, jnp.float32)
+    for mask in masks:
+      o = _dot(_probabilities(q, k, mask, causal, cfg).astype(dtype), v, _NN)
+      out = o if mask is None else jnp.where(mask, o, out)
+    o_ref[:, b, :] = out.astype(o_ref.dtype)
 
 
 def _backward_kernel(*refs, cfg: _Config):
-  if cfg.rope:
-    q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, cos_ref, sin_ref, rot_ref, dq_ref, dk_ref, dv_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref, dq_ref, dk_ref, dv_ref), cos_ref = refs, None
-  seq, width = q_ref.shape[1:]
-  dtype = v_ref.dtype
+  (q_ref, k_ref, v_ref, o_ref, do_ref), rest = refs[:5], refs[5:]
+  table_refs, rot_ref, outs = (rest[:2], rest[2], rest[3:]) if cfg.rope else ((), None, rest)
+  dq_ref, dk_ref, dv_ref = outs
+  seq, dtype = q_ref.shape[0], v_ref.dtype
   masks = _head_masks(cfg)
-  causal = _causal_mask(seq) if cfg.causal else None
-  lane = lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+  causal = (lax.broadcasted_iota(jnp.int32, (seq, seq), 1) <= lax.broadcasted_iota(jnp.int32, (seq, seq), 0)
+            if cfg.causal else None)
   rot = rot_ref[...] if cfg.rope else None
   for b in range(cfg.batch_block):
-    tables = _tables(cos_ref, sin_ref, b) if cfg.rope else None
-    lse_all = lse_ref[b]
-    for lanes, first_head in _groups(width, cfg):
-      q, k = _load_qk((q_ref, k_ref), b, lanes, tables, rot, cfg, dtype)
-      v, do = v_ref[b, :, lanes], do_ref[b, :, lanes]
-      o_do = o_ref[b, :, lanes].astype(jnp.float32) * do.astype(jnp.float32)
-      dq = dk = dv = jnp.zeros(q.shape, jnp.float32)
-      for j, mask in enumerate(masks):
-        lse = jnp.sum(jnp.where(lane == first_head + j, lse_all, 0.0), axis=1, keepdims=True)
-        delta = jnp.sum(_masked(o_do, mask), axis=1, keepdims=True)
-        s = _dot(_masked(q, mask), k, _NT) * cfg.scale
-        if causal is not None:
-          s = jnp.where(causal, s, _MASK_VALUE)
-        p = jnp.exp(s - lse)
-        dp = _dot(_masked(do, mask), v, _NT)
-        ds = (p * (dp - delta)).astype(dtype)
-        dv = dv + _masked(_dot(p.astype(dtype), do, _TN), mask)
-        dq = dq + _masked(_dot(ds, k, _NN), mask)
-        dk = dk + _masked(_dot(ds, q, _TN), mask)
-      dq, dk = dq * cfg.scale, dk * cfg.scale
-      if cfg.rope:
-        dq, dk = (_rotate(g, *tables, rot, dtype, transpose=True) for g in (dq, dk))
-      dq_ref[b, :, lanes] = dq.astype(dq_ref.dtype)
-      dk_ref[b, :, lanes] = dk.astype(dk_ref.dtype)
-      dv_ref[b, :, lanes] = dv.astype(dv_ref.dtype)
+    q, k, v, o, do = _sequence((q_ref, k_ref, v_ref, o_ref, do_ref), b, cfg)
+    tables = tuple(t.astype(jnp.float32) for t in _sequence(table_refs, b, cfg))
+    q, k = _rotated_qk(q, k, tables, rot, cfg, dtype)
+    o_do = o.astype(jnp.float32) * do.astype(jnp.float32)
+    dq = dk = dv = jnp.zeros(q.shape, jnp.float32)
+    for mask in masks:
+      # The softmax is recomputed whole (the sequence is one block), so no logsumexp is stored by the forward.
+      p = _probabilities(q, k, mask, causal, cfg)
+      ds = (p * (_dot(_masked(do, mask), v, _NT) - jnp.sum(_masked(o_do, mask), axis=1, keepdims=True)))
+      ds = ds.astype(dtype)
+      dv = dv + _masked(_dot(p.astype(dtype), do, _TN), mask)
+      dq = dq + _masked(_dot(ds, k, _NN), mask)
+      dk = dk + _masked(_dot(ds, q, _TN), mask)
+    dq, dk = dq * cfg.scale, dk * cfg.scale
+    if cfg.rope:
+      dq, dk = (_rotate(g, *tables, rot, dtype, transpose=True) for g in (dq, dk))
+    dq_ref[:, b, :] = dq.astype(dq_ref.dtype)
+    dk_ref[:, b, :] = dk.astype(dk_ref.dtype)
+    dv_ref[:, b, :] = dv.astype(dv_ref.dtype)
 
 
-def _specs(cfg: _Config, seq: int, width: int, table_rows: int):
-  block = pl.BlockSpec((cfg.batch_block, seq, width), lambda i: (i, 0, 0))
-  lse = pl.BlockSpec((cfg.batch_block, seq, LANES), lambda i: (i, 0, 0))
+def _specs(cfg: _Config, seq: int, tables):
+  """Blocks of [seq, batch, width] arrays: whole sequences, `batch_block` of them, one 128-lane group."""
+  block = pl.BlockSpec((seq, cfg.batch_block, LANES), lambda i, g: (0, i, g))
   if not cfg.rope:
-    return block, lse, []
-  if table_rows > 1:
-    table = pl.BlockSpec((cfg.batch_block, seq, LANES), lambda i: (i, 0, 0))
+    return block, []
+  if tables[0].shape[1] > 1:  # per-sample tables (patch dropout)
+    table = pl.BlockSpec((seq, cfg.batch_block, LANES), lambda i, g: (0, i, 0))
   else:
-    table = pl.BlockSpec((1, seq, LANES), lambda i: (0, 0, 0))
-  return block, lse, [table, table, pl.BlockSpec((LANES, LANES), lambda i: (0, 0))]
+    table = pl.BlockSpec((seq, 1, LANES), lambda i, g: (0, 0, 0))
+  return block, [table, table, pl.BlockSpec((LANES, LANES), lambda i, g: (0, 0))]
 
 
-def _cost(cfg: _Config, batch: int, seq: int, width: int, matmuls: int, arrays, outs) -> pl.CostEstimate:
-  """The work the kernel really does (masked-lane matmuls at the group's full 128-lane depth, the RoPE rotations),
+def _cost(cfg: _Config, seq: int, batch: int, width: int, matmuls: int, rotations: int, arrays, outs):
+  """The work the kernel really does (each head's matmuls at its group's full 128-lane depth, the RoPE rotations),
   for XLA's cost analysis, which cannot see into a kernel."""
   groups = width // LANES
-  flops = batch * groups * cfg.heads_per_group * seq * seq * LANES * 2 * matmuls
-  if cfg.rope:  # q @ R and k @ R; the backward also rotates dq and dk back
-    flops += batch * groups * 2 * seq * LANES * LANES * 2 * (1 + (matmuls > 2))
+  flops = batch * groups * (cfg.heads_per_group * seq * seq * matmuls + cfg.rope * rotations * seq * LANES) * LANES * 2
   moved = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (*arrays, *outs))
   return pl.CostEstimate(flops=int(flops), transcendentals=int(batch * width // cfg.head_dim * seq * seq),
                          bytes_accessed=int(moved))
@@ -240,44 +206,45 @@ def _cost(cfg: _Config, batch: int, seq: int, width: int, matmuls: int, arrays, 
 
 def _call(kernel, cfg: _Config, args, out_shape, in_specs, out_specs, name, cost):
   from jax.experimental.pallas import tpu as pltpu
+  seq, batch, width = args[0].shape
   return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg), grid=(args[0].shape[0] // cfg.batch_block,), in_specs=in_specs,
+      functools.partial(kernel, cfg=cfg), grid=(batch // cfg.batch_block, width // LANES), in_specs=in_specs,
       out_specs=out_specs, out_shape=out_shape, name=name, cost_estimate=cost,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel')),
       interpret=pltpu.InterpretParams() if cfg.interpret else False)(*args)
 
 
 def _forward(q, k, v, tables, cfg: _Config):
-  batch, seq, width = q.shape
-  block, lse_spec, table_specs = _specs(cfg, seq, width, tables[0].shape[0] if cfg.rope else 0)
-  args = (q, k, v, *tables) if cfg.rope else (q, k, v)
-  out_shape = (jax.ShapeDtypeStruct(q.shape, v.dtype), jax.ShapeDtypeStruct((batch, seq, LANES), jnp.float32))
-  return _call(_forward_kernel, cfg, args, out_shape, [block, block, block, *table_specs], (block, lse_spec),
-               'tpu_attention_fwd', _cost(cfg, batch, seq, width, 2, args, out_shape))
+  seq, batch, width = q.shape
+  block, table_specs = _specs(cfg, seq, tables)
+  args = (q, k, v, *tables)
+  out_shape = jax.ShapeDtypeStruct(q.shape, v.dtype)
+  return _call(_forward_kernel, cfg, args, out_shape, [block] * 3 + table_specs, block, 'tpu_attention_fwd',
+               _cost(cfg, seq, batch, width, 2, 2, args, [out_shape]))
 
 
-def _backward(q, k, v, tables, out, lse, d_out, cfg: _Config):
-  batch, seq, width = q.shape
-  block, lse_spec, table_specs = _specs(cfg, seq, width, tables[0].shape[0] if cfg.rope else 0)
-  args = (q, k, v, out, d_out, lse, *tables) if cfg.rope else (q, k, v, out, d_out, lse)
+def _backward(q, k, v, tables, out, d_out, cfg: _Config):
+  seq, batch, width = q.shape
+  block, table_specs = _specs(cfg, seq, tables)
+  args = (q, k, v, out, d_out, *tables)
   out_shape = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-  return _call(_backward_kernel, cfg, args, out_shape, [block] * 5 + [lse_spec, *table_specs], (block,) * 3,
-               'tpu_attention_bwd', _cost(cfg, batch, seq, width, 5, args, out_shape))
+  return _call(_backward_kernel, cfg, args, out_shape, [block] * 5 + table_specs, (block,) * 3, 'tpu_attention_bwd',
+               _cost(cfg, seq, batch, width, 5, 4, args, out_shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, tables, cfg: _Config):
-  return _forward(q, k, v, tables, cfg)[0]
+  return _forward(q, k, v, tables, cfg)
 
 
 def _attention_fwd(q, k, v, tables, cfg: _Config):
-  out, lse = _forward(q, k, v, tables, cfg)
-  return out, (q, k, v, tables, out, lse)
+  out = _forward(q, k, v, tables, cfg)
+  return out, (q, k, v, tables, out)
 
 
 def _attention_bwd(cfg: _Config, residuals, d_out):
-  q, k, v, tables, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, tables, out, lse, d_out, cfg)
+  q, k, v, tables, out = residuals
+  dq, dk, dv = _backward(q, k, v, tables, out, d_out, cfg)
   return dq, dk, dv, jax.tree.map(jnp.zeros_like, tables)
 
 
@@ -285,8 +252,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _rope_tables(cos, sin, batch: int, seq: int, head_dim: int, dtype):
-  """(cos, sin) [(batch,) seq - 1, head_dim] -> each [batch or 1, seq, 128]: a CLS identity row first, the head
-  dim repeated over the heads of a 128-lane group, plus the rotation matrix."""
+  """(cos, sin) [(batch,) seq - 1, head_dim] -> each [seq, batch or 1, 128] (sequence-major, as q): a CLS identity
+  row first, the head dim repeated over the heads of a 128-lane group; and the rotation matrix."""
   if cos.shape != sin.shape or cos.shape[-2:] != (seq - 1, head_dim) or cos.ndim not in (2, 3) or (
       cos.ndim == 3 and cos.shape[0] != batch):
     raise ValueError(f'rope tables must be [seq - 1, head_dim] or [batch, seq - 1, head_dim] = '
@@ -296,7 +263,7 @@ def _rope_tables(cos, sin, batch: int, seq: int, head_dim: int, dtype):
     table = lax.stop_gradient(table)
     table = table[None] if table.ndim == 2 else table
     table = jnp.concatenate([jnp.full((table.shape[0], 1, head_dim), first, table.dtype), table], axis=1)
-    out.append(jnp.tile(table, (1, 1, LANES // head_dim)).astype(dtype))
+    out.append(jnp.tile(table, (1, 1, LANES // head_dim)).astype(dtype).transpose(1, 0, 2))
   return (*out, _rotation_matrix(dtype))
 
 
@@ -313,13 +280,15 @@ def tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
                      f'{v.shape}')
   if not supports(q):
     raise ValueError(f'the TPU whole-sequence kernel does not support {q.shape} {q.dtype}: it needs head_dim '
-                     f'dividing {LANES}, heads x head_dim a multiple of {LANES}, and one sequence '
-                     'within its VMEM budget')
+                     f'dividing {LANES}, heads x head_dim a multiple of {LANES}, and a batch block within its VMEM '
+                     'budget')
   batch, seq, heads, head_dim = q.shape
-  width = heads * head_dim
   cfg = _Config(causal=causal, scale=float(head_dim ** -0.5 if scale is None else scale), head_dim=head_dim,
-                rope=rope is not None, per_sample_tables=rope is not None and rope[0].ndim == 3,
-                batch_block=batch_block(batch, seq, width, q.dtype.itemsize, rope is not None), interpret=interpret)
+                rope=rope is not None, batch_block=batch_block(batch, seq, q.dtype.itemsize, rope is not None),
+                interpret=interpret)
   tables = _rope_tables(*rope, batch, seq, head_dim, q.dtype) if rope is not None else ()
-  flat = [t.reshape(batch, seq, width) for t in (q, k, v)]
-  return _attention(*flat, tables, cfg).reshape(q.shape)
+  # Sequence-major [seq, batch, width]: the layout XLA's TPU matmuls give the activations ({2,0,1} for [batch, seq,
+  # width], which keeps the odd lengths 77/99/197/257 out of the tiled dimensions), so that no copy is needed
+  # between the projections and the kernels.
+  flat = [t.reshape(batch, seq, heads * head_dim).transpose(1, 0, 2) for t in (q, k, v)]
+  return _attention(*flat, tables, cfg).transpose(1, 0, 2).reshape(q.shape)
