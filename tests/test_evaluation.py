@@ -126,3 +126,22 @@ def test_retrieval_from_shards(demo_root):
   assert set(result) == {f'r/{d}_R@{k}' for d in ('image_to_text', 'text_to_image') for k in (1, 5, 10)}
   assert all(0.0 <= v <= 1.0 for v in result.values())
   assert result['r/text_to_image_R@10'] >= result['r/text_to_image_R@1']
+
+
+def test_csv_readers_share_one_check_of_file_and_columns(tmp_path):
+  from eva_clip_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'a.png').write_bytes(b'')
+  (tmp_path / 'labels.csv').write_text('path,label\na.png,1\na.png,dog\n')
+  assert datasets.labelled_csv(str(tmp_path / 'labels.csv'), ['cat', 'dog']) == [(str(tmp_path / 'a.png'), 1)] * 2
+  (tmp_path / 'captions.csv').write_text('path,caption\na.png,one\na.png,two\n')
+  paths, captions, text_to_image = datasets.caption_pairs(str(tmp_path / 'captions.csv'))
+  assert paths == [str(tmp_path / 'a.png')] and captions == ['one', 'two'] and list(text_to_image) == [0, 0]
+  for read, column in ((datasets.labelled_csv, 'label'), (datasets.caption_pairs, 'caption')):
+    with pytest.raises(datasets.MissingDataset, match=f'no CSV at .*nope.csv .expected columns path, {column}'):
+      read(str(tmp_path / 'nope.csv'))
+    (tmp_path / 'bad.csv').write_text('path,other\na.png,x\n')
+    with pytest.raises(ValueError, match=f'bad.csv needs a header with columns path, {column}; missing {column}$'):
+      read(str(tmp_path / 'bad.csv'))
+    (tmp_path / 'empty.csv').write_text(f'path,{column}\n')
+    with pytest.raises(ValueError, match='empty.csv has a header but no rows'):
+      read(str(tmp_path / 'empty.csv'))
