@@ -59,30 +59,14 @@ def _in_lockstep(bound, batches):
     yield bound.images(batch['image'])[keep], bound.texts(batch['text'])[keep], np.asarray(batch['key'])[keep]
 
 
-def _params(config, setup):
-  """config.pretrained's weights (any format the conversion API reads), else the seeded random initialisation, on
-  the training shardings. (As evaluate.load_params, which cannot be imported here: that module defines flags.)"""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
-  if config.get('pretrained'):
-    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
-    api.load_pretrained(model, config.pretrained)
-  return jax.device_put(nnx.state(model, nnx.Param).to_pure_dict(), setup.shardings.params)
-
-
 def extract_features(config, data: str, output_dir: str, *, batch_size: int = 256,
                      num_workers: int = 0) -> dict[str, str]:
   """Embeds every readable sample of `data` with config's model (config.pretrained's weights, or the seeded random
   initialisation); returns the paths this process wrote."""
-  from eva_clip_jax.evaluation import FeatureExtractor, datasets  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.evaluation.model import build_eval_model  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.models import get_model_spec  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  mesh = sharding_lib.make_mesh(config.mesh)
-  setup = step_lib.make_setup(config, mesh)  # the towers as training and evaluation build them
-  bound = FeatureExtractor(setup.model, mesh, setup.shardings.params, batch_size).bind(_params(config, setup))
+  bound = build_eval_model(config).extractor(batch_size)  # the towers as training and evaluation build them
   spec = get_model_spec(config.model.name)
   batches = datasets.shard_batches(data, spec.vision.image_size, batch_size, spec.text.context_length,
                                    num_workers=num_workers, shard_by_process=True)
