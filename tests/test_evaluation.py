@@ -145,3 +145,29 @@ def test_csv_readers_share_one_check_of_file_and_columns(tmp_path):
     (tmp_path / 'empty.csv').write_text(f'path,{column}\n')
     with pytest.raises(ValueError, match='empty.csv has a header but no rows'):
       read(str(tmp_path / 'empty.csv'))
+
+
+def test_a_process_whose_share_ran_out_keeps_calling_every_encoder_with_no_rows(monkeypatch):
+  """in_lockstep as one of two processes: this one has 1 batch, the other 3 (the all-gather is simulated)."""
+  from eva_clip_jax.evaluation import features as features_lib  # pylint: disable=g-import-not-at-top
+  gathered = []
+
+  def allgather(has_batch):
+    gathered.append(bool(has_batch))
+    return np.array([bool(has_batch), len(gathered) <= 3])
+
+  calls = []
+  encoders = {key: lambda x, key=key: calls.append((key, x.shape, x.dtype)) or np.full(len(x), key)
+              for key in ('image', 'text')}
+  batch = {'image': np.ones((2, 3), np.float32), 'text': np.ones((2, 4), np.int32), 'key': ['a', 'b']}
+  monkeypatch.setattr(features_lib.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(features_lib.multihost_utils, 'process_allgather', allgather)
+  out = list(features_lib.in_lockstep([batch], encoders))
+  assert len(out) == 1 and out[0][0] is batch and {k: list(v) for k, v in out[0][1].items()} == {
+      'image': ['image', 'image'], 'text': ['text', 'text']}
+  assert gathered == [True, False, False, False]  # the 4th gather finds both done
+  idle = [('image', (0, 3), np.float32), ('text', (0, 4), np.int32)]
+  assert calls == [('image', (2, 3), np.float32), ('text', (2, 4), np.int32)] + idle * 2
+  gathered.clear()
+  with pytest.raises(ValueError, match='no data while others did'):
+    list(features_lib.in_lockstep([], encoders))
