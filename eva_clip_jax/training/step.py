@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_clip_jax import transforms
 from eva_clip_jax.models import create_model
+from eva_clip_jax.models.paths import flat_paths
 from eva_clip_jax.training import accumulate
 from eva_clip_jax.training import loss_scale as loss_scale_lib
 from eva_clip_jax.training import optimizer as optimizer_lib
@@ -45,7 +46,7 @@ class TrainSetup:
     """One row per parameter: shape, logical axes -> mesh axes, layer, LR scale and weight decay."""
     rows = [('parameter', 'shape', 'logical axes', 'mesh axes', 'tower', 'layer', 'lr scale', 'wd')]
     params = self.abstract_state.params
-    for path, sharding in zip(sharding_lib.flat_paths(params), jax.tree.leaves(self.shardings.params)):
+    for path, sharding in zip(flat_paths(params), jax.tree.leaves(self.shardings.params)):
       group = self.optimizer.groups[path]
       axes = ', '.join(str(a) for a in self.logical_axes[path])
       spec = ', '.join(str(a) for a in sharding.spec) or '-'
