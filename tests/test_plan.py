@@ -109,6 +109,32 @@ def test_search_when_nothing_fits_or_everything_does():
   assert memory.largest_batch(lambda b: b, 10**9, limit=4096, max_measurements=8)[0] == 4096
 
 
+@pytest.mark.parametrize('multiple', [3, 4, 6])
+def test_search_steps_in_multiples_of_the_micro_batches(multiple):
+  def cost(batch):
+    return int(16e6 + 1.5e6 * batch + 150.0 * batch * batch)
+
+  found, measured = memory.largest_batch(cost, int(0.9e9), max_measurements=6, multiple=multiple)
+  assert all(b % multiple == 0 for b in measured) and found % multiple == 0 and cost(found) <= 0.9e9
+  edge = max(b for b in range(multiple, 1 << 16, multiple) if cost(b) <= 0.9e9)
+  assert edge - found <= multiple * memory._granule(edge // multiple)  # pylint: disable=protected-access
+  # One sample would fit, `multiple` samples do not: nothing the step can split fits.
+  assert memory.largest_batch(lambda b: 10 + b, 12, multiple=4) == (0, {16: 26, 8: 18, 4: 14})
+  assert memory.largest_batch(lambda b: 10 + b, 12)[0] == 2
+
+
+def test_plan_of_an_accumulating_config_compiles_only_batches_it_can_split():
+  """accum_steps=3: the search's first batch, 16, becomes 18 (16 does not split into 3 micro-batches; the step
+  would refuse it), and an explicit --batch_per_device that does not split is refused before compiling."""
+  from eva_clip_jax import plan  # pylint: disable=g-import-not-at-top
+  config = _config('tiny')
+  config.accum_steps = 3
+  row = plan.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, start=16, limit=20)
+  assert row['measured'].keys() == {18} and row['largest'] == 18 and row['global_batch'] == 18 * 8
+  with pytest.raises(ValueError, match='--batch_per_device=16 does not split into config.accum_steps=3'):
+    plan.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, batch_per_device=16)
+
+
 def test_mesh_specs():
   assert memory.parse_mesh('data:8,fsdp:4') == {'data': 8, 'fsdp': 4, 'tensor': 1}
   assert memory.strategy_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 'fsdp') == {'data': 1, 'fsdp': 64, 'tensor': 1}
