@@ -77,6 +77,11 @@ def test_fsdp_activations_stay_batch_sharded(capfd):
   # Within 25%: the failure this guards against is the 4.6x of activations inheriting the weights' sharding. The
   # rest is XLA:CPU fusing differently per strategy: measured zero1 1.07-1.14 MB and fsdp 1.17-1.22 MB per sample
   # with uint8 input and 16-bit attention probabilities (with float32 input and scores both were 1.35 MB).
+  # That gap is heap packing, not bytes fsdp keeps (analysed 2026-12-01, XLA dumps of batch 16): the temporaries'
+  # batch-shaped values are the same shapes and dtypes under both (51.92 vs 51.93 MB summed, none of the global
+  # batch), but fsdp's fixed temporaries (the gathered f32[49408, 64] token table, 12.6 MB, live beside the 12.6 MB
+  # scatter-add buffer of its gradient) change where activations fit. From batch 16 on fsdp grows slower: MB per
+  # sample 16->32 zero1 1.40, fsdp 1.25; 32->64 zero1 1.51, fsdp 1.41 (temp at 64: 108.0 vs 114.5 MB).
   assert all(value < 1.25 * zero1 for value in per_sample.values()), per_sample
   assert 'Involuntary full rematerialization' not in capfd.readouterr().err
 
