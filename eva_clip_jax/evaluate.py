@@ -39,33 +39,11 @@ _NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'with --suite: grain worke
 _RERUN = flags.DEFINE_bool('rerun', False, 'with --suite: evaluate again the datasets already done')
 
 
-def model_setup(config, mesh):
-  """(model_fn, param_shardings) exactly as training builds them. The one place that knows the setup's names."""
-  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  setup = step_lib.make_setup(config, mesh)
-  return setup.model, setup.shardings.params
-
-
-def load_params(config, param_shardings):
-  """config.pretrained's weights (a PyTorch checkpoint or a converted directory, via the conversion API) or the
-  seeded random initialisation, laid out as training lays them out and put onto the parameter shardings."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
-  if config.get('pretrained'):
-    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
-    api.load_pretrained(model, config.pretrained)
-  return jax.device_put(nnx.state(model, nnx.Param).to_pure_dict(), param_shardings)
-
-
 def _prepare(config):
-  from eva_clip_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.evaluation.model import build_eval_model  # pylint: disable=g-import-not-at-top
   if _PRECISION.value:
     config.model.dtype = _PRECISION.value
-  mesh = sharding_lib.make_mesh(config.mesh)
-  model_fn, param_shardings = model_setup(config, mesh)
-  return mesh, model_fn, param_shardings, load_params(config, param_shardings)
+  return build_eval_model(config)
 
 
 def evaluate(config) -> dict[str, float]:
@@ -75,17 +53,18 @@ def evaluate(config) -> dict[str, float]:
   skipped = sorted(set(config.evals) - set(evals))
   if skipped:
     print(f'skipped (no data configured): {", ".join(skipped)}')
-  mesh, model_fn, param_shardings, params = _prepare(config)
+  model = _prepare(config)
   results: dict[str, float] = {}
-  for evaluator in build_evaluators(evals, model_fn=model_fn, mesh=mesh, param_shardings=param_shardings):
-    results.update(evaluator.run(params))
+  for evaluator in build_evaluators(evals, model_fn=model.model_fn, mesh=model.mesh,
+                                    param_shardings=model.param_shardings):
+    results.update(evaluator.run(model.params))
   return results
 
 
 def evaluate_suite(config, suite_name: str, data_dir: str, output_dir: str, *, datasets=None, batch_size: int = 64,
                    num_workers: int = 0, rerun: bool = False) -> dict[str, dict]:
   """Runs a suite of the paper's datasets; prints and writes its tables. Returns {dataset: result}."""
-  from eva_clip_jax.evaluation import FeatureExtractor, report, runner, suite  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.evaluation import report, runner, suite  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.models import get_model_spec  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
   keys = suite.SUITES[suite_name]
@@ -94,9 +73,8 @@ def evaluate_suite(config, suite_name: str, data_dir: str, output_dir: str, *, d
     if unknown:
       raise ValueError(f'--datasets {unknown} are not in suite {suite_name!r}: {", ".join(keys)}')
     keys = [k for k in keys if k in datasets]
-  mesh, model_fn, param_shardings, params = _prepare(config)
+  bound = _prepare(config).extractor(batch_size)
   spec = get_model_spec(config.model.name)
-  bound = FeatureExtractor(model_fn, mesh, param_shardings, batch_size).bind(params)
   results = runner.run_suite(bound, get_tokenizer(context_length=spec.text.context_length), keys,
                              data_dir=data_dir, image_size=spec.vision.image_size, output_dir=output_dir,
                              model_id=runner.model_identity(config.to_dict()), batch_size=batch_size,

@@ -18,7 +18,6 @@ import os
 import jax
 import numpy as np
 from absl import app, flags
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from eva_clip_jax import cli
@@ -37,60 +36,24 @@ def output_paths(output_dir: str, process_index: int = 0, process_count: int = 1
           for name, ext in (('image_features', 'npy'), ('text_features', 'npy'), ('keys', 'txt'))}
 
 
-def _in_lockstep(bound, batches):
-  """(image features, text features, keys) per batch of this process. Each encoder call is a collective, so a
-  process whose share ran out keeps calling with no rows until every process is done."""
-  iterator, image_row, text_row = iter(batches), None, None
-  while True:
-    batch = next(iterator, None)
-    if jax.process_count() > 1:
-      if not np.asarray(multihost_utils.process_allgather(np.asarray(batch is not None))).any():
-        return
-      if batch is None:
-        if image_row is None:
-          raise ValueError('this process had no shards to embed while others did (fewer shards than processes)')
-        bound.images(image_row[:0])
-        bound.texts(text_row[:0])
-        continue
-    elif batch is None:
-      return
-    image_row, text_row = np.asarray(batch['image'])[:1], np.asarray(batch['text'])[:1]
-    keep = np.asarray(batch['valid'], bool)  # a pass that ends in unreadable samples ends in a placeholder
-    yield bound.images(batch['image'])[keep], bound.texts(batch['text'])[keep], np.asarray(batch['key'])[keep]
-
-
-def _params(config, setup):
-  """config.pretrained's weights (any format the conversion API reads), else the seeded random initialisation, on
-  the training shardings. (As evaluate.load_params, which cannot be imported here: that module defines flags.)"""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
-  if config.get('pretrained'):
-    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
-    api.load_pretrained(model, config.pretrained)
-  return jax.device_put(nnx.state(model, nnx.Param).to_pure_dict(), setup.shardings.params)
-
-
 def extract_features(config, data: str, output_dir: str, *, batch_size: int = 256,
                      num_workers: int = 0) -> dict[str, str]:
   """Embeds every readable sample of `data` with config's model (config.pretrained's weights, or the seeded random
   initialisation); returns the paths this process wrote."""
-  from eva_clip_jax.evaluation import FeatureExtractor, datasets  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.evaluation.features import in_lockstep  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.evaluation.model import build_eval_model  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.models import get_model_spec  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
-  mesh = sharding_lib.make_mesh(config.mesh)
-  setup = step_lib.make_setup(config, mesh)  # the towers as training and evaluation build them
-  bound = FeatureExtractor(setup.model, mesh, setup.shardings.params, batch_size).bind(_params(config, setup))
+  bound = build_eval_model(config).extractor(batch_size)  # the towers as training and evaluation build them
   spec = get_model_spec(config.model.name)
   batches = datasets.shard_batches(data, spec.vision.image_size, batch_size, spec.text.context_length,
                                    num_workers=num_workers, shard_by_process=True)
   images, texts, keys = [], [], []
-  for image_features, text_features, batch_keys in _in_lockstep(bound, batches):
-    images.append(image_features)
-    texts.append(text_features)
-    keys.extend(str(k) for k in batch_keys)
+  for batch, features in in_lockstep(batches, {'image': bound.images, 'text': bound.texts}):
+    keep = np.asarray(batch['valid'], bool)  # a pass that ends in unreadable samples ends in a placeholder
+    images.append(features['image'][keep])
+    texts.append(features['text'][keep])
+    keys.extend(str(k) for k in np.asarray(batch['key'])[keep])
   dim = spec.embed_dim
   paths = output_paths(output_dir, jax.process_index(), jax.process_count())
   os.makedirs(output_dir, exist_ok=True)

@@ -12,7 +12,8 @@ chip from memory.TPU_HBM_GIB). --target=gpu: XLA's GPU compiler without a GPU (j
 XLA:CPU devices, the fallback when neither package is installed (`pip install -r requirements-accel.txt`); its
 buffers overstate an accelerator's (launch/README.md). For each strategy x remat policy: parameter and optimizer-state
 bytes per device, the step's fixed bytes and bytes per sample, and the largest per-device batch within the device's
-memory x --usable_fraction (a few compiles; --batch_per_device compiles one size instead). fsdp rows move the data
+memory x --usable_fraction (a few compiles, each of a multiple of config.accum_steps; --batch_per_device compiles one
+size instead). fsdp rows move the data
 axis onto 'fsdp' when the mesh has none.
 """
 
@@ -65,9 +66,14 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
 
   from eva_clip_jax.training import memory
   from eva_clip_jax.training import sharding as sharding_lib
+  from eva_clip_jax.training import step as step_lib
   config = copy.deepcopy(config)
   config.sharding.strategy, config.model.remat = strategy, remat
   mesh_config = memory.strategy_mesh(mesh_config, strategy)
+  multiple = step_lib.micro_batches(config)  # per-device batches the accumulation can split
+  if batch_per_device % multiple:
+    raise ValueError(f'--batch_per_device={batch_per_device} does not split into config.accum_steps={multiple} '
+                     'micro-batches: pass a multiple of it')
   num_devices = math.prod(mesh_config.values())
   mesh = sharding_lib.make_mesh(mesh_config, devices=list(devices or jax.devices())[:num_devices])
   estimates: dict[int, memory.MemoryEstimate] = {}
@@ -80,7 +86,8 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
     measure(batch_per_device)
     chosen = batch_per_device
   else:
-    chosen, _ = memory.largest_batch(measure, budget, start=start, limit=limit, max_measurements=max_compiles)
+    chosen, _ = memory.largest_batch(measure, budget, start=start, limit=limit, max_measurements=max_compiles,
+                                     multiple=multiple)
   at = estimates[chosen] if chosen else estimates[min(estimates)]  # nothing fits: show the smallest batch tried
   per_sample = fixed = None
   others = sorted((b for b in estimates if b != at.batch_per_device), key=lambda b: abs(b - at.batch_per_device))

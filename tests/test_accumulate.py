@@ -109,3 +109,5 @@ def test_batch_that_does_not_split_is_refused():
   setup = step_lib.make_setup(_config(batch_size=16, accum_steps=4), mesh)
   with pytest.raises(ValueError, match='accum_steps=4'):
     step_lib.make_train_step(setup)
+  with pytest.raises(ValueError, match='accum_steps must be at least 1, got -2'):
+    step_lib.make_train_step(step_lib.make_setup(_config(batch_size=16, accum_steps=-2), mesh))

@@ -126,3 +126,48 @@ def test_retrieval_from_shards(demo_root):
   assert set(result) == {f'r/{d}_R@{k}' for d in ('image_to_text', 'text_to_image') for k in (1, 5, 10)}
   assert all(0.0 <= v <= 1.0 for v in result.values())
   assert result['r/text_to_image_R@10'] >= result['r/text_to_image_R@1']
+
+
+def test_csv_readers_share_one_check_of_file_and_columns(tmp_path):
+  from eva_clip_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'a.png').write_bytes(b'')
+  (tmp_path / 'labels.csv').write_text('path,label\na.png,1\na.png,dog\n')
+  assert datasets.labelled_csv(str(tmp_path / 'labels.csv'), ['cat', 'dog']) == [(str(tmp_path / 'a.png'), 1)] * 2
+  (tmp_path / 'captions.csv').write_text('path,caption\na.png,one\na.png,two\n')
+  paths, captions, text_to_image = datasets.caption_pairs(str(tmp_path / 'captions.csv'))
+  assert paths == [str(tmp_path / 'a.png')] and captions == ['one', 'two'] and list(text_to_image) == [0, 0]
+  for read, column in ((datasets.labelled_csv, 'label'), (datasets.caption_pairs, 'caption')):
+    with pytest.raises(datasets.MissingDataset, match=f'no CSV at .*nope.csv .expected columns path, {column}'):
+      read(str(tmp_path / 'nope.csv'))
+    (tmp_path / 'bad.csv').write_text('path,other\na.png,x\n')
+    with pytest.raises(ValueError, match=f'bad.csv needs a header with columns path, {column}; missing {column}$'):
+      read(str(tmp_path / 'bad.csv'))
+    (tmp_path / 'empty.csv').write_text(f'path,{column}\n')
+    with pytest.raises(ValueError, match='empty.csv has a header but no rows'):
+      read(str(tmp_path / 'empty.csv'))
+
+
+def test_a_process_whose_share_ran_out_keeps_calling_every_encoder_with_no_rows(monkeypatch):
+  """in_lockstep as one of two processes: this one has 1 batch, the other 3 (the all-gather is simulated)."""
+  from eva_clip_jax.evaluation import features as features_lib  # pylint: disable=g-import-not-at-top
+  gathered = []
+
+  def allgather(has_batch):
+    gathered.append(bool(has_batch))
+    return np.array([bool(has_batch), len(gathered) <= 3])
+
+  calls = []
+  encoders = {key: lambda x, key=key: calls.append((key, x.shape, x.dtype)) or np.full(len(x), key)
+              for key in ('image', 'text')}
+  batch = {'image': np.ones((2, 3), np.float32), 'text': np.ones((2, 4), np.int32), 'key': ['a', 'b']}
+  monkeypatch.setattr(features_lib.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(features_lib.multihost_utils, 'process_allgather', allgather)
+  out = list(features_lib.in_lockstep([batch], encoders))
+  assert len(out) == 1 and out[0][0] is batch and {k: list(v) for k, v in out[0][1].items()} == {
+      'image': ['image', 'image'], 'text': ['text', 'text']}
+  assert gathered == [True, False, False, False]  # the 4th gather finds both done
+  idle = [('image', (0, 3), np.float32), ('text', (0, 4), np.int32)]
+  assert calls == [('image', (2, 3), np.float32), ('text', (2, 4), np.int32)] + idle * 2
+  gathered.clear()
+  with pytest.raises(ValueError, match='no data while others did'):
+    list(features_lib.in_lockstep([], encoders))

@@ -77,6 +77,11 @@ def test_fsdp_activations_stay_batch_sharded(capfd):
   # Within 25%: the failure this guards against is the 4.6x of activations inheriting the weights' sharding. The
   # rest is XLA:CPU fusing differently per strategy: measured zero1 1.07-1.14 MB and fsdp 1.17-1.22 MB per sample
   # with uint8 input and 16-bit attention probabilities (with float32 input and scores both were 1.35 MB).
+  # That gap is heap packing, not bytes fsdp keeps (analysed 2026-12-01, XLA dumps of batch 16): the temporaries'
+  # batch-shaped values are the same shapes and dtypes under both (51.92 vs 51.93 MB summed, none of the global
+  # batch), but fsdp's fixed temporaries (the gathered f32[49408, 64] token table, 12.6 MB, live beside the 12.6 MB
+  # scatter-add buffer of its gradient) change where activations fit. From batch 16 on fsdp grows slower: MB per
+  # sample 16->32 zero1 1.40, fsdp 1.25; 32->64 zero1 1.51, fsdp 1.41 (temp at 64: 108.0 vs 114.5 MB).
   assert all(value < 1.25 * zero1 for value in per_sample.values()), per_sample
   assert 'Involuntary full rematerialization' not in capfd.readouterr().err
 
@@ -107,6 +112,32 @@ def test_search_when_nothing_fits_or_everything_does():
   assert memory.largest_batch(lambda b: 10 + b, 5)[0] == 0
   assert memory.largest_batch(lambda b: 1 + b, 10, start=16)[0] == 9  # halving, then up again
   assert memory.largest_batch(lambda b: b, 10**9, limit=4096, max_measurements=8)[0] == 4096
+
+
+@pytest.mark.parametrize('multiple', [3, 4, 6])
+def test_search_steps_in_multiples_of_the_micro_batches(multiple):
+  def cost(batch):
+    return int(16e6 + 1.5e6 * batch + 150.0 * batch * batch)
+
+  found, measured = memory.largest_batch(cost, int(0.9e9), max_measurements=6, multiple=multiple)
+  assert all(b % multiple == 0 for b in measured) and found % multiple == 0 and cost(found) <= 0.9e9
+  edge = max(b for b in range(multiple, 1 << 16, multiple) if cost(b) <= 0.9e9)
+  assert edge - found <= multiple * memory._granule(edge // multiple)  # pylint: disable=protected-access
+  # One sample would fit, `multiple` samples do not: nothing the step can split fits.
+  assert memory.largest_batch(lambda b: 10 + b, 12, multiple=4) == (0, {16: 26, 8: 18, 4: 14})
+  assert memory.largest_batch(lambda b: 10 + b, 12)[0] == 2
+
+
+def test_plan_of_an_accumulating_config_compiles_only_batches_it_can_split():
+  """accum_steps=3: the search's first batch, 16, becomes 18 (16 does not split into 3 micro-batches; the step
+  would refuse it), and an explicit --batch_per_device that does not split is refused before compiling."""
+  from eva_clip_jax import plan  # pylint: disable=g-import-not-at-top
+  config = _config('tiny')
+  config.accum_steps = 3
+  row = plan.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, start=16, limit=20)
+  assert row['measured'].keys() == {18} and row['largest'] == 18 and row['global_batch'] == 18 * 8
+  with pytest.raises(ValueError, match='--batch_per_device=16 does not split into config.accum_steps=3'):
+    plan.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, batch_per_device=16)
 
 
 def test_mesh_specs():

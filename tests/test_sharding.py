@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from configs import tiny
 from eva_clip_jax.models import create_model
 from eva_clip_jax.models.common import AXES_METADATA
+from eva_clip_jax.models.paths import flat_paths
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from eva_clip_jax.training.loop import train_and_evaluate
@@ -54,7 +55,7 @@ def test_models_declare_logical_axes(b16, path, expected):
 def test_every_parameter_of_every_family_declares_its_axes(model):
   state = _param_state(model)
   axes = sharding_lib.logical_axes(state)
-  assert set(axes) == set(sharding_lib.flat_paths(state.to_pure_dict()))
+  assert set(axes) == set(flat_paths(state.to_pure_dict()))
 
 
 def _edit_axes(state, path, axes):

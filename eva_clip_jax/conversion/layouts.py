@@ -126,20 +126,17 @@ def rope_buffer_keys(spec: ModelSpec) -> list[str]:
   return [f'{owner}.freqs_{part}' for owner in owners for part in ('cos', 'sin')]
 
 
+# Our axis order, as positions of torch's axes: Linear [out, in] -> [in, out], Conv2d OIHW -> HWIO. The way back
+# is the inverse permutation, so the two directions cannot drift apart.
+_OUR_AXES: dict[Kind, tuple[int, ...]] = {'linear': (1, 0), 'conv': (2, 3, 1, 0)}
+
+
 def _to_ours(array: np.ndarray, kind: Kind) -> np.ndarray:
-  if kind == 'linear':
-    return array.T
-  if kind == 'conv':
-    return array.transpose(2, 3, 1, 0)
-  return array
+  return array.transpose(_OUR_AXES[kind]) if kind in _OUR_AXES else array
 
 
 def _to_theirs(array: np.ndarray, kind: Kind) -> np.ndarray:
-  if kind == 'linear':
-    return array.T
-  if kind == 'conv':
-    return array.transpose(3, 2, 0, 1)
-  return array
+  return array.transpose(np.argsort(_OUR_AXES[kind])) if kind in _OUR_AXES else array
 
 
 def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:

@@ -72,16 +72,26 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   return items, classes
 
 
+def _read_csv(path: str, columns: tuple[str, ...]) -> tuple[str, list[dict[str, str]]]:
+  """(the CSV's directory, its rows as dicts): MissingDataset when there is no file, ValueError naming what is
+  missing when the header lacks one of `columns` or no row follows it."""
+  if not os.path.isfile(path):
+    raise MissingDataset(f'no CSV at {path} (expected columns {", ".join(columns)})')
+  with open(path, newline='', encoding='utf-8') as f:
+    reader = csv.DictReader(f)
+    rows = list(reader)
+  missing = [c for c in columns if c not in (reader.fieldnames or ())]
+  if missing:
+    raise ValueError(f'{path} needs a header with columns {", ".join(columns)}; missing {", ".join(missing)}')
+  if not rows:
+    raise ValueError(f'{path} has a header but no rows')
+  return os.path.dirname(os.path.abspath(path)), rows
+
+
 def labelled_csv(path: str, classnames: list[str] | None = None) -> list[tuple[str, int]]:
   """[(image path, label)] from a CSV with columns path,label (paths relative to the CSV); a label that is not an
   integer is looked up in `classnames`."""
-  if not os.path.exists(path):
-    raise MissingDataset(f'no CSV at {path}')
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, newline='', encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
-  if not rows or not {'path', 'label'} <= set(rows[0]):
-    raise ValueError(f'{path} needs a header with columns path and label')
+  base, rows = _read_csv(path, ('path', 'label'))
   index = {name: i for i, name in enumerate(classnames or [])}
   items = []
   for row in rows:
@@ -220,13 +230,7 @@ def tfds_batches(name: str, image_size: int, batch_size: int = 64, split: str = 
 def caption_pairs(csv_path: str) -> tuple[list[str], list[str], np.ndarray]:
   """(unique image paths, captions, text_to_image) from a CSV with columns path, caption (one row per caption;
   several rows may share an image, as in Flickr30K / COCO)."""
-  if not os.path.exists(csv_path):
-    raise MissingDataset(f'no caption CSV at {csv_path}')
-  base = os.path.dirname(os.path.abspath(csv_path))
-  with open(csv_path, newline='', encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
-  if not rows or not {'path', 'caption'} <= set(rows[0]):
-    raise ValueError(f'{csv_path} needs a header with columns path and caption')
+  base, rows = _read_csv(csv_path, ('path', 'caption'))
   images: dict[str, int] = {}
   captions, text_to_image = [], []
   for row in rows:

@@ -12,7 +12,7 @@ same, so batches are padded to one fixed size.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -113,25 +113,27 @@ class FeatureExtractor:
     return np.asarray(out)[:n].astype(np.float32)  # scoring is in float32 whatever the towers computed in
 
 
-def features_in_lockstep(extractor, batches: Iterable[dict], key: str = 'image') -> Iterator[tuple[dict, np.ndarray]]:
-  """(batch, features of batch[key]) for this process's batches. With several processes, each encoder call is a
-  collective: a process whose share ran out keeps calling with no rows until every process is done."""
-  iterator, row = iter(batches), None
+def in_lockstep(batches: Iterable[dict], encoders: Mapping[str, Callable[[np.ndarray], np.ndarray]]
+                ) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+  """(batch, {key: encoders[key](batch[key])}) for this process's batches. With several processes each encoder call
+  is a collective: a process whose share ran out keeps calling every encoder with no rows until all are done."""
+  iterator, rows = iter(batches), None
   while True:
     batch = next(iterator, None)
     if batch is not None:
-      row = np.asarray(batch[key])[:1]
+      rows = {key: np.empty((0, *np.shape(batch[key])[1:]), np.asarray(batch[key]).dtype) for key in encoders}
     if jax.process_count() > 1:
       if not np.asarray(multihost_utils.process_allgather(np.asarray(batch is not None))).any():
         return
       if batch is None:
-        if row is None:
-          raise ValueError('this process had no evaluation data while others did (fewer examples than processes)')
-        extractor.images(row[:0])
+        if rows is None:
+          raise ValueError('this process had no data while others did (fewer examples or shards than processes)')
+        for key, encode in encoders.items():
+          encode(rows[key])
         continue
     elif batch is None:
       return
-    yield batch, extractor.images(batch[key])
+    yield batch, {key: encode(batch[key]) for key, encode in encoders.items()}
 
 
 class BoundExtractor:
@@ -154,8 +156,8 @@ class BoundExtractor:
                   progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, list[dict]]:
     """Features of every batch's `key`, concatenated; also returns the batches' other fields."""
     features, others = [], []
-    for batch, batch_features in features_in_lockstep(self, batches, key):
-      features.append(batch_features)
+    for batch, batch_features in in_lockstep(batches, {key: self.images}):
+      features.append(batch_features[key])
       others.append({k: v for k, v in batch.items() if k != key})
       if progress:
         progress(len(batch[key]))

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from eva_clip_jax.evaluation.features import features_in_lockstep
+from eva_clip_jax.evaluation.features import in_lockstep
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets')
 
@@ -145,7 +145,8 @@ def score_zero_shot(extractor, tokenizer, batches: Iterable[dict], classnames: S
   num_classes = classifier.shape[1]
   counts = np.zeros((num_classes, 3), np.float64)
   seen = False
-  for batch, features in features_in_lockstep(extractor, batches):
+  for batch, encoded in in_lockstep(batches, {'image': extractor.images}):
+    features = encoded['image']
     seen = True
     labels = np.asarray(batch['label'])
     keep = labels >= 0

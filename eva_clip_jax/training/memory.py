@@ -212,13 +212,22 @@ def _line_guess(measured: Mapping[int, int], a: int, b: int, budget: int) -> int
 
 
 def largest_batch(measure: Callable[[int], int], budget: int, *, start: int = 16, limit: int = 1 << 16,
-                  max_measurements: int = 5) -> tuple[int, dict[int, int]]:
+                  max_measurements: int = 5, multiple: int = 1) -> tuple[int, dict[int, int]]:
   """The largest per-device batch whose `measure` (bytes; a compile each) stays within `budget`, and the measurements.
 
   Activation memory grows about linearly with the batch, so each guess is where the line through two measurements
   meets the budget (the bracket's ends once one batch has failed), rounded down to the resolution; bisection takes
-  over when a guess leaves the bracket. Typically 4 or 5 compiles. Returns 0 when one sample does not fit.
+  over when a guess leaves the bracket. Typically 4 or 5 compiles. Every batch measured is a multiple of `multiple`
+  (the step's micro-batches: step.micro_batches): the search runs in units of it. Returns 0 when `multiple`
+  samples do not fit.
   """
+  units, measured = _largest_units(lambda n: measure(n * multiple), budget, start=max(1, -(-start // multiple)),
+                                   limit=max(1, limit // multiple), max_measurements=max_measurements)
+  return units * multiple, {n * multiple: total for n, total in measured.items()}
+
+
+def _largest_units(measure: Callable[[int], int], budget: int, *, start: int, limit: int,
+                   max_measurements: int) -> tuple[int, dict[int, int]]:
   measured: dict[int, int] = {}
 
   def fits(batch: int) -> bool:

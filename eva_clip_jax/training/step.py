@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_clip_jax import transforms
 from eva_clip_jax.models import create_model
+from eva_clip_jax.models.paths import flat_paths
 from eva_clip_jax.training import accumulate
 from eva_clip_jax.training import loss_scale as loss_scale_lib
 from eva_clip_jax.training import optimizer as optimizer_lib
@@ -45,7 +46,7 @@ class TrainSetup:
     """One row per parameter: shape, logical axes -> mesh axes, layer, LR scale and weight decay."""
     rows = [('parameter', 'shape', 'logical axes', 'mesh axes', 'tower', 'layer', 'lr scale', 'wd')]
     params = self.abstract_state.params
-    for path, sharding in zip(sharding_lib.flat_paths(params), jax.tree.leaves(self.shardings.params)):
+    for path, sharding in zip(flat_paths(params), jax.tree.leaves(self.shardings.params)):
       group = self.optimizer.groups[path]
       axes = ', '.join(str(a) for a in self.logical_axes[path])
       spec = ', '.join(str(a) for a in sharding.spec) or '-'
@@ -124,6 +125,16 @@ def init_state(setup: TrainSetup, params: Any | None = None) -> TrainState:
   return jax.jit(lambda: init(None), out_shardings=setup.shardings)()
 
 
+def micro_batches(config) -> int:
+  """config.accum_steps (absent or 0: 1). Each micro-batch takes an equal share of every data-parallel device's rows
+  (accumulate.split_micro_batches), so a per-device batch must be a multiple of it: the one divisibility the step
+  needs beyond the data-parallel split itself (tests/test_plan.py's search respects it)."""
+  steps = int(config.get('accum_steps', 1) or 1)
+  if steps < 1:
+    raise ValueError(f'accum_steps must be at least 1, got {steps}')
+  return steps
+
+
 def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The jitted step: (state, batch) -> (state, metrics). The state is donated.
 
@@ -135,9 +146,9 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
   config, mesh = setup.config, setup.mesh
   tx, schedules, groups = setup.optimizer.tx, setup.optimizer.schedules, setup.optimizer.groups
   label_smoothing = float(config.get('label_smoothing', 0.0))
-  accum_steps = int(config.get('accum_steps', 1) or 1)
+  accum_steps = micro_batches(config)
   dp = sharding_lib.data_parallel_size(mesh)
-  if accum_steps < 1 or config.batch_size % (accum_steps * dp):
+  if config.batch_size % (accum_steps * dp):
     raise ValueError(f'batch_size {config.batch_size} does not split into accum_steps={accum_steps} micro-batches '
                      f'over the {dp} data-parallel devices')
 

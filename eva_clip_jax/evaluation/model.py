@@ -1,0 +1,48 @@
+"""The model the evaluation commands score, built as training builds it: the config's mesh, the training setup's
+model function and parameter shardings (so the towers compile as the in-training evaluators' do), and
+config.pretrained's weights, or the seeded random initialisation, put onto those shardings.
+
+Shared by `python -m eva_clip_jax.evaluate` and `python -m eva_clip_jax.extract_features`; it defines no flags, so
+both can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from eva_clip_jax.evaluation.features import BoundExtractor, FeatureExtractor
+from eva_clip_jax.models import create_model
+from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax.training import step as step_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+  mesh: Mesh
+  model_fn: Callable[[Any], nnx.Module]  # params -> the model, traceable inside jit (TrainSetup.model)
+  param_shardings: Any
+  params: Any
+
+  def extractor(self, batch_size: int | None = None) -> BoundExtractor:
+    return FeatureExtractor(self.model_fn, self.mesh, self.param_shardings, batch_size).bind(self.params)
+
+
+def load_params(config, param_shardings) -> Any:
+  """config.pretrained's weights (a PyTorch checkpoint or a converted directory, via the conversion API) or the
+  seeded random initialisation, laid out as training lays them out and put onto the parameter shardings."""
+  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
+  if config.get('pretrained'):
+    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top  (torch only for PyTorch files)
+    api.load_pretrained(model, config.pretrained)
+  return jax.device_put(nnx.state(model, nnx.Param).to_pure_dict(), param_shardings)
+
+
+def build_eval_model(config) -> EvalModel:
+  mesh = sharding_lib.make_mesh(config.mesh)
+  setup = step_lib.make_setup(config, mesh)
+  return EvalModel(mesh, setup.model, setup.shardings.params, load_params(config, setup.shardings.params))
