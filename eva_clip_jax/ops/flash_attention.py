@@ -45,11 +45,15 @@ compile for TPU or GPU devices on a CPU host gets the real kernel; on a mesh of 
 shard in a `shard_map` (XLA cannot partition a custom call). Each call declares its cost (`pl.CostEstimate`) so that
 XLA's cost analysis does not count it as free.
 
-Block sizes are untuned defaults; the GPU/TPU speed of this kernel has not been measured yet. Tested in both
+On TPU, self-attention whose head dim divides 128 (EVA-02 B and L, the text towers) does not reach these kernels:
+`flash_attention` hands it to the whole-sequence kernel of `ops.tpu_attention`, which reads q, k, v in the layout
+the projections write and packs two heads of 64 into the 128 lanes. The Mosaic flash kernels here remain for the
+other head dims (88, 112) and for explicit block sizes; with fused RoPE they pad each 32-wide half of head dim 64 to
+128 lanes and 197 tokens to 256 rows (10x the model's attention FLOPs), which is why XLA's attention beats them.
+
+Block sizes are untuned defaults; the GPU/TPU speed of these kernels has not been measured. Tested in both
 interpreters on CPU and compiled (tests/test_accelerator_compile.py) by the TPU compiler and for sm_90; no GPU or
-TPU run. On TPU the compiler's estimate (BENCHMARKS.md) finds it slower than XLA's attention at EVA-02's shapes:
-with fused RoPE each 32-wide half of head dim 64 is padded to 128 lanes and 197 tokens to 256 rows, 10x the
-model's attention FLOPs; packing the halves and 16-row sequence padding are the TPU to-dos.
+TPU run.
 """
 
 from __future__ import annotations

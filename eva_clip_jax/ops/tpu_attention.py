@@ -4,9 +4,12 @@ Why not the flash kernel (`ops.flash_attention`) on TPU: at CLIP's lengths (77 t
 and scores fit in VMEM, so the online softmax over key blocks buys nothing, while the flash layout does cost: it
 needs q, k, v heads-major ([batch, heads, seq, head_dim], a transposing copy each way) and pads head_dim 64 to the
 128 TPU lanes (twice the HBM bytes of every q/k/v/o block). Here the kernels read q, k, v exactly as the
-projections write them, [batch, seq, heads * head_dim], one block of whole sequences per grid step, and write the
-output in the layout the output projection reads. HBM then sees each input and output once per pass: no score
-matrix (the XLA path stores it in float32 and bfloat16, tile-padded), no rotated q/k, no transposes.
+projections write them and write the output as the output projection reads it: sequence-major [seq, batch,
+heads * head_dim], which is how XLA's TPU layouts store [batch, seq, width] activations ({2,0,1}: the odd lengths
+77/99/197/257 stay out of the tiled dimensions), so the transposes around the calls are free. A grid step takes
+16 (or 8) whole sequences of one 128-lane group. HBM then sees each input and output once per pass: no score
+matrix (the XLA path stores it in float32 and bfloat16, tile-padded), no rotated q/k, no layout copies, no
+logsumexp (the backward recomputes each softmax whole; the sequence is one block).
 
 Heads are processed in groups of 128 lanes (two heads of 64, one of 128): head j of a group is the group's lanes
 [j * head_dim, (j + 1) * head_dim). A head's scores are q_group * mask_j against k_group (the masked lanes add
@@ -18,10 +21,9 @@ rotate_half is a signed permutation inside each pair, done on the MXU as x @ R w
 (exact: one nonzero term per output). The tables carry an identity row for the CLS token (cos 1, sin 0), so
 every token is rotated the same way. Gradients: d/dx = g * cos + (g * sin) @ R^T. No gradient flows to the tables.
 
-Forward: out, and the per-row logsumexp of each head (stored as [batch, seq, 128] float32, lane h for head h;
-so at most 128 heads). Backward, one kernel: recompute p from the logsumexp, then dv = p^T do,
-ds = p * (do v^T - rowsum(o * do)), dq = scale * ds k, dk = scale * ds^T q (all float32 accumulators; p and ds cast to
-the input dtype before their matmuls, as FlashAttention does).
+Backward, one kernel: recompute p, then dv = p^T do, ds = p * (do v^T - rowsum(o * do)), dq = scale * ds k,
+dk = scale * ds^T q (float32 softmax and accumulators; p and ds cast to the input dtype before their matmuls, as
+FlashAttention does).
 
 Constraints (`supports`): head_dim dividing 128 (EVA-02 B and L, the text towers: 64), heads * head_dim a multiple
 of 128, one
@@ -108,6 +110,10 @@ def _head_masks(cfg: _Config):
   return [(lane >= j * cfg.head_dim) & (lane < (j + 1) * cfg.head_dim) for j in range(cfg.heads_per_group)]
 
 
+def _causal_mask(seq: int) -> jax.Array:
+  return lax.broadcasted_iota(jnp.int32, (seq, seq), 1) <= lax.broadcasted_iota(jnp.int32, (seq, seq), 0)
+
+
 def _masked(x, mask):
   return x if mask is None else jnp.where(mask, x, jnp.zeros_like(x))
 
@@ -121,7 +127,7 @@ def _probabilities(q, k, mask, causal, cfg: _Config):
   return p / jnp.sum(p, axis=1, keepdims=True)
 
 
-def _sequence(refs, b, cfg: _Config):
+def _sequence(refs, b):
   """Sequence b of the block: the [seq, 128] rows of each array ref (tables: row b, or the shared row 0)."""
   return tuple(ref[:, b if ref.shape[1] > 1 else 0, :] for ref in refs)
 
@@ -137,12 +143,11 @@ def _forward_kernel(*refs, cfg: _Config):
   table_refs, rot_ref, (o_ref,) = (rest[:2], rest[2], rest[3:]) if cfg.rope else ((), None, rest)
   seq, dtype = q_ref.shape[0], v_ref.dtype
   masks = _head_masks(cfg)
-  causal = (lax.broadcasted_iota(jnp.int32, (seq, seq), 1) <= lax.broadcasted_iota(jnp.int32, (seq, seq), 0)
-            if cfg.causal else None)
+  causal = _causal_mask(seq) if cfg.causal else None
   rot = rot_ref[...] if cfg.rope else None
   for b in range(cfg.batch_block):
-    q, k, v = _sequence((q_ref, k_ref, v_ref), b, cfg)
-    tables = tuple(t.astype(jnp.float32) for t in _sequence(table_refs, b, cfg))
+    q, k, v = _sequence((q_ref, k_ref, v_ref), b)
+    tables = tuple(t.astype(jnp.float32) for t in _sequence(table_refs, b))
     q, k = _rotated_qk(q, k, tables, rot, cfg, dtype)
     out = jnp.zeros(q.shape, jnp.float32)
     for mask in masks:
@@ -157,12 +162,11 @@ def _backward_kernel(*refs, cfg: _Config):
   dq_ref, dk_ref, dv_ref = outs
   seq, dtype = q_ref.shape[0], v_ref.dtype
   masks = _head_masks(cfg)
-  causal = (lax.broadcasted_iota(jnp.int32, (seq, seq), 1) <= lax.broadcasted_iota(jnp.int32, (seq, seq), 0)
-            if cfg.causal else None)
+  causal = _causal_mask(seq) if cfg.causal else None
   rot = rot_ref[...] if cfg.rope else None
   for b in range(cfg.batch_block):
-    q, k, v, o, do = _sequence((q_ref, k_ref, v_ref, o_ref, do_ref), b, cfg)
-    tables = tuple(t.astype(jnp.float32) for t in _sequence(table_refs, b, cfg))
+    q, k, v, o, do = _sequence((q_ref, k_ref, v_ref, o_ref, do_ref), b)
+    tables = tuple(t.astype(jnp.float32) for t in _sequence(table_refs, b))
     q, k = _rotated_qk(q, k, tables, rot, cfg, dtype)
     o_do = o.astype(jnp.float32) * do.astype(jnp.float32)
     dq = dk = dv = jnp.zeros(q.shape, jnp.float32)
