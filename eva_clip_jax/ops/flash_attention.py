@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from eva_clip_jax.ops.attention import compile_platform, register_backend
+from eva_clip_jax.ops.attention import compile_platform, kernel_mesh_axes, register_backend
 
 # Finite rather than -inf, so that a row whose keys are all masked in one block never computes inf - inf.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -471,25 +471,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
 
 
 def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn):
-  """fn over [batch, heads, ...] arrays, run per device when `x` lives on a mesh of several devices.
-
-  XLA cannot partition a kernel's custom call (Mosaic refuses: "Mosaic kernels cannot be automatically
-  partitioned"; a Triton call would be replicated), so under jit on a mesh the kernels run in a shard_map: the batch
-  split over the mesh axes that divide it ('tensor' aside), the heads over 'tensor' where it divides them.
-  """
-  mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
-  if mesh is None or getattr(mesh, 'empty', True) or mesh.size == 1:
+  """fn over [batch, heads, ...] arrays, run per device when `x` lives on a mesh of several devices
+  (`ops.attention.kernel_mesh_axes`)."""
+  axes = kernel_mesh_axes(x, batch, heads)
+  if axes is None:
     return fn
   from jax.sharding import PartitionSpec as P
-  batch_axes, size = [], 1
-  for axis, n in mesh.shape.items():
-    if axis != 'tensor' and n > 1 and batch % (size * n) == 0:
-      batch_axes.append(axis)
-      size *= n
-  tensor = mesh.shape.get('tensor', 1)
-  head_axis = 'tensor' if tensor > 1 and heads % tensor == 0 else None
-  spec = P(tuple(batch_axes) or None, head_axis)
-  table_spec = P(tuple(batch_axes) or None) if per_sample_tables else P()
+  mesh, batch_axes, head_axis = axes
+  spec = P(batch_axes, head_axis)
+  table_spec = P(batch_axes) if per_sample_tables else P()
 
   def run(q_parts, k_parts, v, table):
     specs = (tuple(spec for _ in q_parts), tuple(spec for _ in k_parts), spec, None if table is None else table_spec)
