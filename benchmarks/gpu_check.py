@@ -6,15 +6,17 @@ r"""One GPU check that fits the time a GPU is lent (about 15 minutes, start-up i
 Sections, in this order by default (kernels, train, torch, attention: the train-step comparison is the result that
 matters most); a section that would start past --budget_s is reported as skipped, never silently dropped:
   kernels    the attention tests natively (tests/test_attention.py, test_flash_attention.py, test_model_pallas.py,
-             with JAX_PLATFORMS=cuda: the Triton kernel compiled by the GPU, cuDNN against XLA's attention).
+             with JAX_PLATFORMS=cuda: the Triton kernel compiled by the GPU, cuDNN and, where tokamax is
+             importable, 'mosaic' against XLA's attention).
   attention  attention alone at EVA's shapes (benchmarks/attention.py's cases): xla / cudnn / pallas / mosaic,
              forward and forward+backward, ms and TFLOP/s (model FLOPs), max |difference| from xla. 'mosaic'
              (tokamax's Mosaic GPU kernel, ops/mosaic_attention.py) runs on Hopper where tokamax is importable and
-             is reported as skipped, with the reason, elsewhere: about 10 s more (5 cases x 2 passes).
+             is reported as skipped, with the reason, elsewhere: about 40 s more (5 cases x 2 compiles and 30 calls).
   train      the B/16 and L/14 train step (benchmarks/train_step.py's JAX worker: attention 'auto', bf16, AdamW)
              at 0% and 50% masking: samples/s, MFU, peak memory (`peak_bytes_in_use`) beside the planner's deviceless
              prediction for this GPU (benchmarks/gpu_predictions.json, made on a CPU host by --predict); then B/16
-             at 50% masking with attention 'mosaic' where it can run (one more worker: about 60 s).
+             at 50% masking with attention 'mosaic' where it can run and the budget is not spent (one more
+             worker: about 60 s).
   torch      open_clip's PyTorch step on the same GPU (bf16 autocast, SDPA, fused AdamW), same models, batches,
              masks; skipped, and said so, when torch or open_clip is not installed (the GPU machine has no registry).
 Writes gpu_check.json (everything) and gpu_check.md (one table) to --out. Uses only the working tree and what is
@@ -46,6 +48,7 @@ _PREDICT = flags.DEFINE_bool('predict', False, 'CPU host: write the deviceless G
 PREDICTIONS = ROOT / 'benchmarks' / 'gpu_predictions.json'
 RESULT = 'RESULT '
 _USER_ENV = dict(os.environ)  # before this process changes its own allocator settings
+_START = time.perf_counter()  # the budget's clock (reset by main)
 
 
 def plan() -> dict:
@@ -208,6 +211,9 @@ def section_train(p: dict, framework: str) -> dict:
     if attention == 'mosaic' and mosaic_unavailable():
       rows.append({**row, 'skipped': mosaic_unavailable()})
       continue
+    if attention != 'auto' and time.perf_counter() - _START > _BUDGET.value:  # the extras yield to later sections
+      rows.append({**row, 'skipped': f'past the {_BUDGET.value:.0f} s budget'})
+      continue
     r = _worker(framework, model, batch, mask, p, attention)
     row.update(r)
     if 'step_s' in r:
@@ -320,7 +326,8 @@ def main(argv):
     os.environ['JAX_PLATFORMS'] = 'cpu'
   else:  # this process times attention on the GPU; the train-step workers after it need the memory
     os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
-  start = time.perf_counter()
+  global _START
+  start = _START = time.perf_counter()
   p = plan()
   report = {'dry_run': _DRY.value, 'budget_s': _BUDGET.value, 'plan': {k: v for k, v in p.items()},
             'environment': environment(), 'sections': {}, 'skipped_sections': []}
