@@ -155,3 +155,22 @@ def test_mosaic_matches_xla_on_gpu(seq, head_dim, causal):
 
   for name, a, b in zip(('out', 'dq', 'dk', 'dv'), out_and_grads('mosaic'), out_and_grads('xla')):
     assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
+
+
+def test_shard_kernel_runs_per_device_on_a_mesh():
+  # The 'mosaic' backend's shard_map (a kernel's custom call cannot be partitioned): batch over 'data', heads over
+  # 'tensor', each device seeing only its shard, and the same result as one call over everything.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('data', 'tensor'))
+  # Batch 4: one sample per data shard.
+  q, k, v = (jax.device_put(jnp.concatenate([x, -x]), NamedSharding(mesh, P('data', None, 'tensor')))
+             for x in _qkv(9, 4, 8))
+  shapes = []
+
+  def kernel(q, k, v):
+    shapes.append(q.shape)
+    return ops.dot_product_attention(q, k, v)
+
+  out = jax.jit(lambda q, k, v: ops.attention.shard_kernel(q, kernel)(q, k, v))(q, k, v)
+  assert shapes == [(1, 9, 2, 8)]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ops.dot_product_attention(q, k, v)), atol=1e-6)
