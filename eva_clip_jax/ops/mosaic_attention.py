@@ -65,8 +65,12 @@ def _check(q) -> None:
     raise ValueError(f"attention backend 'mosaic' needs an NVIDIA Hopper GPU, but this computation is compiled for "
                      f"{platform!r}; use attention='xla' (or 'auto').")
   kind = _target_kind(q)
-  if jax.default_backend() != 'gpu' and not any(h in kind for h in _HOPPER_KINDS):
-    # On a GPU tokamax reads the compute capability itself (sm_90 and sm_100 kernels); deviceless, only sm_90 here.
+  if jax.default_backend() == 'gpu':  # tokamax has sm_90 and sm_100 kernels and picks by the device's capability
+    capability = str(getattr(jax.devices()[0], 'compute_capability', ''))
+    if not capability.startswith(('9.', '10.')):
+      raise ValueError(f"attention backend 'mosaic' needs a Hopper or Blackwell GPU (sm_90, sm_100), got {kind!r} "
+                       f"(sm {capability}); use attention='cudnn'.")
+  elif not any(h in kind for h in _HOPPER_KINDS):  # deviceless: the probes answer sm_90 (_tokamax_for_target)
     raise ValueError(f"attention backend 'mosaic' compiles ahead of time for Hopper GPUs only, got {kind!r}")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention backend 'mosaic' supports bfloat16 and float16 only, got {q.dtype}; "
