@@ -2,6 +2,8 @@ r"""Attention alone at EVA-CLIP's shapes: time and achieved TFLOP/s per backend,
 
   python benchmarks/attention.py                                  # GPU: all cases, xla / cudnn / pallas
   python benchmarks/attention.py --batch_size=2 --iters=2         # CPU smoke test: xla only
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
+    python benchmarks/attention.py --deviceless=h100                # CPU host: what compiles for one H100, and bytes
 
 Cases are the vision towers' sequences (CLS + patches, and with 50% patch dropout) and the causal text tower.
 EVA-02 cases (B, L) include their 2D RoPE: the 'xla' and 'cudnn' rows rotate q and k first, as the model does
@@ -14,6 +16,11 @@ forward+backward 3x forward (the backward's dq, dk, dv and dp matmuls), so a ker
 scores in its backward is not counted, as remat is not counted in the training MFU.
 On CPU only 'xla' runs by default: cuDNN needs an NVIDIA GPU and the Pallas kernel is interpreted there
 (correct, but its time means nothing); --backends=pallas forces it. 'xla' always runs: it is the reference.
+
+--deviceless=GPU (h100, h200, a100; needs requirements-accel.txt) runs nothing: it compiles each case's forward and
+forward+backward for one such GPU (XLA's GPU compiler without a GPU, `training.memory.target_devices`) and prints
+whether it compiled, the kernels' custom calls, and `memory_analysis()`'s temporaries and outputs: compiler
+accounting (no autotuning), not a measurement. Backends default to xla, cudnn, pallas and mosaic there.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ _BATCH = flags.DEFINE_integer('batch_size', 128, 'sequences per call')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'q, k, v dtype')
 _ITERS = flags.DEFINE_integer('iters', 20, 'calls per timed repeat (dispatched back to back)')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'timed repeats; the median is reported')
+_DEVICELESS = flags.DEFINE_string('deviceless', None, 'compile for this GPU (h100, h200, a100) instead of running')
 
 
 class Case(NamedTuple):
@@ -129,8 +137,53 @@ def run_case(case: Case, backend: str, batch: int, dtype, reference=None):
   return outputs, rows
 
 
+def compile_case(case: Case, backend: str, batch: int, dtype, device) -> list[tuple[str, str, object]]:
+  """(pass, custom calls, memory_analysis) of the forward and forward+backward compiled for `device`."""
+  import re
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ('data',)), jax.sharding.PartitionSpec())
+  spec = jax.ShapeDtypeStruct((batch, case.seq, case.heads, case.head_dim), dtype, sharding=sharding)
+  rope = rope_tables(case, batch)
+  attend = attention_fn(case, backend, rope)
+
+  def forward_backward(q, k, v, cotangent):
+    _, vjp = jax.vjp(attend, q, k, v)
+    return vjp(cotangent)
+
+  rows = []
+  for name, fn, args in (('fwd', attend, (spec,) * 3), ('fwd+bwd', forward_backward, (spec,) * 4)):
+    compiled = jax.jit(fn).lower(*args).compile()
+    calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())))
+    rows.append((name, ' '.join(calls) or '-', compiled.memory_analysis()))
+  return rows
+
+
+def deviceless(gpu: str) -> None:
+  from eva_clip_jax.training import memory
+  device = memory.target_devices('gpu', '1x1x1', gpu).devices[0]
+  backends = _BACKENDS.value or ['xla', 'cudnn', 'pallas', 'mosaic']
+  cases = [c for c in CASES if _CASES.value is None or c.name in _CASES.value]
+  print(f'# attention compiled for one {device.device_kind} without a GPU (compiler accounting, not a measurement): '
+        f'jax {jax.__version__}, {_DTYPE.value}, batch {_BATCH.value}')
+  print('| case | backend | pass | compiled | temp MiB | output MiB | kernels |')
+  print('|---|---|---|---|---|---|---|')
+  for case in cases:
+    for backend in backends:
+      try:
+        rows = compile_case(case, backend, _BATCH.value, jnp.dtype(_DTYPE.value), device)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'| {case.name} | {backend} | - | no: {type(e).__name__}: {str(e).splitlines()[0][:160]} | | | |',
+              flush=True)
+        continue
+      for name, calls, stats in rows:
+        print(f'| {case.name} | {backend} | {name} | yes | {stats.temp_size_in_bytes / 2**20:.1f} | '
+              f'{stats.output_size_in_bytes / 2**20:.1f} | {calls} |', flush=True)
+
+
 def main(argv):
   del argv
+  if _DEVICELESS.value:
+    deviceless(_DEVICELESS.value)
+    return
   platform = jax.devices()[0].platform
   on_gpu = platform == 'gpu'
   backends = ['xla'] + [b for b in (_BACKENDS.value or (['cudnn', 'pallas'] if on_gpu else [])) if b != 'xla']

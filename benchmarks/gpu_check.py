@@ -6,12 +6,17 @@ r"""One GPU check that fits the time a GPU is lent (about 15 minutes, start-up i
 Sections, in this order by default (kernels, train, torch, attention: the train-step comparison is the result that
 matters most); a section that would start past --budget_s is reported as skipped, never silently dropped:
   kernels    the attention tests natively (tests/test_attention.py, test_flash_attention.py, test_model_pallas.py,
-             with JAX_PLATFORMS=cuda: the Triton kernel compiled by the GPU, cuDNN against XLA's attention).
-  attention  attention alone at EVA's shapes (benchmarks/attention.py's cases): xla / cudnn / pallas, forward and
-             forward+backward, ms and TFLOP/s (model FLOPs), max |difference| from xla.
+             with JAX_PLATFORMS=cuda: the Triton kernel compiled by the GPU, cuDNN and, where tokamax is
+             importable, 'mosaic' against XLA's attention).
+  attention  attention alone at EVA's shapes (benchmarks/attention.py's cases): xla / cudnn / pallas / mosaic,
+             forward and forward+backward, ms and TFLOP/s (model FLOPs), max |difference| from xla. 'mosaic'
+             (tokamax's Mosaic GPU kernel, ops/mosaic_attention.py) runs on Hopper where tokamax is importable and
+             is reported as skipped, with the reason, elsewhere: about 40 s more (5 cases x 2 compiles and 30 calls).
   train      the B/16 and L/14 train step (benchmarks/train_step.py's JAX worker: attention 'auto', bf16, AdamW)
              at 0% and 50% masking: samples/s, MFU, peak memory (`peak_bytes_in_use`) beside the planner's deviceless
-             prediction for this GPU (benchmarks/gpu_predictions.json, made on a CPU host by --predict).
+             prediction for this GPU (benchmarks/gpu_predictions.json, made on a CPU host by --predict); then B/16
+             at 50% masking with attention 'mosaic' where it can run and the budget is not spent (one more
+             worker: about 60 s).
   torch      open_clip's PyTorch step on the same GPU (bf16 autocast, SDPA, fused AdamW), same models, batches,
              masks; skipped, and said so, when torch or open_clip is not installed (the GPU machine has no registry).
 Writes gpu_check.json (everything) and gpu_check.md (one table) to --out. Uses only the working tree and what is
@@ -43,20 +48,23 @@ _PREDICT = flags.DEFINE_bool('predict', False, 'CPU host: write the deviceless G
 PREDICTIONS = ROOT / 'benchmarks' / 'gpu_predictions.json'
 RESULT = 'RESULT '
 _USER_ENV = dict(os.environ)  # before this process changes its own allocator settings
+_START = time.perf_counter()  # the budget's clock (reset by main)
 
 
 def plan() -> dict:
   """What each section runs: the real sizes on a GPU, the tiny model on CPU."""
   if _DRY.value:
     return dict(models=[('tiny', 8)], masks=['0.5'], steps=1, warmup=1, dtype='float32', attention_batch=2,
-                attention_cases=['tiny'], backends=['xla', 'cudnn', 'pallas'], iters=1, repeats=1,
+                attention_cases=['tiny'], backends=['xla', 'cudnn', 'pallas', 'mosaic'], iters=1, repeats=1,
+                extra_steps=[('tiny', 8, '0.5', 'mosaic')],
                 pytest_args=['-k', 'backend_registration or cudnn_matches_xla_on_gpu'])
   # Each train-step worker's cost is start-up + compile (tens of seconds); the timed steps are a second or two.
   return dict(models=[('EVA02-CLIP-B-16', 256), ('EVA02-CLIP-L-14', 128)], masks=['0', '0.5'], steps=8,
               warmup=2, dtype='bfloat16', attention_batch=128,
               attention_cases=['B/16', 'B/16 50% masked', 'L/14', 'L/14 50% masked', 'text B (causal)'],
-              backends=['xla', 'cudnn', 'pallas'], iters=10, repeats=3,
-              pytest_args=['-x', '-k', 'not tpu_interpreter'])  # the Mosaic interpreter is CPU CI's business
+              backends=['xla', 'cudnn', 'pallas', 'mosaic'], iters=10, repeats=3,
+              extra_steps=[('EVA02-CLIP-B-16', 256, '0.5', 'mosaic')],  # (model, batch, mask, attention)
+              pytest_args=['--maxfail=5', '-k', 'not tpu_interpreter'])  # the Mosaic TPU interpreter: CPU CI's business
 
 
 def _env(dry: bool) -> dict:
@@ -114,6 +122,9 @@ def section_attention(p: dict) -> dict:
       if backend == 'cudnn' and not on_gpu:
         rows.append({'case': name, 'backend': backend, 'skipped': 'cuDNN needs an NVIDIA GPU'})
         continue
+      if backend == 'mosaic' and mosaic_unavailable():
+        rows.append({'case': name, 'backend': backend, 'skipped': mosaic_unavailable()})
+        continue
       attend = bench.attention_fn(case, backend, rope)
 
       def forward_backward(q, k, v, cotangent, attend=attend):
@@ -144,9 +155,21 @@ def section_attention(p: dict) -> dict:
   return {'dtype': str(dtype), 'rows': rows}
 
 
-def _worker(framework: str, model: str, batch: int, mask: str, p: dict) -> dict:
+def mosaic_unavailable() -> str | None:
+  """Why the 'mosaic' attention backend cannot run in this process, or None."""
+  import jax
+  from eva_clip_jax.ops import mosaic_attention
+  device = jax.devices()[0]
+  if device.platform != 'gpu' or not str(getattr(device, 'compute_capability', '')).startswith(('9.', '10.')):
+    return 'Mosaic GPU needs a Hopper or Blackwell GPU'
+  if not mosaic_attention.tokamax_available():
+    return f'tokamax is not installed ({mosaic_attention._INSTALL}; BENCHMARKS.md: carrying its wheels)'
+  return None
+
+
+def _worker(framework: str, model: str, batch: int, mask: str, p: dict, attention: str = 'auto') -> dict:
   cmd = [sys.executable, str(ROOT / 'benchmarks' / 'train_step.py'), f'--model={model}', f'--batch_size={batch}',
-         f'--steps={p["steps"]}', f'--warmup={p["warmup"]}', f'--dtype={p["dtype"]}', '--attention=auto',
+         f'--steps={p["steps"]}', f'--warmup={p["warmup"]}', f'--dtype={p["dtype"]}', f'--attention={attention}',
          f'--worker={framework}:{mask}']
   env = _env(_DRY.value)
   if framework == 'torch':  # nothing in the torch worker may take 75% of the GPU for JAX
@@ -178,19 +201,28 @@ def section_train(p: dict, framework: str) -> dict:
   predictions = json.loads(PREDICTIONS.read_text()) if PREDICTIONS.exists() else {}
   import jax
   gpu = _gpu_name(jax.devices()[0].device_kind)
+  runs = [(model, batch, mask, 'auto') for model, batch in p['models'] for mask in p['masks']]
+  if framework == 'jax':  # the torch step has no attention backends
+    runs += p['extra_steps']
   rows = []
-  for model, batch in p['models']:
-    for mask in p['masks']:
-      batch = _fitting_batch(predictions, gpu, model, batch, mask)
-      r = _worker(framework, model, batch, mask, p)
-      row = {'framework': framework, 'model': model, 'batch': batch, 'mask': float(mask), **r}
-      if 'step_s' in r:
-        per_sample = flops_lib.train_flops_per_sample(model, patch_dropout=float(mask))['total']
-        row['samples_per_s'] = batch / r['step_s']
-        row['mfu'] = row['samples_per_s'] / r['devices'] * per_sample / r['peak_flops'] if r.get('peak_flops') else None
-        predicted = predictions.get(_prediction_key(gpu, model, batch, mask)) if gpu else None
-        row['predicted_bytes'] = predicted['total'] if predicted else None
-      rows.append(row)
+  for model, batch, mask, attention in runs:
+    batch = _fitting_batch(predictions, gpu, model, batch, mask)
+    row = {'framework': framework, 'model': model, 'batch': batch, 'mask': float(mask), 'attention': attention}
+    if attention == 'mosaic' and mosaic_unavailable():
+      rows.append({**row, 'skipped': mosaic_unavailable()})
+      continue
+    if attention != 'auto' and time.perf_counter() - _START > _BUDGET.value:  # the extras yield to later sections
+      rows.append({**row, 'skipped': f'past the {_BUDGET.value:.0f} s budget'})
+      continue
+    r = _worker(framework, model, batch, mask, p, attention)
+    row.update(r)
+    if 'step_s' in r:
+      per_sample = flops_lib.train_flops_per_sample(model, patch_dropout=float(mask))['total']
+      row['samples_per_s'] = batch / r['step_s']
+      row['mfu'] = row['samples_per_s'] / r['devices'] * per_sample / r['peak_flops'] if r.get('peak_flops') else None
+      predicted = predictions.get(_prediction_key(gpu, model, batch, mask)) if gpu and attention == 'auto' else None
+      row['predicted_bytes'] = predicted['total'] if predicted else None
+    rows.append(row)
   return {'rows': rows}
 
 
@@ -236,13 +268,14 @@ def markdown(report: dict) -> str:
     if 'skipped' in section:
       lines.append(f'| train step | | {name} | | | | | | | skipped: {section["skipped"]} |')
     for r in section.get('rows', []):
-      if 'error' in r:
-        lines.append(f"| train step | {r['model']} | {r['framework']} | {r['mask']:.0%} | {r['batch']} | | | | | "
-                     f"failed: {r['error'][:150]} |")
+      label = r['framework'] + (f" ({r['attention']})" if r.get('attention', 'auto') != 'auto' else '')
+      if 'error' in r or 'skipped' in r:
+        note = f"failed: {r['error'][:150]}" if 'error' in r else f"skipped: {r['skipped']}"
+        lines.append(f"| train step | {r['model']} | {label} | {r['mask']:.0%} | {r['batch']} | | | | | {note} |")
         continue
       predicted = f" ({r['predicted_bytes'] / 2**30:.2f})" if r.get('predicted_bytes') else ''
       mfu = f"{r['mfu']:.1%}" if r.get('mfu') is not None else 'n/a'
-      lines.append(f"| train step | {r['model']} | {r['framework']} {r.get('version', '')} | {r['mask']:.0%} | "
+      lines.append(f"| train step | {r['model']} | {label} {r.get('version', '')} | {r['mask']:.0%} | "
                    f"{r['batch']} | {r['step_s'] * 1e3:.1f} | {r['samples_per_s']:.1f} samples/s | {mfu} | "
                    f"{r['memory_bytes'] / 2**30:.2f}{predicted} | {r.get('memory_source', '')} |")
   skipped = report.get('skipped_sections')
@@ -293,7 +326,8 @@ def main(argv):
     os.environ['JAX_PLATFORMS'] = 'cpu'
   else:  # this process times attention on the GPU; the train-step workers after it need the memory
     os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
-  start = time.perf_counter()
+  global _START
+  start = _START = time.perf_counter()
   p = plan()
   report = {'dry_run': _DRY.value, 'budget_s': _BUDGET.value, 'plan': {k: v for k, v in p.items()},
             'environment': environment(), 'sections': {}, 'skipped_sections': []}

@@ -19,12 +19,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_clip_jax import ops
+from eva_clip_jax.ops import mosaic_attention
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.training import memory
 from eva_clip_jax.training import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRITON, MOSAIC, CUDNN = '__gpu$xla.gpu.triton', 'tpu_custom_call', '__cudnn$fmha'
+TRITON, MOSAIC, CUDNN, MOSAIC_GPU = '__gpu$xla.gpu.triton', 'tpu_custom_call', '__cudnn$fmha', 'mosaic_gpu_v2'
 
 
 def _require(module: str, what: str):
@@ -119,6 +120,65 @@ def test_auto_is_cudnn_on_gpu_the_tpu_kernel_on_tpu_and_xla_elsewhere(tpu, h100)
     _kernel_step(tpu, 64, 197, with_rope=False, backend='cudnn')
 
 
+def _require_tokamax():
+  # Not in requirements-accel.txt (issue 12: only once measured faster than cuDNN), so never a CI failure.
+  if not mosaic_attention.tokamax_available():
+    pytest.skip(f'tokamax is not installed ({mosaic_attention._INSTALL}); the mosaic backend is optional')
+
+
+# The Mosaic GPU kernels cannot run here: Pallas' Mosaic GPU interpreter (jax 0.10.2) lacks `run_state`, which both
+# jax's and tokamax's kernels use. So these tests check what compiles, not numerics (benchmarks/gpu_check.py does,
+# against 'xla', on a GPU).
+@pytest.mark.parametrize('head_dim,seq,causal,devices', [(64, 197, False, 1), (64, 99, False, 8), (88, 257, False, 1),
+                                                         (64, 77, True, 1)])
+def test_mosaic_attention_compiles_for_h100(h100, head_dim, seq, causal, devices):
+  """tokamax's Mosaic GPU flash attention, forward and backward (dq, dk/dv), bf16, odd ViT lengths and causal text,
+  per device in a shard_map on a mesh of 8."""
+  _require_tokamax()
+  mesh = jax.sharding.Mesh(h100.devices[:devices], ('data',))
+  spec = jax.ShapeDtypeStruct((2 * devices, seq, 2, head_dim), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
+  loss = lambda q, k, v: jnp.sum(ops.dot_product_attention(q, k, v, causal=causal, backend='mosaic').astype(
+      jnp.float32))
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
+  assert _custom_calls(compiled).count(MOSAIC_GPU) == 3, _custom_calls(compiled)
+
+
+def test_mosaic_backend_errors_name_the_problem(tpu, h100):
+  q = jnp.zeros((1, 8, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU.*compiled for 'cpu'"):
+    ops.dot_product_attention(q, q, q, backend='mosaic')
+  with pytest.raises(ValueError, match="compiled for 'tpu'"):
+    _kernel_step(tpu, 64, 197, with_rope=False, backend='mosaic')
+  a100 = memory.target_devices('gpu', '1x1x1', 'a100')
+  with pytest.raises(ValueError, match='Hopper GPUs only'):
+    _kernel_step(a100, 64, 197, with_rope=False, backend='mosaic')
+  sharding = NamedSharding(jax.sharding.Mesh(h100.devices[:1], ('data',)), P())
+  f32 = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.float32, sharding=sharding)
+  with pytest.raises(ValueError, match='bfloat16 and float16 only'):
+    jax.jit(lambda q: ops.dot_product_attention(q, q, q, backend='mosaic')).lower(f32)
+  if not mosaic_attention.tokamax_available():  # CI: the message says how to get the kernel
+    with pytest.raises(ValueError, match=r'tokamax is not installed: pip install tokamax==0\.0\.12'):
+      _kernel_step(h100, 64, 197, with_rope=False, backend='mosaic')
+
+
+def test_jax_mosaic_gpu_attention_takes_float16_only(h100):
+  """Why 'mosaic' runs tokamax's kernel: jax's own Mosaic GPU flash attention (0.10.2) compiles for an H100 in
+  float16, forward and backward, at lengths that are multiples of its blocks, and fails on bfloat16 (its shared
+  memory is declared float16). It has no mask either, so EVA's 197 tokens cannot be padded exactly. When a jax
+  upgrade makes bfloat16 work, this test fails: then 'mosaic' may not need tokamax."""
+  from jax.experimental.pallas.ops.gpu import attention_mgpu
+  config = attention_mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, block_q_dkv=64,
+                                       block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+  sharding = NamedSharding(jax.sharding.Mesh(h100.devices[:1], ('data',)), P())
+  loss = lambda q, k, v: jnp.sum(attention_mgpu.attention(q, k, v, config).astype(jnp.float32))
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  f16 = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.float16, sharding=sharding)
+  assert _custom_calls(grad.lower(f16, f16, f16).compile()).count(MOSAIC_GPU) == 3
+  bf16 = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16, sharding=sharding)
+  with pytest.raises(ValueError, match='Mixed input dtypes'):
+    grad.lower(bf16, bf16, bf16)
+
+
 def _tiny_config(attention: str):
   spec = importlib.util.spec_from_file_location('configs_tiny', ROOT / 'configs' / 'tiny.py')
   module = importlib.util.module_from_spec(spec)
@@ -139,14 +199,18 @@ def test_tiny_train_step_compiles_for_a_tpu_slice(tpu, attention):
   assert kernels == (6 if attention == 'pallas' else 0), kernels
 
 
-@pytest.mark.parametrize('attention', ['xla', 'pallas', 'cudnn'])
+@pytest.mark.parametrize('attention', ['xla', 'pallas', 'cudnn', 'mosaic'])
 def test_tiny_train_step_compiles_for_8_h100s(h100, attention):
+  if attention == 'mosaic':
+    _require_tokamax()
   mesh = sharding_lib.make_mesh({'data': 8}, devices=h100.devices)
   compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
   assert 0 < estimate.total < 2**30
   calls = _custom_calls(compiled)
   assert calls.count(TRITON) == (6 if attention == 'pallas' else 0), calls
   assert any(c.startswith(CUDNN) for c in calls) == (attention == 'cudnn'), calls
+  # mosaic: vision and causal text attention, forward + dq + dk/dv each, one per scan body
+  assert calls.count(MOSAIC_GPU) == (6 if attention == 'mosaic' else 0), calls
 
 
 @pytest.mark.parametrize('target_args,kind', [(['--target=tpu', '--topology=v5e:2x2'], 'TPU v5 lite'),
@@ -205,3 +269,24 @@ def test_tpu_estimate_benchmark_runs_on_the_tiny_model():
   assert len(rows) == 1
   step_ms, samples, mfu = float(rows[0][5]), float(rows[0][6]), float(rows[0][7].rstrip('%'))
   assert step_ms > 0 and samples > 0 and 0 < mfu < 100
+
+
+def test_attention_benchmark_compiles_deviceless_for_h100():
+  """benchmarks/attention.py --deviceless: what compiles for an H100 and its bytes, one small case."""
+  _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
+  # This tree's package, whatever the interpreter has installed.
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': memory.GPU_XLA_FLAGS, 'PYTHONPATH': str(ROOT)}
+  proc = subprocess.run([sys.executable, 'benchmarks/attention.py', '--deviceless=h100', '--cases=B/16 50% masked',
+                         '--batch_size=2', '--backends=cudnn,mosaic'], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [[c.strip() for c in line.split('|')[1:-1]] for line in proc.stdout.splitlines()
+          if line.startswith('| B/16 50% masked |')]
+  cudnn = [r for r in rows if r[1] == 'cudnn']
+  assert [r[2] for r in cudnn] == ['fwd', 'fwd+bwd'] and all(r[3] == 'yes' and float(r[4]) > 0 for r in cudnn), rows
+  assert 'fmhaSoftmaxBackward' in cudnn[1][6], rows
+  mosaic = [r for r in rows if r[1] == 'mosaic']
+  if mosaic_attention.tokamax_available():
+    assert [r[3] for r in mosaic] == ['yes', 'yes'] and 'mosaic_gpu_v2' in mosaic[1][6], rows
+  else:
+    assert len(mosaic) == 1 and 'tokamax is not installed' in mosaic[0][3], rows

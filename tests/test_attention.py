@@ -129,3 +129,48 @@ def test_cudnn_matches_xla_on_gpu(seq, head_dim, causal):
 
   for name, a, b in zip(('out', 'dq', 'dk', 'dv'), out_and_grads('cudnn'), out_and_grads('xla')):
     assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
+
+
+def _hopper_with_tokamax() -> bool:
+  from eva_clip_jax.ops import mosaic_attention
+  device = jax.devices()[0]
+  return (device.platform == 'gpu' and str(getattr(device, 'compute_capability', '')).startswith(('9.', '10.'))
+          and mosaic_attention.tokamax_available())
+
+
+# The only numerics check of the 'mosaic' backend: it cannot run on CPU (tests/test_accelerator_compile.py says why).
+@pytest.mark.skipif(not _hopper_with_tokamax(), reason="'mosaic' needs a Hopper/Blackwell GPU and tokamax")
+@pytest.mark.parametrize('seq,head_dim,causal', [(197, 64, False), (99, 64, False), (257, 88, False),
+                                                 (77, 64, True)])
+def test_mosaic_matches_xla_on_gpu(seq, head_dim, causal):
+  # Padded queries and keys (197 -> 200, 77 -> 128), padded keys masked by length; same tolerance as cuDNN's.
+  q, k, v = _qkv(seq, 2, head_dim, jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.key(5), q.shape, jnp.bfloat16)
+
+  def out_and_grads(backend):
+    def run(q, k, v):
+      out, vjp = jax.vjp(lambda *a: ops.dot_product_attention(*a, causal=causal, backend=backend), q, k, v)
+      return (out, *vjp(cotangent))
+    return [np.asarray(x, np.float32) for x in jax.jit(run)(q, k, v)]
+
+  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), out_and_grads('mosaic'), out_and_grads('xla')):
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
+
+
+def test_shard_kernel_runs_per_device_on_a_mesh():
+  # The 'mosaic' backend's shard_map (a kernel's custom call cannot be partitioned): batch over 'data', heads over
+  # 'tensor', each device seeing only its shard, and the same result as one call over everything.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('data', 'tensor'))
+  # Batch 4: one sample per data shard.
+  q, k, v = (jax.device_put(jnp.concatenate([x, -x]), NamedSharding(mesh, P('data', None, 'tensor')))
+             for x in _qkv(9, 4, 8))
+  shapes = []
+
+  def kernel(q, k, v):
+    shapes.append(q.shape)
+    return ops.dot_product_attention(q, k, v)
+
+  out = jax.jit(lambda q, k, v: ops.attention.shard_kernel(q, kernel)(q, k, v))(q, k, v)
+  assert shapes == [(1, 9, 2, 8)]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ops.dot_product_attention(q, k, v)), atol=1e-6)

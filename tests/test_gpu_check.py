@@ -26,9 +26,14 @@ def test_gpu_check_dry_run(tmp_path):
   assert all(r['err_vs_xla'] < 1e-5 for r in timed if r['backend'] == 'pallas'), rows  # the kernel, interpreted
   assert [r for r in rows if r['backend'] == 'cudnn'] == [{'case': 'tiny', 'backend': 'cudnn',
                                                            'skipped': 'cuDNN needs an NVIDIA GPU'}]
-  train, = sections['train']['rows']
+  assert [r for r in rows if r['backend'] == 'mosaic'] == [{'case': 'tiny', 'backend': 'mosaic',
+                                                            'skipped': 'Mosaic GPU needs a Hopper or Blackwell GPU'}]
+  train, mosaic = sections['train']['rows']
+  assert train['attention'] == 'auto' and mosaic['attention'] == 'mosaic', sections['train']
   assert train['samples_per_s'] > 0 and train['memory_bytes'] > 0 and 0 < train['mfu'] < 1, train
+  assert mosaic['skipped'] == 'Mosaic GPU needs a Hopper or Blackwell GPU', mosaic
   torch_section = sections['torch']
   assert 'skipped' in torch_section or torch_section['rows'][0]['samples_per_s'] > 0, torch_section
   table = (tmp_path / 'gpu_check.md').read_text()
   assert '| train step | tiny | jax' in table and '| attention fwd+bwd | tiny | pallas |' in table
+  assert '| train step | tiny | jax (mosaic) | 50% | 8 | | | | | skipped: Mosaic GPU needs' in table

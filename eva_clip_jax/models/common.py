@@ -39,7 +39,7 @@ class ModelOptions:
   """How a model runs; none of these change the parameters' names or shapes.
 
   dtype: compute dtype of matmuls and activations. param_dtype: storage dtype of parameters.
-  attention: backend of `eva_clip_jax.ops.dot_product_attention` ('xla', 'cudnn', 'pallas', 'auto').
+  attention: backend of `eva_clip_jax.ops.dot_product_attention` ('xla', 'cudnn', 'pallas', 'mosaic', 'auto').
   remat: per-block rematerialisation policy, a key of REMAT_POLICIES.
   scan_layers: run blocks with a rolled `lax.scan` (True) or fully unrolled (False).
   mlp_pad_multiple: pad the vision MLP's hidden size to a multiple of this inside the computation (0: off), e.g.

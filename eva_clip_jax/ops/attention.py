@@ -4,9 +4,12 @@ All backends take q, k, v shaped [batch, seq, heads, head_dim] (the layout of `j
 and return the same shape. Backends:
   xla    plain einsum + float32 softmax; runs everywhere and is the numerical reference.
   cudnn  cuDNN's fused attention through `jax.nn.dot_product_attention`; NVIDIA GPUs, 16-bit inputs only.
-  pallas the project's flash-attention kernel (`eva_clip_jax.ops.flash_attention`: Triton on GPU, Mosaic on
-         TPU, the Pallas interpreter on CPU, where it is correct but slow). That module registers itself
-         through `register_backend` when `eva_clip_jax.ops` imports it.
+  pallas the project's Pallas kernels: on TPU the whole-sequence kernel (`ops.tpu_attention`) where head_dim
+         divides 128, else the flash kernels (`ops.flash_attention`: Mosaic on TPU, Triton on GPU); on CPU the
+         Pallas interpreters, correct but slow. `ops.flash_attention` registers the backend through
+         `register_backend` when `eva_clip_jax.ops` imports it.
+  mosaic Mosaic GPU flash attention on Hopper, tokamax's kernel (`eva_clip_jax.ops.mosaic_attention`: why not
+         jax's own, and tokamax being optional); 16-bit inputs. Not chosen by `auto`: unmeasured.
   auto   GPU: 'cudnn' where its constraints hold (16-bit inputs, head_dim a multiple of 8 up to 128; no mask
          but the causal one, which cuDNN takes as `is_causal`), else 'xla'. TPU: 'pallas' where its
          whole-sequence kernel fits (`ops.tpu_attention.supports`: B/16 and L/14's head dim 64, the text tower),
@@ -122,6 +125,35 @@ def _cudnn_attention(q, k, v, *, causal: bool, scale: float):
   out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths, implementation='cudnn')
   return out[:, :seq]
+
+
+def kernel_mesh_axes(x: jax.Array, batch: int, heads: int):
+  """(mesh, batch axes, head axis) for running a kernel per device over `x`'s mesh; None when it has one device.
+
+  XLA cannot partition a kernel's custom call (Mosaic TPU refuses: "Mosaic kernels cannot be automatically
+  partitioned"; a Triton or Mosaic GPU call would be replicated), so under jit on a mesh kernels run in a shard_map:
+  the batch split over the mesh axes that divide it ('tensor' aside), the heads over 'tensor' where it divides them.
+  """
+  mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
+  if mesh is None or getattr(mesh, 'empty', True) or mesh.size == 1:
+    return None
+  batch_axes, size = [], 1
+  for axis, n in mesh.shape.items():
+    if axis != 'tensor' and n > 1 and batch % (size * n) == 0:
+      batch_axes.append(axis)
+      size *= n
+  tensor = mesh.shape.get('tensor', 1)
+  return mesh, tuple(batch_axes) or None, 'tensor' if tensor > 1 and heads % tensor == 0 else None
+
+
+def shard_kernel(x: jax.Array, fn):
+  """fn(q, k, v) over [batch, seq, heads, head_dim] arrays, per device when `x` lives on a mesh of several."""
+  axes = kernel_mesh_axes(x, x.shape[0], x.shape[2])
+  if axes is None:
+    return fn
+  mesh, batch_axes, head_axis = axes
+  spec = jax.sharding.PartitionSpec(batch_axes, None, head_axis)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
 
 
 _BACKENDS: dict[str, AttentionFn] = {'xla': _xla_attention, 'cudnn': _cudnn_attention}

@@ -68,7 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from eva_clip_jax.ops import tpu_attention
-from eva_clip_jax.ops.attention import compile_platform, register_backend
+from eva_clip_jax.ops.attention import compile_platform, kernel_mesh_axes, register_backend
 
 # Finite rather than -inf, so that a row whose keys are all masked in one block never computes inf - inf.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -481,23 +481,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
 
 
-def _shard_axes(x: jax.Array, batch: int, heads: int):
-  """(mesh, batch axes, head axis) for running a kernel per device, or None off a mesh (see `_per_shard`)."""
-  mesh = getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None)
-  if mesh is None or getattr(mesh, 'empty', True) or mesh.size == 1:
-    return None
-  batch_axes, size = [], 1
-  for axis, n in mesh.shape.items():
-    if axis != 'tensor' and n > 1 and batch % (size * n) == 0:
-      batch_axes.append(axis)
-      size *= n
-  tensor = mesh.shape.get('tensor', 1)
-  return mesh, tuple(batch_axes) or None, 'tensor' if tensor > 1 and heads % tensor == 0 else None
 
 
 def _local_shape(q: jax.Array) -> jax.ShapeDtypeStruct:
   """q [batch, seq, heads, head_dim] as one device sees it inside `_per_shard`."""
-  axes = _shard_axes(q, q.shape[0], q.shape[2])
+  axes = kernel_mesh_axes(q, q.shape[0], q.shape[2])
   if axes is None:
     return jax.ShapeDtypeStruct(q.shape, q.dtype)
   mesh, batch_axes, head_axis = axes
@@ -508,13 +496,8 @@ def _local_shape(q: jax.Array) -> jax.ShapeDtypeStruct:
 
 def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn, *, heads_dim: int = 1):
   """fn(q, k, v, tables) over [batch, heads, ...] arrays (heads at `heads_dim`), run per device when `x` lives on
-  a mesh of several devices.
-
-  XLA cannot partition a kernel's custom call (Mosaic refuses: "Mosaic kernels cannot be automatically
-  partitioned"; a Triton call would be replicated), so under jit on a mesh the kernels run in a shard_map: the batch
-  split over the mesh axes that divide it ('tensor' aside), the heads over 'tensor' where it divides them.
-  """
-  axes = _shard_axes(x, batch, heads)
+  a mesh of several devices (`ops.attention.kernel_mesh_axes`)."""
+  axes = kernel_mesh_axes(x, batch, heads)
   if axes is None:
     return fn
   from jax.sharding import PartitionSpec as P
