@@ -130,7 +130,7 @@ def test_kernels_lower_for_gpu_and_tpu(target, platform, custom_call, kernels):
   # No GPU or TPU here: lowering for one still runs the Triton / Mosaic kernel lowering, which rejects what those
   # compilers cannot take (non-power-of-two Triton blocks, unsupported ops), for the forward and both backward
   # kernels. Compiling the lowered kernels needs the hardware.
-  spec = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.bfloat16)
+  spec = jax.ShapeDtypeStruct((8, 197, 2, 64), jnp.bfloat16)
   rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(64, 14))
   for kwargs in (dict(rope=rope), dict(causal=True)):
     def loss(q, k, v):

@@ -26,7 +26,7 @@ def _kernel(causal=False, rope=None):
                                                             (17, 4, 32, False, 'per_sample'),
                                                             (10, 1, 128, False, None)])
 def test_float32_matches_xla(seq, heads, head_dim, causal, rope):
-  batch = 2
+  batch = 8  # the smallest per-device batch the kernel takes (its blocks' sublane dimension)
   q, k, v, cotangent = _inputs(seq, head_dim, batch=batch, heads=heads)
   tables = None
   if rope == 'per_sample':
@@ -41,9 +41,9 @@ def test_float32_matches_xla(seq, heads, head_dim, causal, rope):
 def test_bfloat16_matches_float32_reference():
   # As for the flash kernels (tests/test_flash_attention.py): the rounding of what feeds the kernel's matmuls
   # to bfloat16 (8 significant bits) leaves differences under 2% of the largest reference value.
-  q, k, v, cotangent = _inputs(26, 64, batch=2, heads=2, seed=1)
+  q, k, v, cotangent = _inputs(26, 64, batch=16, heads=2, seed=1)
   q, k, v = (t.astype(jnp.bfloat16) for t in (q, k, v))
-  tables = _patch_dropout_tables(64, grid=6, kept=25, batch=2)
+  tables = _patch_dropout_tables(64, grid=6, kept=25, batch=16)
   assert jax.eval_shape(_kernel(rope=tables), q, k, v).dtype == jnp.bfloat16
   got = _out_and_grads(_kernel(rope=tables), q, k, v, cotangent)
   want = _out_and_grads(_xla(rope=tables), *(t.astype(jnp.float32) for t in (q, k, v)), cotangent)
@@ -51,22 +51,22 @@ def test_bfloat16_matches_float32_reference():
     assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
 
 
-def test_several_sequences_per_grid_step():
-  # 8 sequences: the batch block (sequences per kernel instance) is 8, so every per-sequence index is exercised.
-  q, k, v, cotangent = _inputs(9, 64, batch=8, heads=2)
-  assert tpu_attention.batch_block(8, 9, 4, True) == 8
-  tables = _patch_dropout_tables(64, grid=4, kept=8, batch=8)
+def test_several_grid_steps():
+  # 24 sequences: batch blocks of 8 (24 is no multiple of 16), three grid steps along the batch, two lane groups.
+  q, k, v, cotangent = _inputs(9, 64, batch=24, heads=4)
+  assert tpu_attention.batch_block(24, 9, 4, True) == 8 and tpu_attention.batch_block(32, 9, 2, True) == 16
+  tables = _patch_dropout_tables(64, grid=4, kept=8, batch=24)
   _assert_close(_out_and_grads(_kernel(rope=tables), q, k, v, cotangent),
                 _out_and_grads(_xla(rope=tables), q, k, v, cotangent), atol=1e-5)
 
 
 def test_flash_attention_uses_it_for_tpu_where_it_fits():
-  q, k, v, _ = _inputs(17, 64, batch=2, heads=2)
-  tables = _patch_dropout_tables(64, grid=4, kept=16, batch=2)
+  q, k, v, _ = _inputs(17, 64, batch=8, heads=2)
+  tables = _patch_dropout_tables(64, grid=4, kept=16, batch=8)
   jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, rope=tables, target='tpu', interpret=True))(q, k, v))
   assert 'tpu_attention_fwd' in jaxpr and 'flash_attention_fwd' not in jaxpr
   # head_dim 88 does not pack into 128 lanes; explicit block sizes ask for the flash kernels
-  q88, k88, v88, _ = _inputs(17, 88, batch=2, heads=2)
+  q88, k88, v88, _ = _inputs(17, 88, batch=8, heads=2)
   jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, target='tpu', interpret=True))(q88, k88, v88))
   assert 'flash_attention_fwd' in jaxpr and 'tpu_attention_fwd' not in jaxpr
   jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, target='tpu', interpret=True, block_q=16))(q, k, v))
@@ -74,12 +74,12 @@ def test_flash_attention_uses_it_for_tpu_where_it_fits():
 
 
 def test_unsupported_shapes_are_clear_errors():
-  q, k, v, _ = _inputs(17, 88, batch=1, heads=2)
+  q, k, v, _ = _inputs(17, 88, batch=8, heads=2)
   assert not tpu_attention.supports(q)
   with pytest.raises(ValueError, match='head_dim'):
     tpu_attention.tpu_attention(q, k, v, interpret=True)
-  q, k, v, _ = _inputs(17, 64, batch=1, heads=1)  # 64 lanes: not a whole 128-lane group
-  assert not tpu_attention.supports(q)
-  q, k, v, _ = _inputs(17, 64, batch=1, heads=2)
+  assert not tpu_attention.supports(_inputs(17, 64, batch=8, heads=1)[0])  # 64 lanes: not a whole 128-lane group
+  assert not tpu_attention.supports(_inputs(17, 64, batch=4, heads=2)[0])  # fewer than 8 sequences per block
+  q, k, v, _ = _inputs(17, 64, batch=8, heads=2)
   with pytest.raises(ValueError, match='rope tables'):
     tpu_attention.tpu_attention(q, k, v, rope=(jnp.ones((17, 64)), jnp.ones((17, 64))), interpret=True)

@@ -24,6 +24,7 @@ planner does with `jax.experimental.topologies`), and only falls back to `jax.de
 from __future__ import annotations
 
 import functools
+import math
 from typing import Protocol
 
 import jax
@@ -146,6 +147,17 @@ def kernel_mesh_axes(x: jax.Array, batch: int, heads: int):
   return mesh, tuple(batch_axes) or None, 'tensor' if tensor > 1 and heads % tensor == 0 else None
 
 
+def local_shape(q: jax.Array) -> jax.ShapeDtypeStruct:
+  """q [batch, seq, heads, head_dim] as one device sees it when a kernel runs per device (`kernel_mesh_axes`)."""
+  axes = kernel_mesh_axes(q, q.shape[0], q.shape[2])
+  if axes is None:
+    return jax.ShapeDtypeStruct(q.shape, q.dtype)
+  mesh, batch_axes, head_axis = axes
+  batch = q.shape[0] // math.prod(mesh.shape[a] for a in batch_axes or ())
+  heads = q.shape[2] // (mesh.shape[head_axis] if head_axis else 1)
+  return jax.ShapeDtypeStruct((batch, q.shape[1], heads, q.shape[3]), q.dtype)
+
+
 def shard_kernel(x: jax.Array, fn):
   """fn(q, k, v) over [batch, seq, heads, head_dim] arrays, per device when `x` lives on a mesh of several."""
   axes = kernel_mesh_axes(x, x.shape[0], x.shape[2])
@@ -175,7 +187,7 @@ def resolve_auto(q: jax.Array) -> str:
     return 'cudnn'
   if platform == 'tpu' and 'pallas' in _BACKENDS:
     from eva_clip_jax.ops import tpu_attention  # Pallas is imported with the 'pallas' backend anyway
-    if tpu_attention.supports(q):
+    if tpu_attention.supports(local_shape(q)):
       return 'pallas'
   return 'xla'
 

@@ -68,7 +68,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from eva_clip_jax.ops import tpu_attention
-from eva_clip_jax.ops.attention import compile_platform, kernel_mesh_axes, register_backend
+from eva_clip_jax.ops.attention import compile_platform, kernel_mesh_axes, local_shape, register_backend
 
 # Finite rather than -inf, so that a row whose keys are all masked in one block never computes inf - inf.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -451,7 +451,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     raise ValueError(f'fused RoPE needs self-attention with an even head_dim, got q {q.shape} and k {k.shape}')
 
   if (target == 'tpu' and q_len == kv_len and not any((block_q, block_k, block_q_bwd, block_k_bwd))
-      and tpu_attention.supports(_local_shape(q))):
+      and tpu_attention.supports(local_shape(q))):
     def kernel(q, k, v, rope):
       return tpu_attention.tpu_attention(q, k, v, causal=causal, scale=scale, rope=rope, interpret=interpret)
     return _per_shard(q, batch, heads, rope is not None and rope[0].ndim == 3, kernel, heads_dim=2)(q, k, v, rope)
@@ -481,17 +481,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
 
 
-
-
-def _local_shape(q: jax.Array) -> jax.ShapeDtypeStruct:
-  """q [batch, seq, heads, head_dim] as one device sees it inside `_per_shard`."""
-  axes = kernel_mesh_axes(q, q.shape[0], q.shape[2])
-  if axes is None:
-    return jax.ShapeDtypeStruct(q.shape, q.dtype)
-  mesh, batch_axes, head_axis = axes
-  batch = q.shape[0] // math.prod(mesh.shape[a] for a in batch_axes or ())
-  heads = q.shape[2] // (mesh.shape[head_axis] if head_axis else 1)
-  return jax.ShapeDtypeStruct((batch, q.shape[1], heads, q.shape[3]), q.dtype)
 
 
 def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn, *, heads_dim: int = 1):

@@ -26,7 +26,7 @@ dk = scale * ds^T q (float32 softmax and accumulators; p and ds cast to the inpu
 FlashAttention does).
 
 Constraints (`supports`): head_dim dividing 128 (EVA-02 B and L, the text towers: 64), heads * head_dim a multiple
-of 128, one
+of 128, a per-device batch that is a multiple of 8, one
 sequence per block within VMEM (checked against a budget). Tested in the Mosaic TPU interpreter on CPU
 (tests/test_tpu_attention.py) and compiled by the TPU compiler (tests/test_accelerator_compile.py); not run on a TPU.
 """
@@ -65,9 +65,10 @@ class _Config:
 
 def batch_block(batch: int, seq: int, itemsize: int, rope: bool) -> int:
   """Sequences per grid step (0: none fits). The batch is the blocks' second-minor (sublane) dimension, so a block
-  holds 16 or 8 of them (bfloat16 packs 16 rows per tile), or the whole batch when it is smaller."""
+  holds 16 or 8 of them (bfloat16 packs 16 rows per tile; Mosaic rejects blocks of fewer than 8 rows there: "Not
+  implemented: Sublane broadcast"), and the batch on a device must be a multiple of 8."""
   arrays = 8 + 2 * rope  # the backward's q, k, v, o, do (tables) in, dq, dk, dv out; double-buffered below
-  for block in ((16, 8) if batch > 16 else (batch,)):
+  for block in (16, 8):
     if batch % block == 0 and 2 * arrays * seq * block * LANES * itemsize <= _VMEM_BUDGET:
       return block
   return 0
@@ -128,8 +129,8 @@ def _probabilities(q, k, mask, causal, cfg: _Config):
 
 
 def _sequence(refs, b):
-  """Sequence b of the block: the [seq, 128] rows of each array ref (tables: row b, or the shared row 0)."""
-  return tuple(ref[:, b if ref.shape[1] > 1 else 0, :] for ref in refs)
+  """Sequence b of the block: the [seq, 128] rows of each array ref (a 2D table is shared by every sequence)."""
+  return tuple(ref[...] if len(ref.shape) == 2 else ref[:, b, :] for ref in refs)
 
 
 def _rotated_qk(q, k, tables, rot, cfg: _Config, dtype):
@@ -191,10 +192,10 @@ def _specs(cfg: _Config, seq: int, tables):
   block = pl.BlockSpec((seq, cfg.batch_block, LANES), lambda i, g: (0, i, g))
   if not cfg.rope:
     return block, []
-  if tables[0].shape[1] > 1:  # per-sample tables (patch dropout)
+  if tables[0].ndim == 3:  # per-sample tables (patch dropout)
     table = pl.BlockSpec((seq, cfg.batch_block, LANES), lambda i, g: (0, i, 0))
-  else:
-    table = pl.BlockSpec((seq, 1, LANES), lambda i, g: (0, 0, 0))
+  else:  # one table for the batch, 2D: a [seq, 1, 128] block would need a sublane broadcast Mosaic does not do
+    table = pl.BlockSpec((seq, LANES), lambda i, g: (0, 0))
   return block, [table, table, pl.BlockSpec((LANES, LANES), lambda i, g: (0, 0))]
 
 
@@ -256,8 +257,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _rope_tables(cos, sin, batch: int, seq: int, head_dim: int, dtype):
-  """(cos, sin) [(batch,) seq - 1, head_dim] -> each [seq, batch or 1, 128] (sequence-major, as q): a CLS identity
-  row first, the head dim repeated over the heads of a 128-lane group; and the rotation matrix."""
+  """(cos, sin) [(batch,) seq - 1, head_dim] -> each [seq, 128] or per-sample [seq, batch, 128] (sequence-major, as
+  q): a CLS identity row first, the head dim repeated over the heads of a 128-lane group; and the rotation matrix."""
   if cos.shape != sin.shape or cos.shape[-2:] != (seq - 1, head_dim) or cos.ndim not in (2, 3) or (
       cos.ndim == 3 and cos.shape[0] != batch):
     raise ValueError(f'rope tables must be [seq - 1, head_dim] or [batch, seq - 1, head_dim] = '
@@ -265,9 +266,9 @@ def _rope_tables(cos, sin, batch: int, seq: int, head_dim: int, dtype):
   out = []
   for table, first in ((cos, 1.0), (sin, 0.0)):
     table = lax.stop_gradient(table)
-    table = table[None] if table.ndim == 2 else table
-    table = jnp.concatenate([jnp.full((table.shape[0], 1, head_dim), first, table.dtype), table], axis=1)
-    out.append(jnp.tile(table, (1, 1, LANES // head_dim)).astype(dtype).transpose(1, 0, 2))
+    table = jnp.concatenate([jnp.full((*table.shape[:-2], 1, head_dim), first, table.dtype), table], axis=-2)
+    table = jnp.tile(table, (*[1] * (table.ndim - 1), LANES // head_dim)).astype(dtype)
+    out.append(table.transpose(1, 0, 2) if table.ndim == 3 else table)
   return (*out, _rotation_matrix(dtype))
 
 
