@@ -6,6 +6,7 @@ Parameter names follow the EVA repository (`q_proj`, `q_bias`, `inner_attn_ln`, 
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,26 @@ def hidden_padding(mlp_dim: int, multiple: int) -> int:
   return -mlp_dim % multiple if multiple > 1 else 0
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _pad_kernel(kernel: jax.Array, pad_in: int, pad_out: int) -> jax.Array:
+  return jnp.pad(kernel, ((0, pad_in), (0, pad_out)))
+
+
+def _pad_kernel_fwd(kernel, pad_in, pad_out):
+  return _pad_kernel(kernel, pad_in, pad_out), None
+
+
+def _pad_kernel_bwd(pad_in, pad_out, _, g):
+  # The gradient is a slice of the padded one. The barrier before the slice keeps it out of the data-parallel
+  # gradient reduction: the TPU compiler (libtpu 0.0.42.1) otherwise merges it with zero1/fsdp's shard slice into
+  # a reduce-scatter fusion and fails a RET_CHECK ("The shape doesn't match when replacing 'dynamic-slice ...'
+  # with 'fusion ... all-reduce-scatter'"); tests/test_accelerator_compile.py compiles the padded MLP under both.
+  return (jax.lax.optimization_barrier(g)[:g.shape[0] - pad_in, :g.shape[1] - pad_out],)
+
+
+_pad_kernel.defvjp(_pad_kernel_fwd, _pad_kernel_bwd)
+
+
 def _dense(layer: nnx.Linear, x: jax.Array, *, pad_out: int = 0, pad_in: int = 0) -> jax.Array:
   """layer(x) with the kernel zero-padded to [in + pad_in, out + pad_out] (and the bias to out + pad_out).
 
@@ -81,7 +102,7 @@ def _dense(layer: nnx.Linear, x: jax.Array, *, pad_out: int = 0, pad_in: int = 0
   """
   if not (pad_out or pad_in):
     return layer(x)
-  kernel = jnp.pad(layer.kernel[...].astype(layer.dtype), ((0, pad_in), (0, pad_out)))
+  kernel = _pad_kernel(layer.kernel[...].astype(layer.dtype), pad_in, pad_out)
   y = jnp.dot(x.astype(layer.dtype), kernel, precision=layer.precision)
   if layer.bias is not None:
     y = y + jnp.pad(layer.bias[...].astype(layer.dtype), (0, pad_out))
