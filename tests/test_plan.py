@@ -103,6 +103,23 @@ def test_search_finds_the_largest_batch_that_fits(fixed, per_sample, quadratic, 
   assert len(set(calls)) == len(measured) <= 6
 
 
+@pytest.mark.parametrize('fixed,per_sample,budget', [
+    (1.5 * 2**30, 19.6 * 2**20, 85.5 * 2**30),  # B/16 on a v5p chip: thousands fit
+    (1e9, 4e8, 72e9),  # 177 fit: the larger starts do not
+])
+@pytest.mark.parametrize('start', [256, 1024, 2048, 4096])
+def test_search_needs_three_compiles_on_a_line(fixed, per_sample, budget, start):
+  """One measurement already gives a guess (the line through the origin, up or down), so the third compile lands
+  within the resolution of the edge, from below or above the answer (no blind 4x stride, no run of halvings)."""
+  def cost(batch):
+    return int(fixed + per_sample * batch)
+
+  found, measured = memory.largest_batch(cost, int(budget), start=start, max_measurements=3)
+  edge = max(b for b in range(1, 1 << 16) if cost(b) <= budget)
+  assert len(measured) <= 3 and cost(found) <= budget
+  assert edge - found <= memory._granule(edge), measured  # pylint: disable=protected-access
+
+
 def test_search_when_nothing_fits_or_everything_does():
   assert memory.largest_batch(lambda b: 10 + b, 5)[0] == 0
   assert memory.largest_batch(lambda b: 1 + b, 10, start=16)[0] == 9  # halving, then up again
