@@ -243,7 +243,7 @@ def largest_batch(measure: Callable[[int], int], budget: int, *, start: int = 16
     step = _granule(lo)
     if hi is not None and hi - lo <= step:
       break
-    # The line through the bracket, else through lo and the measurement before it, else a first long stride.
+    # The line through the bracket, else through lo and the measurement before it, else through the origin.
     other = hi if hi is not None else max((b for b in measured if b < lo), default=None)
     guess = _line_guess(measured, lo, other, budget) if other is not None else through_origin(lo)
     guess = min(guess if guess is not None else 2 * lo, 64 * lo, limit)
