@@ -120,6 +120,26 @@ def test_search_needs_three_compiles_on_a_line(fixed, per_sample, budget, start)
   assert edge - found <= memory._granule(edge), measured  # pylint: disable=protected-access
 
 
+def test_a_batch_the_compiler_refuses_counts_as_not_fitting(monkeypatch):
+  """A TPU compile over the chip's HBM raises (RESOURCE_EXHAUSTED); the search takes that batch as too large and
+  goes on, and the row lists it with the size the compiler said it needed."""
+  from eva_clip_jax import plan
+
+  def compile_train_step(config, mesh, batch):
+    total = 2**30 + batch * 2**20
+    if total > 8 * 2**30:
+      raise RuntimeError(f'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+                         f'temporaries ({total / 2**30:.2f}G) exceeds available HBM (8.00G).')
+    return None, memory.MemoryEstimate('zero1', 'full', dict(mesh.shape), batch, 0, 0, 0, 0, 0, 0, 0, total, 1.0)
+
+  monkeypatch.setattr(memory, 'compile_train_step', compile_train_step)
+  row = plan.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, start=16384, max_compiles=4)
+  assert row['largest'] == 5120 and row['fits'], row['measured']  # (6 GiB - 1 GiB) / 1 MiB = 5120
+  assert row['measured'][16384] == 17 * 2**30 and row['compiles'] == len(row['measured'])
+  with pytest.raises(RuntimeError, match='refused every batch'):
+    plan.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, batch_per_device=16384)
+
+
 def test_search_when_nothing_fits_or_everything_does():
   assert memory.largest_batch(lambda b: 10 + b, 5)[0] == 0
   assert memory.largest_batch(lambda b: 1 + b, 10, start=16)[0] == 9  # halving, then up again

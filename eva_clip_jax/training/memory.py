@@ -19,6 +19,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -199,6 +200,20 @@ def compile_train_step(config, mesh: Mesh, batch_per_device: int, *,
   return compiled, estimate
 
 
+_EXHAUSTED = re.compile(r'RESOURCE_EXHAUSTED: Ran out of memory.*?\(([0-9.]+)([KMGT])\)', re.S)
+
+
+def exhausted_bytes(error: Exception) -> int | None:
+  """What a compile refused for want of memory says it needed (the TPU compiler stops at the chip's HBM:
+  'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required ... (144.00G) exceeds available HBM
+  (95.74G)'); 0 when it gives no size; None when `error` is not one."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text:
+    return None
+  found = _EXHAUSTED.search(text)
+  return int(float(found[1]) * 2**(10 * 'KMGT'.index(found[2]) + 10)) if found else 0
+
+
 def _granule(batch: int) -> int:
   """Search resolution: 1/16 of the batch, a power of two (answers read 1536 or 1472, not 1517)."""
   return max(1, 2 ** int(math.log2(max(batch, 1))) // 16)
@@ -235,8 +250,9 @@ def largest_batch(measure: Callable[[int], int], budget: int, *, start: int = 16
   while not fits(batch):
     if batch == 1:
       return 0, measured
-    # Down the origin line after the first measurement (it may be just over), halving after that.
-    guess = min(batch // 2 if len(measured) > 1 else batch - 1, through_origin(batch))
+    # Down the line through the last two batches that did not fit, or through the origin after the first.
+    guess = _line_guess(measured, batch, hi, budget) if hi is not None else through_origin(batch)
+    guess = min(batch - 1, guess if guess is not None and guess > 0 else batch // 2)
     hi, batch = batch, max(1, guess - guess % _granule(guess))
   lo = batch  # fits
   while len(measured) < max_measurements and lo < limit:
