@@ -76,7 +76,7 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
   def measure(batch: int) -> int:
     try:
       estimates[batch] = memory.compile_train_step(config, mesh, batch)[1]
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # a JaxRuntimeError from XLA; all but a refusal for want of memory is raised again
       needed = memory.exhausted_bytes(e)
       if needed is None:
         raise
