@@ -77,9 +77,17 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
   num_devices = math.prod(mesh_config.values())
   mesh = sharding_lib.make_mesh(mesh_config, devices=list(devices or jax.devices())[:num_devices])
   estimates: dict[int, memory.MemoryEstimate] = {}
+  refused: dict[int, int] = {}  # batches the compiler refused for want of memory: what it said they need
 
   def measure(batch: int) -> int:
-    estimates[batch] = memory.compile_train_step(config, mesh, batch)[1]
+    try:
+      estimates[batch] = memory.compile_train_step(config, mesh, batch)[1]
+    except Exception as e:  # a JaxRuntimeError from XLA; all but a refusal for want of memory is raised again
+      needed = memory.exhausted_bytes(e)
+      if needed is None:
+        raise
+      refused[batch] = max(needed, budget + 1)  # over the device's memory, so over the budget
+      return refused[batch]
     return estimates[batch].total
 
   if batch_per_device:
@@ -88,6 +96,9 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
   else:
     chosen, _ = memory.largest_batch(measure, budget, start=start, limit=limit, max_measurements=max_compiles,
                                      multiple=multiple)
+  if not estimates:
+    raise RuntimeError(f'{strategy}, remat {remat}: the compiler refused every batch tried for want of memory '
+                       f'(needed GiB: {", ".join(f"{b}: {n / 2**30:.1f}" for b, n in sorted(refused.items()))})')
   at = estimates[chosen] if chosen else estimates[min(estimates)]  # nothing fits: show the smallest batch tried
   per_sample = fixed = None
   others = sorted((b for b in estimates if b != at.batch_per_device), key=lambda b: abs(b - at.batch_per_device))
@@ -98,7 +109,8 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
   return {**dataclasses.asdict(at), 'total': at.total, 'mesh': memory.format_mesh(mesh_config),
           'global_batch': at.batch_per_device * sharding_lib.data_parallel_size(mesh), 'fits': at.total <= budget,
           'largest': chosen if not batch_per_device else None, 'budget': budget, 'per_sample': per_sample,
-          'fixed': fixed, 'compiles': len(estimates), 'measured': {b: e.total for b, e in sorted(estimates.items())},
+          'fixed': fixed, 'compiles': len(estimates) + len(refused),
+          'measured': dict(sorted({**refused, **{b: e.total for b, e in estimates.items()}}.items())),
           'compile_seconds': sum(e.compile_seconds for e in estimates.values())}
 
 

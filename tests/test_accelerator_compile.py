@@ -244,6 +244,18 @@ def test_bad_targets_are_clear_errors():
     memory.target_devices('npu')
 
 
+def test_a_program_over_the_chips_memory_is_refused_with_its_size(tpu):
+  """The TPU compiler stops at the chip's HBM (16 GiB on v5e): memory.exhausted_bytes reads what it needed, so the
+  planner's search takes such a batch as one that does not fit (tests/test_plan.py) instead of crashing."""
+  sharding = NamedSharding(jax.sharding.Mesh(tpu.devices[:1], ('x',)), P())
+  x = jax.ShapeDtypeStruct((1 << 15, 1 << 15), jnp.float32, sharding=sharding)  # 4 GiB in, 5 x 4 GiB out
+  with pytest.raises(Exception) as error:
+    jax.jit(lambda a: [a * i + 1 for i in range(5)]).lower(x).compile()
+  needed = memory.exhausted_bytes(error.value)
+  assert 16 * 2**30 < needed <= 25 * 2**30, str(error.value)
+  assert memory.exhausted_bytes(ValueError('bad shape')) is None
+
+
 def test_xla_attention_stores_16_bit_probabilities_only(h100):
   # bf16 compute: the backward reuses the bf16 probabilities the second matmul keeps, not a float32 softmax output
   # (which stored every [batch, heads, q, k] score matrix twice, 6 bytes per element; ops.attention._softmax_to).

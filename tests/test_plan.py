@@ -108,6 +108,43 @@ def test_search_finds_the_largest_batch_that_fits(fixed, per_sample, quadratic, 
   assert len(set(calls)) == len(measured) <= 6
 
 
+@pytest.mark.parametrize('fixed,per_sample,budget', [
+    (1.5 * 2**30, 19.6 * 2**20, 85.5 * 2**30),  # B/16 on a v5p chip: thousands fit
+    (1e9, 4e8, 72e9),  # 177 fit: the larger starts do not
+])
+@pytest.mark.parametrize('start', [256, 1024, 2048, 4096])
+def test_search_needs_three_compiles_on_a_line(fixed, per_sample, budget, start):
+  """One measurement already gives a guess (the line through the origin, up or down), so the third compile lands
+  within the resolution of the edge, from below or above the answer (no blind 4x stride, no run of halvings)."""
+  def cost(batch):
+    return int(fixed + per_sample * batch)
+
+  found, measured = memory.largest_batch(cost, int(budget), start=start, max_measurements=3)
+  edge = max(b for b in range(1, 1 << 16) if cost(b) <= budget)
+  assert len(measured) <= 3 and cost(found) <= budget
+  assert edge - found <= memory._granule(edge), measured  # pylint: disable=protected-access
+
+
+def test_a_batch_the_compiler_refuses_counts_as_not_fitting(monkeypatch):
+  """A TPU compile over the chip's HBM raises (RESOURCE_EXHAUSTED); the search takes that batch as too large and
+  goes on, and the row lists it with the size the compiler said it needed."""
+  from eva_clip_jax import plan
+
+  def compile_train_step(config, mesh, batch):
+    total = 2**30 + batch * 2**20
+    if total > 8 * 2**30:
+      raise RuntimeError(f'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+                         f'temporaries ({total / 2**30:.2f}G) exceeds available HBM (8.00G).')
+    return None, memory.MemoryEstimate('zero1', 'full', dict(mesh.shape), batch, 0, 0, 0, 0, 0, 0, 0, total, 1.0)
+
+  monkeypatch.setattr(memory, 'compile_train_step', compile_train_step)
+  row = plan.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, start=16384, max_compiles=4)
+  assert row['largest'] == 5120 and row['fits'], row['measured']  # (6 GiB - 1 GiB) / 1 MiB = 5120
+  assert row['measured'][16384] == 17 * 2**30 and row['compiles'] == len(row['measured'])
+  with pytest.raises(RuntimeError, match='refused every batch'):
+    plan.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, batch_per_device=16384)
+
+
 def test_search_when_nothing_fits_or_everything_does():
   assert memory.largest_batch(lambda b: 10 + b, 5)[0] == 0
   assert memory.largest_batch(lambda b: 1 + b, 10, start=16)[0] == 9  # halving, then up again
@@ -124,7 +161,8 @@ def test_search_steps_in_multiples_of_the_micro_batches(multiple):
   edge = max(b for b in range(multiple, 1 << 16, multiple) if cost(b) <= 0.9e9)
   assert edge - found <= multiple * memory._granule(edge // multiple)  # pylint: disable=protected-access
   # One sample would fit, `multiple` samples do not: nothing the step can split fits.
-  assert memory.largest_batch(lambda b: 10 + b, 12, multiple=4) == (0, {16: 26, 8: 18, 4: 14})
+  found, measured = memory.largest_batch(lambda b: 10 + b, 12, multiple=4)
+  assert found == 0 and min(measured) == 4 and all(b % 4 == 0 for b in measured), measured
   assert memory.largest_batch(lambda b: 10 + b, 12)[0] == 2
 
 
