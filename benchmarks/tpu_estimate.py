@@ -1,6 +1,7 @@
 r"""The TPU compiler's estimate of the train step's speed, from ahead-of-time compiles on a CPU host (no TPU).
 
   python benchmarks/tpu_estimate.py --check_matmul
+  python benchmarks/tpu_estimate.py --blocks --model=EVA02-CLIP-B-16 --masks=0.5 --attention=xla,pallas
   python benchmarks/tpu_estimate.py --model=EVA02-CLIP-B-16 --batch_per_chip=256 --masks=0,0.5 \
       --attention=xla,pallas --remat=none,full --json=/tmp/b16.json
 
@@ -34,6 +35,8 @@ from absl import app, flags  # noqa: E402
 
 _CHECK = flags.DEFINE_bool('check_matmul', False, "compare optimal_seconds with FLOPs / peak on one matmul")
 _ATTENTION_ONLY = flags.DEFINE_bool('attention_only', False, 'attention forward+backward alone, xla vs pallas')
+_BLOCKS = flags.DEFINE_bool('blocks', False, "one vision and one text block, forward+backward, per --attention (and "
+                            "with the vision block's attention or MLP left out: where the time goes)")
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5p:2x2x1', 'the TPU slice compiled for (the step is data parallel)')
 _MODEL = flags.DEFINE_string('model', 'EVA02-CLIP-B-16', 'model name')
 _BATCH = flags.DEFINE_integer('batch_per_chip', 256, 'samples per chip')
@@ -117,6 +120,59 @@ def attention_only(topology: str, batch: int = 32) -> list[dict]:
   return rows
 
 
+def blocks(model: str, topology: str, batch: int, mask: float, attentions: list[str]) -> list[dict]:
+  """Forward + backward of one block of each tower on one chip, and of the vision block without its attention (q
+  and k unused, so RoPE goes too) or without its MLP: the estimate's split of a layer's time."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  from eva_clip_jax.models import get_model_spec
+  from eva_clip_jax.models import rope as rope_lib
+  from eva_clip_jax.models import text as text_lib
+  from eva_clip_jax.models import vision as vision_lib
+  from eva_clip_jax.models.common import ModelOptions
+  from eva_clip_jax.training import memory
+  target = memory.target_devices('tpu', topology)
+  sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
+  spec = get_model_spec(model)
+  keep = vision_lib.num_kept_patches(spec.vision.num_patches, mask)
+  grid = spec.vision.image_size // spec.vision.patch_size
+  cos, sin = (jnp.asarray(t) for t in rope_lib.rope_2d_tables(spec.vision.head_dim, grid))
+  rows = []
+  for attention in attentions:
+    opts = ModelOptions(dtype='bfloat16', attention=attention)
+    for tower, part in (('vision', 'block'), ('vision', 'no attention'), ('vision', 'no MLP'), ('text', 'block')):
+      if tower == 'vision':
+        block, seq, width = vision_lib.EvaBlock(spec.vision, opts, rngs=nnx.Rngs(0)), keep + 1, spec.vision.width
+      else:
+        block, seq, width = text_lib.TextBlock(spec.text, opts, rngs=nnx.Rngs(0)), spec.text.context_length, \
+            spec.text.width
+      graphdef, params = nnx.split(block)
+
+      def loss(params, x, keep_idx, tower=tower, part=part, graphdef=graphdef):
+        module = nnx.merge(graphdef, params)
+        if tower == 'text':
+          return jnp.sum(module(x).astype(jnp.float32) ** 2)
+        rope = (cos[keep_idx], sin[keep_idx]) if spec.vision.rope else None
+        attend = lambda h: x if part == 'no attention' else module._branch(  # pylint: disable=protected-access
+            h, lambda g: module.attn(g, rope), module.norm1, module.gamma_1, 0.0, None)
+        y = attend(x)
+        if part != 'no MLP':
+          y = module._branch(y, module.mlp, module.norm2, module.gamma_2, 0.0, None)  # pylint: disable=protected-access
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), params)
+      x = jax.ShapeDtypeStruct((batch, seq, width), jnp.bfloat16, sharding=sharding)
+      idx = jax.ShapeDtypeStruct((batch, keep), jnp.int32, sharding=sharding)
+      cost = _cost(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x, idx).compile())
+      rows.append({'tower': tower, 'part': part, 'attention': attention, 'batch': batch, 'tokens': seq, **cost})
+      print(f"{tower:6} {part:12} {attention:6} {seq:4d} tokens: {cost['seconds'] * 1e3:7.3f} ms, "
+            f"{cost['bytes'] / 1e9:6.2f} GB, {cost['flops'] / 1e12:6.3f} TFLOP", flush=True)
+  return rows
+
+
 @dataclasses.dataclass
 class Row:
   model: str
@@ -191,6 +247,8 @@ def main(argv):
     rows = check_matmul()
   elif _ATTENTION_ONLY.value:
     rows = attention_only(_TOPOLOGY.value)
+  elif _BLOCKS.value:
+    rows = blocks(_MODEL.value, _TOPOLOGY.value, _BATCH.value, float(_MASKS.value[-1]), _ATTENTION.value)
   else:
     rows = []
     print(f"{'model':16} {'mask':>4} {'attention':9} {'remat':5} {'pad':>3} {'step ms':>8} {'smp/s/chip':>10} "

@@ -284,6 +284,17 @@ def test_tpu_estimate_benchmark_runs_on_the_tiny_model():
   assert len(rows) == 1
   step_ms, samples, mfu = float(rows[0][5]), float(rows[0][6]), float(rows[0][7].rstrip('%'))
   assert step_ms > 0 and samples > 0 and 0 < mfu < 100
+  # --blocks: one block per tower, and the vision block without attention or MLP; leaving a part out saves time
+  proc = subprocess.run([sys.executable, 'benchmarks/tpu_estimate.py', '--model=tiny', '--batch_per_chip=8',
+                         '--masks=0.5', '--attention=xla', '--blocks', '--topology=v5p:2x2x1'],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ms = {tuple(line.split()[:3]): float(line.split('tokens:')[1].split()[0]) for line in proc.stdout.splitlines()
+        if line.startswith(('vision', 'text'))}
+  assert set(ms) == {('vision', 'block', 'xla'), ('vision', 'no', 'attention'), ('vision', 'no', 'MLP'),
+                     ('text', 'block', 'xla')}, ms
+  assert 0 < ms[('vision', 'no', 'attention')] < ms[('vision', 'block', 'xla')]
+  assert 0 < ms[('vision', 'no', 'MLP')] < ms[('vision', 'block', 'xla')]
 
 
 def test_attention_benchmark_compiles_deviceless_for_h100():
