@@ -112,12 +112,9 @@ def test_shape_errors_name_the_layout():
     ops.dot_product_attention(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 4)), jnp.ones((2, 3, 4)))
 
 
-@pytest.mark.skipif(jax.devices()[0].platform != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
-@pytest.mark.parametrize('seq,head_dim,causal', [(197, 64, False), (99, 64, False), (257, 88, False),
-                                                 (50, 112, False), (77, 64, True)])
-def test_cudnn_matches_xla_on_gpu(seq, head_dim, causal):
-  # Odd lengths take the padded path (attention._cudnn_attention). Both sides get the same bfloat16 inputs; XLA's
-  # reference computes its softmax in float32 and so does cuDNN, so what is left is bfloat16 output rounding.
+def _assert_16_bit_backend_matches_xla(backend, seq, head_dim, causal):
+  # Both sides get the same bfloat16 inputs; XLA's reference computes its softmax in float32 and so do the fused
+  # kernels, so what is left is bfloat16 rounding: within 2% of the largest reference value.
   q, k, v = _qkv(seq, 2, head_dim, jnp.bfloat16)
   cotangent = jax.random.normal(jax.random.key(5), q.shape, jnp.bfloat16)
 
@@ -127,8 +124,15 @@ def test_cudnn_matches_xla_on_gpu(seq, head_dim, causal):
       return (out, *vjp(cotangent))
     return [np.asarray(x, np.float32) for x in jax.jit(run)(q, k, v)]
 
-  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), out_and_grads('cudnn'), out_and_grads('xla')):
+  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), out_and_grads(backend), out_and_grads('xla')):
     assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != 'gpu', reason='cuDNN attention needs an NVIDIA GPU')
+@pytest.mark.parametrize('seq,head_dim,causal', [(197, 64, False), (99, 64, False), (257, 88, False),
+                                                 (50, 112, False), (77, 64, True)])
+def test_cudnn_matches_xla_on_gpu(seq, head_dim, causal):
+  _assert_16_bit_backend_matches_xla('cudnn', seq, head_dim, causal)  # odd lengths: attention._cudnn_attention pads
 
 
 def _hopper_with_tokamax() -> bool:
@@ -143,18 +147,7 @@ def _hopper_with_tokamax() -> bool:
 @pytest.mark.parametrize('seq,head_dim,causal', [(197, 64, False), (99, 64, False), (257, 88, False),
                                                  (77, 64, True)])
 def test_mosaic_matches_xla_on_gpu(seq, head_dim, causal):
-  # Padded queries and keys (197 -> 200, 77 -> 128), padded keys masked by length; same tolerance as cuDNN's.
-  q, k, v = _qkv(seq, 2, head_dim, jnp.bfloat16)
-  cotangent = jax.random.normal(jax.random.key(5), q.shape, jnp.bfloat16)
-
-  def out_and_grads(backend):
-    def run(q, k, v):
-      out, vjp = jax.vjp(lambda *a: ops.dot_product_attention(*a, causal=causal, backend=backend), q, k, v)
-      return (out, *vjp(cotangent))
-    return [np.asarray(x, np.float32) for x in jax.jit(run)(q, k, v)]
-
-  for name, a, b in zip(('out', 'dq', 'dk', 'dv'), out_and_grads('mosaic'), out_and_grads('xla')):
-    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max(), name
+  _assert_16_bit_backend_matches_xla('mosaic', seq, head_dim, causal)  # padded 197 -> 200, 77 -> 128, keys masked
 
 
 def test_shard_kernel_runs_per_device_on_a_mesh():
