@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from eva_clip_jax.models import count_params, create_model, get_model_spec
-from eva_clip_jax.training import memory
+from eva_clip_jax.training import memory, planning
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 
@@ -128,7 +128,6 @@ def test_search_needs_three_compiles_on_a_line(fixed, per_sample, budget, start)
 def test_a_batch_the_compiler_refuses_counts_as_not_fitting(monkeypatch):
   """A TPU compile over the chip's HBM raises (RESOURCE_EXHAUSTED); the search takes that batch as too large and
   goes on, and the row lists it with the size the compiler said it needed."""
-  from eva_clip_jax import plan
 
   def compile_train_step(config, mesh, batch):
     total = 2**30 + batch * 2**20
@@ -138,11 +137,11 @@ def test_a_batch_the_compiler_refuses_counts_as_not_fitting(monkeypatch):
     return None, memory.MemoryEstimate('zero1', 'full', dict(mesh.shape), batch, 0, 0, 0, 0, 0, 0, 0, total, 1.0)
 
   monkeypatch.setattr(memory, 'compile_train_step', compile_train_step)
-  row = plan.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, start=16384, max_compiles=4)
+  row = planning.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, start=16384, max_compiles=4)
   assert row['largest'] == 5120 and row['fits'], row['measured']  # (6 GiB - 1 GiB) / 1 MiB = 5120
   assert row['measured'][16384] == 17 * 2**30 and row['compiles'] == len(row['measured'])
   with pytest.raises(RuntimeError, match='refused every batch'):
-    plan.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, batch_per_device=16384)
+    planning.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, batch_per_device=16384)
 
 
 def test_search_when_nothing_fits_or_everything_does():
@@ -169,13 +168,12 @@ def test_search_steps_in_multiples_of_the_micro_batches(multiple):
 def test_plan_of_an_accumulating_config_compiles_only_batches_it_can_split():
   """accum_steps=3: the search's first batch, 16, becomes 18 (16 does not split into 3 micro-batches; the step
   would refuse it), and an explicit --batch_per_device that does not split is refused before compiling."""
-  from eva_clip_jax import plan  # pylint: disable=g-import-not-at-top
   config = _config('tiny')
   config.accum_steps = 3
-  row = plan.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, start=16, limit=20)
+  row = planning.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, start=16, limit=20)
   assert row['measured'].keys() == {18} and row['largest'] == 18 and row['global_batch'] == 18 * 8
   with pytest.raises(ValueError, match='--batch_per_device=16 does not split into config.accum_steps=3'):
-    plan.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, batch_per_device=16)
+    planning.plan_row(config, {'data': 8}, 'zero1', 'none', budget=1 << 40, batch_per_device=16)
 
 
 def test_mesh_specs():
