@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -108,6 +109,7 @@ class Checkpointer:
           return self.restore(step, abstract_state, iterator), step
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
         reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+        _silence_closed_loop_errors()
         aside = self._set_aside(step)
         logging.error('Checkpoint step %d cannot be restored (%s); moved it to %s and trying the previous step.',
                       step, reason, aside)
@@ -141,6 +143,42 @@ def _quiet_abandoned_reads():
   finally:
     gc.collect()
     sys.unraisablehook = previous
+
+
+_CLOSED_LOOP = 'Event loop is closed'
+
+
+def _silence_closed_loop_errors() -> None:
+  """After an abandoned restore, tensorstore callbacks still in flight on other threads may later report to orbax's
+  closed asyncio loop and fail with "RuntimeError: Event loop is closed", which Python prints as a traceback
+  whichever way it surfaces (uncaught in a thread, from C, unraisable), after `_quiet_abandoned_reads` has ended.
+  From then on that one error is logged at debug level; every other error is printed as before."""
+  if getattr(sys.excepthook, 'eva_closed_loop_filter', False):
+    return
+
+  def closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == _CLOSED_LOOP
+
+  previous_excepthook, previous_thread_hook = sys.excepthook, threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def excepthook(kind, value, tb):
+    if closed_loop(value):
+      return logging.debug('abandoned checkpoint read: %s', value)
+    return previous_excepthook(kind, value, tb)
+
+  def thread_hook(args):
+    if closed_loop(args.exc_value):
+      return logging.debug('abandoned checkpoint read: %s', args.exc_value)
+    return previous_thread_hook(args)
+
+  def unraisable_hook(unraisable):
+    if closed_loop(unraisable.exc_value):
+      return logging.debug('abandoned checkpoint read: %s', unraisable.exc_value)
+    return previous_unraisable(unraisable)
+
+  excepthook.eva_closed_loop_filter = True
+  sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable_hook
 
 
 def read_state(step_dir: str) -> Any:
