@@ -125,6 +125,7 @@ def test_the_train_state_round_trips(tmp_path):
 def test_after_a_failed_restore_only_closed_loop_errors_are_silenced(monkeypatch, capsys):
   # tensorstore callbacks of an abandoned restore may fail later on orbax's closed event loop (seen in CI as a
   # traceback after "cannot be restored"); that one error is logged, any other still prints.
+  import logging
   import sys
   import threading
   from eva_clip_jax.training import checkpoint as checkpoint_lib
@@ -137,3 +138,9 @@ def test_after_a_failed_restore_only_closed_loop_errors_are_silenced(monkeypatch
   assert 'Event loop is closed' not in capsys.readouterr().err
   sys.excepthook(ValueError, ValueError('something else'), None)
   assert 'something else' in capsys.readouterr().err
+  asyncio_logger = logging.getLogger('asyncio')
+  try:
+    assert not asyncio_logger.filter(logging.makeLogRecord({'msg': 'Task exception was never retrieved\nfuture: x'}))
+    assert asyncio_logger.filter(logging.makeLogRecord({'msg': 'some other asyncio error'}))
+  finally:
+    asyncio_logger.removeFilter(checkpoint_lib._unretrieved_task_errors)  # pylint: disable=protected-access
