@@ -140,7 +140,9 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   ))
   # float16 only: DeepSpeed's dynamic loss scaling as the reference ran it.
   config.loss_scale = ml_collections.ConfigDict(dict(initial_power=16, window=1000, hysteresis=2, min_scale=1.0))
-  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, asynchronous=True))
+  # max_failed_saves: saves failing in a row (full disk, a bucket refusing writes) before the run stops.
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, asynchronous=True,
+                                                    max_failed_saves=3))
   config.log_every_steps = 50
   config.prefetch = 2  # batches in flight to the devices
   config.peak_flops_per_device = 0.0  # for MFU where the device table has no entry (0: look it up)

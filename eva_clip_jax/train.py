@@ -17,7 +17,7 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from eva_clip_jax import cli
+from eva_clip_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file ([:runlocal])', lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, TensorBoard events and results go here')
@@ -60,8 +60,7 @@ def main(argv):
   _, metrics = train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     final = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump(final, f, indent=1, sort_keys=True)
+    storage.write_text(storage.join(workdir, 'final_metrics.json'), json.dumps(final, indent=1, sort_keys=True))
     shown = {k: v for k, v in final.items() if k in ('step', 'loss') or '/top' in k or '/image_retrieval' in k
              or '/text_retrieval' in k}
     print('final: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'

@@ -10,9 +10,10 @@ in order, last batch kept.
 Training crops are uint8 (the train step normalises them on the accelerator) and JPEGs are decoded only at the
 scale the crop needs (data/decode.py); evaluation images are open_clip's exact transform, float32.
 
-Samples that cannot be used (truncated tar, undecodable image, missing or non-UTF-8 or empty caption) are
-dropped and counted: every example carries `skipped`, the number of samples of each reason in SKIP_REASONS
-dropped since the previous good one, so counts survive worker processes and batching (sum over the batch).
+Samples that cannot be used (truncated tar, unreadable shard, undecodable image, missing or non-UTF-8 or empty
+caption) are dropped and counted: every example carries `skipped`, the number of samples of each reason in
+SKIP_REASONS dropped since the previous good one, then the storage client's retries of transient failures (its
+last column), so counts survive worker processes and batching (sum over the batch).
 A finite pass that ends in bad samples yields one placeholder example with `valid` False and label -1.
 
 The iterator is checkpointable: `it.get_state()` / `it.set_state(state)` resume with exactly the next batches.
@@ -29,11 +30,14 @@ import numpy as np
 
 from eva_clip_jax import transforms
 from eva_clip_jax.data import decode, workers
-from eva_clip_jax.data.shards import ERROR_KEY, TarShardIterDataset, list_shards
+from eva_clip_jax.data.shards import ERROR_KEY, RETRIES_KEY, TarShardIterDataset, list_shards
 from eva_clip_jax.tokenizer import get_tokenizer
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
-SKIP_REASONS = ('corrupt_tar', 'missing_image', 'bad_image', 'missing_caption', 'bad_caption', 'empty_caption')
+SKIP_REASONS = ('corrupt_tar', 'unreadable_shard', 'missing_image', 'bad_image', 'missing_caption', 'bad_caption',
+                'empty_caption')
+# The columns of an example's `skipped` counts: the skip reasons, then the storage client's retries.
+COUNTS = SKIP_REASONS + ('storage_retries',)
 SKIP_KEY = '__skip__'
 
 
@@ -95,6 +99,12 @@ class DecodeSample(grain.transforms.RandomMap):
     self._eval_transform = transforms.image_transform(image_size, is_train=False)
 
   def random_map(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    out = self._decode(sample, rng)
+    if RETRIES_KEY in sample:
+      out[RETRIES_KEY] = sample[RETRIES_KEY]
+    return out
+
+  def _decode(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     if ERROR_KEY in sample:
       return {SKIP_KEY: sample[ERROR_KEY]}
     image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -147,7 +157,7 @@ class _SkipAndCountIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, Any]:
     if self._done:
       raise StopIteration
-    counts = np.zeros(len(SKIP_REASONS), np.int32)
+    counts = np.zeros(len(COUNTS), np.int32)
     while True:
       try:
         element = next(self._parent)
@@ -158,6 +168,7 @@ class _SkipAndCountIterator(grain.DatasetIterator):
           return {**{k: np.zeros_like(v) for k, v in self._template.items()}, 'label': np.int32(-1),
                   'valid': np.bool_(False), 'skipped': counts}
         raise
+      counts[-1] += element.pop(RETRIES_KEY, 0)
       if SKIP_KEY in element:
         counts[SKIP_REASONS.index(element[SKIP_KEY])] += 1
         continue
@@ -299,12 +310,14 @@ def make_synthetic_dataset(*, batch_size: int, image_size: int, context_length: 
                               np.full((total, 1), 49407)], axis=1).astype(np.int32)[rows],
       'label': np.full((batch_size,), -1, np.int32),
       'valid': np.ones((batch_size,), bool),
-      'skipped': np.zeros((batch_size, len(SKIP_REASONS)), np.int32),
+      'skipped': np.zeros((batch_size, len(COUNTS)), np.int32),
   }
   return grain.MapDataset.range(num_batches).map(lambda _: batch)
 
 
 def skipped_counts(batch: dict[str, Any]) -> dict[str, int]:
-  """{'skipped/bad_image': n, ...} for a batch, ready for the training metrics."""
+  """{'skipped/bad_image': n, ..., 'data/storage_retries': n} for a batch, ready for the training metrics."""
   totals = np.asarray(batch['skipped']).sum(axis=0)
-  return {f'skipped/{reason}': int(n) for reason, n in zip(SKIP_REASONS, totals)}
+  counts = {f'skipped/{reason}': int(n) for reason, n in zip(SKIP_REASONS, totals)}
+  counts['data/storage_retries'] = int(totals[-1])
+  return counts

@@ -5,12 +5,21 @@ finished, so a crash mid-save leaves the previous step as the latest usable one.
 step s is the one recorded right after the batch of step s was drawn (the loop prefetches ahead, so the live
 iterator's position would be too far along).
 
-Two failure modes orbax 0.12.8 does not handle, handled here:
-- A save that fails in the background (full disk, lost mount) still counts as orbax's latest step, and the old steps
-  it was meant to replace are deleted anyway. Here orbax keeps every step (`max_to_keep=None`); old steps are
-  pruned only after a newer one is confirmed on disk, and the step list is re-read from disk.
+The directory may be local or in a bucket (gs://...; orbax lists and finalises through etils.epath, tensorstore
+writes the arrays). On an object store orbax writes a step in place and marks it finished with a
+`commit_success.txt` object, so an unfinished step is never listed, restored or counted as the latest.
+
+Failure modes orbax 0.12.8 does not handle, handled here:
+- A save that fails in the background (full disk, lost mount, a bucket refusing writes) still counts as orbax's
+  latest step, and the old steps it was meant to replace are deleted anyway. Here orbax keeps every step
+  (`max_to_keep=None`); old steps are pruned only after a newer one is confirmed, and the step list is re-read
+  from the directory. The failed step's partial files are removed at once, so they never confuse the next start.
+  The next save step retries with the newer state; `max_failed_saves` failures in a row stop the run with
+  `CheckpointSaveError`, which names the cause and the latest usable step. The final save is retried in place.
 - A finalised step whose files were damaged afterwards (a truncated array file, as a half-synced disk leaves it)
-  fails to restore. `restore_latest` moves such a step aside (never deletes it), says why, and tries the one before.
+  fails to restore. `restore_latest` sets such a step aside as `damaged.<step>.<unix time>` (never deletes it),
+  says why, and tries the one before. On a local disk that is a rename; an object store has no rename, so every
+  object of the step is copied under the new prefix, the copy checked, and only then the originals removed.
 """
 
 from __future__ import annotations
@@ -19,7 +28,6 @@ import contextlib
 import gc
 import json
 import logging as std_logging
-import os
 import sys
 import threading
 import time
@@ -30,6 +38,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from eva_clip_jax import storage
 
 DAMAGED_PREFIX = 'damaged'  # <directory>/damaged.<step>.<unix time>: a step that could not be restored
 
@@ -44,12 +54,21 @@ class _RecordedIteratorState:
     return self._state
 
 
+class CheckpointSaveError(OSError):
+  """Saves keep failing (or the final one did): the run stops, naming the cause and the latest usable step."""
+
+
 class Checkpointer:
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int, asynchronous: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str, *, every_steps: int, keep: int, asynchronous: bool = True,
+               max_failed_saves: int = 3, final_save_attempts: int = 3):
+    self.directory = storage.absolute(directory)
     self.every_steps = max(int(every_steps), 1)
     self.keep = max(int(keep), 1)
+    self.max_failed_saves = max(int(max_failed_saves), 1)
+    self.final_save_attempts = max(int(final_save_attempts), 1)
+    self._failed_in_a_row = 0
+    self._last_failure: str | None = None
     options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=None,
                                            enable_async_checkpointing=asynchronous, create=True,
                                            cleanup_tmp_directories=True)
@@ -59,41 +78,89 @@ class Checkpointer:
   def steps_on_disk(self) -> list[int]:
     """Finalised steps, read from the directory (orbax's own list also holds steps whose save failed)."""
     self._manager.reload()
-    return sorted(s for s in self._manager.all_steps() if os.path.isdir(os.path.join(self.directory, str(s))))
+    return sorted(s for s in self._manager.all_steps() if storage.isdir(storage.join(self.directory, str(s))))
 
   def latest_step(self) -> int | None:
     steps = self.steps_on_disk()
     return steps[-1] if steps else None
 
-  def _settle(self) -> None:
-    """Waits for the save in flight; reports it if it failed; prunes old steps once a newer one is on disk."""
+  def _settle(self) -> str | None:
+    """Waits for the save in flight and prunes old steps once a newer one is confirmed. A failed save is reported,
+    its partial files removed, and counted; returns the failure's cause (None when it succeeded)."""
     if self._pending is None:
-      return
+      return None
     step, self._pending = self._pending, None
+    cause = None
     try:
       self._manager.wait_until_finished()
       self._manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except
-      logging.error('Saving the checkpoint of step %d failed (%s: %s); the earlier steps are kept.', step,
-                    type(e).__name__, e)
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
+      cause = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
     steps = self.steps_on_disk()
-    if step not in steps:
-      logging.error('The checkpoint of step %d is not on disk; the latest usable step is %s.', step,
-                    steps[-1] if steps else None)
-      return
+    if cause is None and step not in steps:
+      cause = 'the step is not in the checkpoint directory after the save'
+    if cause is not None:
+      return self._failed(step, cause)
+    self._failed_in_a_row = 0
     for old in steps[:-self.keep]:
       self._manager.delete(old)
+    return None
+
+  def _failed(self, step: int, cause: str) -> str:
+    self._failed_in_a_row += 1
+    self._last_failure = cause
+    self._remove_partial(step)
+    steps = self.steps_on_disk()
+    latest = steps[-1] if steps else None
+    logging.error('Saving the checkpoint of step %d failed (%s); the latest usable step is %s (%d failed saves in a '
+                  'row).', step, cause, latest, self._failed_in_a_row)
+    if self._failed_in_a_row >= self.max_failed_saves:
+      raise CheckpointSaveError(
+          f'{self._failed_in_a_row} checkpoint saves in a row failed in {self.directory}, the last at step {step}: '
+          f'{cause}. The latest usable step is {latest}; fix the cause and start again with the same workdir.')
+    return cause
+
+  def _remove_partial(self, step: int) -> None:
+    """A failed save's own files: orbax's temporary directory (local disks) or the unfinished step (object stores,
+    where no commit file marks it finished). Finalised steps are never touched."""
+    if jax.process_index() == 0:
+      for path in storage.glob(storage.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
+        storage.remove(path, recursive=True)
+      step_dir = storage.join(self.directory, str(step))
+      if storage.is_url(step_dir) and not storage.exists(storage.join(step_dir, 'commit_success.txt')):
+        storage.remove(step_dir, recursive=True)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint_remove_partial_{step}')
 
   def save(self, step: int, state: Any, iterator_state: Any, *, force: bool = False) -> bool:
     """Starts saving (returns at once when asynchronous); False when `step` is not a save step."""
     if not force and step % self.every_steps:
       return False  # decided here: orbax's own check costs ~1.6 ms per step
     self._settle()
-    saved = self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state))), force=True)
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state))), force=True)
+    except Exception as e:  # pylint: disable=broad-except  (the synchronous part failed: no room, no permission)
+      self._failed(step, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300])
+      return False
     self._pending = step if saved else None
     return saved
+
+  def save_final(self, step: int, state: Any, iterator_state: Any) -> None:
+    """Saves the run's last state and waits for it, retrying in place (the state is still held); raises
+    CheckpointSaveError when every attempt failed, so the run exits non-zero instead of losing its last steps."""
+    self._settle()
+    for _ in range(self.final_save_attempts):
+      if step in self.steps_on_disk():
+        return
+      if self.save(step, state, iterator_state, force=True) and self._settle() is None:
+        return
+    steps = self.steps_on_disk()
+    raise CheckpointSaveError(
+        f'the final checkpoint (step {step}) could not be saved in {self.directory} after '
+        f'{self.final_save_attempts} attempts: {self._last_failure}. The latest usable step is '
+        f'{steps[-1] if steps else None}.')
 
   def restore(self, step: int, abstract_state: Any, iterator) -> Any:
     """The state at `step`, laid out as `abstract_state`'s shardings; moves `iterator` to its saved position."""
@@ -117,9 +184,9 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int) -> str:
-    aside = os.path.join(self.directory, f'{DAMAGED_PREFIX}.{step}.{int(time.time())}')
+    aside = storage.join(self.directory, f'{DAMAGED_PREFIX}.{step}.{int(time.time())}')
     if jax.process_index() == 0:
-      os.rename(os.path.join(self.directory, str(step)), aside)
+      storage.move(storage.join(self.directory, str(step)), aside)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_set_aside_{step}')
     self._manager.reload()
@@ -129,8 +196,10 @@ class Checkpointer:
     self._settle()
 
   def close(self) -> None:
-    self._settle()
-    self._manager.close()
+    try:
+      self._settle()
+    finally:
+      self._manager.close()
 
 
 @contextlib.contextmanager
@@ -197,7 +266,7 @@ def read_state(step_dir: str) -> Any:
   """A saved train state as host numpy arrays (a dict of its fields), whatever mesh or process count wrote it (for
   inspection, export and tests). `step_dir` is `<workdir>/checkpoints/<step>`."""
   import numpy as np
-  path = os.path.join(os.path.abspath(step_dir), 'state')
+  path = storage.join(storage.absolute(step_dir), 'state')
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path)
   tree = getattr(metadata, 'item_metadata', metadata)

@@ -9,7 +9,6 @@ and checkpoint saves (orbax copies to host, then writes in the background).
 from __future__ import annotations
 
 import collections
-import os
 import signal
 from typing import Any
 
@@ -19,6 +18,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from eva_clip_jax import storage
 from eva_clip_jax.data import pipeline
 from eva_clip_jax.models import create_model, get_model_spec
 from eva_clip_jax.training import flops
@@ -79,7 +79,7 @@ def initial_params(config) -> dict | None:
     return None
   model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
   if full:
-    if not (os.path.exists(full) or full.startswith('hf-hub:')):
+    if not (full.startswith('hf-hub:') or storage.exists(full)):
       raise FileNotFoundError(f'config.init.full = {full!r} is neither a file nor a directory: pass the released '
                               'checkpoint (.pt, .bin, .safetensors) or a converted directory')
     from eva_clip_jax.conversion.api import load_pretrained  # torch only for PyTorch files
@@ -104,7 +104,9 @@ def make_evaluators(config, setup: step_lib.TrainSetup) -> list:
 
 
 class _Preemption:
-  """SIGTERM (a preemption notice) asks the loop to save and stop at the next step boundary."""
+  """SIGTERM (a preemption notice: spot/preemptible TPU VMs and SLURM send it about 30 s before the end) asks the
+  loop to save and stop. A single process acts at the next step; several processes must agree on the step, which
+  costs a collective, so they compare notes at log steps (keep a log interval well inside the notice)."""
 
   def __init__(self):
     self.requested = False
@@ -117,9 +119,11 @@ class _Preemption:
     logging.warning('SIGTERM received: saving a checkpoint and stopping.')
     self.requested = True
 
-  def any_process(self) -> bool:
+  def stop_now(self, step: int, log_every: int) -> bool:
     if jax.process_count() == 1:
       return self.requested
+    if step % log_every:
+      return False
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray(self.requested))).any())
 
   def restore(self):
@@ -139,8 +143,9 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
 
   Returns the final state and the last value of every metric (training, throughput, evaluations).
   """
-  # Mesh and setup.
-  os.makedirs(workdir, exist_ok=True)
+  # Mesh and setup. The workdir may be a bucket (gs://...): everything below reaches it through `storage`.
+  workdir = storage.absolute(workdir)
+  storage.makedirs(workdir)
   mesh = sharding_lib.make_mesh(config.mesh)
   dp = sharding_lib.data_parallel_size(mesh)
   if config.batch_size % dp or config.batch_size % jax.process_count():
@@ -157,8 +162,9 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
   local_batch = config.batch_size // jax.process_count()
   iterator = iter(make_train_dataset(config, local_batch, spec.vision.image_size, spec.text.context_length))
   ckpt_cfg = config.checkpoint
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), every_steps=ckpt_cfg.every_steps,
-                              keep=ckpt_cfg.keep, asynchronous=ckpt_cfg.asynchronous)
+  checkpointer = Checkpointer(storage.join(workdir, 'checkpoints'), every_steps=ckpt_cfg.every_steps,
+                              keep=ckpt_cfg.keep, asynchronous=ckpt_cfg.asynchronous,
+                              max_failed_saves=ckpt_cfg.get('max_failed_saves', 3))
   preemption = _Preemption()
   writer = metrics_lib.Writer(workdir)
   total, log_every = int(config.total_steps), int(config.log_every_steps)
@@ -205,8 +211,11 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
         last_metrics.update(results)
       if due:
         throughput.start(step)  # evaluation time is not training throughput
-      stop = step % log_every == 0 and preemption.any_process()
-      checkpointer.save(step, state, position, force=stop or step == total)
+      stop = preemption.stop_now(step, log_every)
+      if stop or step == total:
+        checkpointer.save_final(step, state, position)  # waits; retried in place; raises if it cannot be saved
+      else:
+        checkpointer.save(step, state, position)
       if stop:
         progress.message(f'Stopped at step {step} after a preemption notice; restart with the same workdir to '
                          'resume.')

@@ -9,25 +9,41 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Mapping, TextIO
 
 import jax
 import numpy as np
 
+from eva_clip_jax import storage
+
 
 class Writer:
   """TensorBoard events (clu's SummaryWriter, in a background thread) plus `metrics.jsonl`, one JSON line per
-  write, for scripts and tests that want the history without TensorFlow."""
+  write, for scripts and tests that want the history without TensorFlow.
+
+  In a bucket workdir both are written to a local staging folder and uploaded after every write: TensorFlow's own
+  GCS file system cannot reach a GCS emulator (it has no endpoint setting), and object stores cannot append, so
+  the whole (small) files are uploaded again each time. A run resumed in the same workdir continues both files."""
 
   def __init__(self, workdir: str):
     self._primary = jax.process_index() == 0
     self._tensorboard = self._jsonl = None
+    self._workdir, self._staging = workdir, None
     if self._primary:
       from clu import metric_writers  # imports TensorFlow; keep it out of module import time
-      self._tensorboard = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      local = workdir
+      if storage.is_url(workdir):
+        self._staging = local = tempfile.mkdtemp(prefix='eva_clip_jax_metrics_')
+        remote_jsonl = storage.join(workdir, 'metrics.jsonl')
+        if storage.exists(remote_jsonl):
+          with open(os.path.join(local, 'metrics.jsonl'), 'wb') as f:
+            f.write(storage.read_bytes(remote_jsonl))
+      self._tensorboard = metric_writers.AsyncWriter(metric_writers.SummaryWriter(local))
+      self._jsonl = open(os.path.join(local, 'metrics.jsonl'), 'a')
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self._primary:
@@ -35,11 +51,21 @@ class Writer:
     self._tensorboard.write_scalars(step, scalars)
     self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
     self._jsonl.flush()
+    if self._staging is not None:
+      self._tensorboard.flush()
+      self._upload()
+
+  def _upload(self) -> None:
+    for name in os.listdir(self._staging):  # metrics.jsonl and this run's event file(s)
+      storage.upload(os.path.join(self._staging, name), storage.join(self._workdir, name))
 
   def close(self) -> None:
     if self._primary:
       self._tensorboard.close()
       self._jsonl.close()
+      if self._staging is not None:
+        self._upload()
+        shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def _duration(seconds: float) -> str:
