@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import io
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from eva_clip_jax import storage
 from eva_clip_jax.data.writer import ShardWriter
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'star', 'cross', 'ring', 'hexagon')
@@ -113,35 +113,33 @@ def write_demo_set(dst: str, *, num_train: int = 2048, num_val: int = 512, sampl
                    seed: int = 0) -> dict[str, str]:
   """Draws the demo set into `dst` (see the module docstring). Returns the paths of its parts."""
   rng = np.random.default_rng(seed)
-  with ShardWriter(os.path.join(dst, 'train'), samples_per_shard) as writer:
+  with ShardWriter(storage.join(dst, 'train'), samples_per_shard) as writer:
     for i in range(num_train):
       image, meta = draw_sample(rng)
       caption = CAPTIONS[rng.integers(len(CAPTIONS))].format(**meta)
       writer.write(f'{i:06d}', _jpeg(image), 'jpg', caption, label=meta['label'], meta=meta)
-  os.makedirs(os.path.join(dst, 'images'), exist_ok=True)
+  storage.makedirs(storage.join(dst, 'images'))
   rows = ['path,caption,label']
-  with ShardWriter(os.path.join(dst, 'val'), num_val) as writer:
+  with ShardWriter(storage.join(dst, 'val'), num_val) as writer:
     for i in range(num_val):
       image, meta = draw_sample(rng)
       caption = f"a {meta['color']} {meta['shape']}"
       data = _jpeg(image)
       writer.write(f'{i:06d}', data, 'jpg', caption, label=meta['label'], meta=meta)
-      with open(os.path.join(dst, 'images', f'{i:06d}.jpg'), 'wb') as f:
-        f.write(data)
+      storage.write_bytes(storage.join(dst, 'images', f'{i:06d}.jpg'), data)
       rows.append(f'images/{i:06d}.jpg,{caption},{meta["label"]}')
-  with open(os.path.join(dst, 'val.csv'), 'w') as f:
-    f.write('\n'.join(rows) + '\n')
-  with open(os.path.join(dst, 'classnames.txt'), 'w') as f:
-    f.write('\n'.join(COLORS) + '\n')
-  with open(os.path.join(dst, 'templates.txt'), 'w') as f:
-    f.write('\n'.join(TEMPLATES) + '\n')
-  return {'train': os.path.join(dst, 'train'), 'val': os.path.join(dst, 'val'),
-          'val_csv': os.path.join(dst, 'val.csv'), 'classnames': os.path.join(dst, 'classnames.txt'),
-          'templates': os.path.join(dst, 'templates.txt')}
+  storage.write_text(storage.join(dst, 'val.csv'), '\n'.join(rows) + '\n')
+  storage.write_text(storage.join(dst, 'classnames.txt'), '\n'.join(COLORS) + '\n')
+  storage.write_text(storage.join(dst, 'templates.txt'), '\n'.join(TEMPLATES) + '\n')
+  return {part: storage.join(dst, name) for part, name in (('train', 'train'), ('val', 'val'), ('val_csv', 'val.csv'),
+                                                            ('classnames', 'classnames.txt'),
+                                                            ('templates', 'templates.txt'))}
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from eva_clip_jax import cli  # pylint: disable=g-import-not-at-top
   _DST = flags.DEFINE_string('dst', 'demo_data', 'output folder')
 
   def main(argv):
@@ -149,4 +147,4 @@ if __name__ == '__main__':
     parts = write_demo_set(_DST.value)
     print('\n'.join(f'{k}: {v}' for k, v in parts.items()))
 
-  app.run(main)
+  cli.run(main)

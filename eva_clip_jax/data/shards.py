@@ -152,6 +152,8 @@ class _TarShardIterator(grain.DatasetIterator):
         sample.setdefault('__key__', key)
         sample['__shard__'] = self._path
         sample[ext] = data
+    except StopIteration:
+      raise
     except (tarfile.TarError, UnicodeDecodeError, ValueError) as e:
       # The shard ends here; one error record reports it. The sample in progress is dropped with it: the
       # members it still lacked may be the ones lost.

@@ -14,16 +14,18 @@ decode (the reader skips and counts them), are stored as they are; captions are 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-import os
 import tarfile
 import time
 import warnings
 from typing import Any
 
 from PIL import Image
+
+from eva_clip_jax import storage
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
 _FORMATS = {'jpg': 'JPEG', 'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'}
@@ -71,11 +73,11 @@ class ShardWriter:
       raise ValueError(f'quality must be in 1..100, got {quality}')
     self.directory, self.samples_per_shard, self.prefix = directory, samples_per_shard, prefix
     self.max_size, self.quality, self.resized = max_size, quality, 0
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     self.shards: list[str] = []
     self.count = 0
     self._tar: tarfile.TarFile | None = None
-    self._tmp = ''
+    self._file = contextlib.ExitStack()  # the shard being written: it appears whole when closed, or not at all
 
   def _add(self, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -86,9 +88,8 @@ class ShardWriter:
             meta: dict[str, Any] | None = None) -> None:
     if self._tar is None or self.count % self.samples_per_shard == 0:
       self._finish_shard()
-      path = os.path.join(self.directory, f'{self.prefix}{len(self.shards):05d}.tar')
-      self._tmp = path + '.tmp'
-      self._tar = tarfile.open(self._tmp, 'w')
+      path = storage.join(self.directory, f'{self.prefix}{len(self.shards):05d}.tar')
+      self._tar = tarfile.open(fileobj=self._file.enter_context(storage.atomic_write(path, 'wb')), mode='w')
       self.shards.append(path)
     if self.max_size is not None:
       smaller = shrink_image(image, image_ext, self.max_size, self.quality)
@@ -105,7 +106,7 @@ class ShardWriter:
   def _finish_shard(self) -> None:
     if self._tar is not None:
       self._tar.close()
-      os.replace(self._tmp, self.shards[-1])
+      self._file.close()  # moves or uploads the finished shard into place
       self._tar = None
 
   def close(self) -> None:
@@ -117,48 +118,41 @@ class ShardWriter:
   def __exit__(self, exc_type, *_) -> None:
     if exc_type is not None and self._tar is not None:  # leave no half-written shard behind
       self._tar.close()
-      os.remove(self._tmp)
+      self._file.__exit__(exc_type, None, None)  # discards the temporary file
       self.shards.pop()
       self._tar = None
     self.close()
 
 
-def _read(path: str) -> bytes:
-  with open(path, 'rb') as f:
-    return f.read()
-
-
 def write_from_folder(src: str, dst: str, samples_per_shard: int = 1000, **writer_options) -> list[str]:
   """Images with same-named .txt captions under `src` (recursively) -> shards in `dst` (`writer_options`:
   ShardWriter's max_size, quality)."""
+  files = set(storage.walk_files(src)) if storage.isdir(src) else set()
   pairs = []
-  for root, _, files in sorted(os.walk(src)):
-    for name in sorted(files):
-      stem, suffix = os.path.splitext(name)
-      caption = os.path.join(root, stem + '.txt')
-      if suffix.lower() in IMAGE_SUFFIXES and os.path.exists(caption):
-        pairs.append((os.path.join(root, name), caption))
+  for path in sorted(files):
+    stem, suffix = storage.splitext(path)
+    if suffix.lower() in IMAGE_SUFFIXES and stem + '.txt' in files:
+      pairs.append((path, stem + '.txt'))
   if not pairs:
     raise FileNotFoundError(f'no image with a same-named .txt caption under {src}')
   with ShardWriter(dst, samples_per_shard, **writer_options) as writer:
     for index, (image, caption) in enumerate(pairs):
-      with open(caption, encoding='utf-8') as f:
-        writer.write(f'{index:09d}', _read(image), os.path.splitext(image)[1], f.read().strip())
+      writer.write(f'{index:09d}', storage.read_bytes(image), storage.splitext(image)[1],
+                   storage.read_text(caption).strip())
   return writer.shards
 
 
 def write_from_csv(src: str, dst: str, samples_per_shard: int = 1000, **writer_options) -> list[str]:
   """A CSV with columns path, caption[, label] (paths relative to the CSV's folder) -> shards in `dst`."""
-  base = os.path.dirname(os.path.abspath(src))
-  with open(src, newline='', encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
+  base = storage.dirname(src)
+  rows = list(csv.DictReader(io.StringIO(storage.read_text(src), newline='')))
   if not rows or not {'path', 'caption'} <= set(rows[0]):
     raise ValueError(f'{src} needs a header with columns path and caption (and optionally label)')
   with ShardWriter(dst, samples_per_shard, **writer_options) as writer:
     for index, row in enumerate(rows):
-      path = os.path.join(base, row['path'])
+      path = storage.join(base, row['path'])
       label = int(row['label']) if row.get('label') not in (None, '') else None
-      writer.write(f'{index:09d}', _read(path), os.path.splitext(path)[1], row['caption'], label=label)
+      writer.write(f'{index:09d}', storage.read_bytes(path), storage.splitext(path)[1], row['caption'], label=label)
   return writer.shards
 
 
@@ -174,7 +168,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from eva_clip_jax import cli  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('src', None, 'a folder of images + .txt captions, or a CSV (path, caption[, label])',
                       required=True)
   flags.DEFINE_string('dst', None, 'output folder for the .tar shards', required=True)
@@ -183,4 +179,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('quality', 95, 'JPEG / WebP quality of the images --max_size re-encodes')
   flags.register_validator('max_size', lambda v: v >= 0, message='--max_size must be >= 0 (0 keeps the sizes)')
   flags.register_validator('quality', lambda v: 1 <= v <= 100, message='--quality must be in 1..100')
-  app.run(main)
+  cli.run(main)
