@@ -17,11 +17,9 @@ Outputs appear only when complete (written under a temporary name, then renamed)
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 
-from eva_clip_jax import cli
+from eva_clip_jax import cli, storage
 from eva_clip_jax.conversion import api
 from eva_clip_jax.conversion.orbax_io import is_params_dir
 
@@ -43,7 +41,7 @@ def main(argv):
   if is_params_dir(src):
     if not _LAYOUT.value:
       raise app.UsageError('converting to PyTorch needs --layout=eva or --layout=open_clip')
-    if os.path.exists(dst) and not _OVERWRITE.value:
+    if storage.exists(dst) and not _OVERWRITE.value:
       raise app.UsageError(f'{dst} exists; pass --overwrite to replace it')
     api.export_file(src, dst, _MODEL.value, _LAYOUT.value, dtype=_DTYPE.value)
     print(f'wrote {dst} ({_LAYOUT.value} layout, {_DTYPE.value})')

@@ -13,14 +13,12 @@ Samples that cannot be read are skipped (as in training) and so are absent from 
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from eva_clip_jax import cli
+from eva_clip_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _DATA = flags.DEFINE_string('data', None, 'webdataset shard pattern, glob or directory to embed')
@@ -32,7 +30,7 @@ _NUM_WORKERS = flags.DEFINE_integer('num_workers', 0, 'grain processes decoding 
 def output_paths(output_dir: str, process_index: int = 0, process_count: int = 1) -> dict[str, str]:
   """The files one process writes: plain names for one process, a per-process suffix for several."""
   part = '' if process_count == 1 else f'.process-{process_index:05d}-of-{process_count:05d}'
-  return {name: os.path.join(output_dir, f'{name}{part}.{ext}')
+  return {name: storage.join(output_dir, f'{name}{part}.{ext}')
           for name, ext in (('image_features', 'npy'), ('text_features', 'npy'), ('keys', 'txt'))}
 
 
@@ -56,11 +54,11 @@ def extract_features(config, data: str, output_dir: str, *, batch_size: int = 25
     keys.extend(str(k) for k in np.asarray(batch['key'])[keep])
   dim = spec.embed_dim
   paths = output_paths(output_dir, jax.process_index(), jax.process_count())
-  os.makedirs(output_dir, exist_ok=True)
-  np.save(paths['image_features'], np.concatenate(images) if images else np.zeros((0, dim), np.float32))
-  np.save(paths['text_features'], np.concatenate(texts) if texts else np.zeros((0, dim), np.float32))
-  with open(paths['keys'], 'w', encoding='utf-8') as f:
-    f.write(''.join(f'{k}\n' for k in keys))
+  storage.makedirs(output_dir)
+  for name, parts in (('image_features', images), ('text_features', texts)):
+    with storage.atomic_write(paths[name], 'wb') as f:
+      np.save(f, np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
+  storage.write_text(paths['keys'], ''.join(f'{k}\n' for k in keys))
   return paths
 
 

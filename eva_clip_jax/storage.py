@@ -226,32 +226,40 @@ def makedirs(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = 'wb', **kwargs) -> Iterator[IO]:
-  """A file that appears at `path` whole or not at all: written to a temporary file beside it (local) or on local
-  disk (URL) and moved or uploaded only when the block ends without an error. An interrupted write leaves at most
-  a hidden `.<name>.*.tmp` file next to the target, never a half-written target."""
-  if mode not in ('w', 'wb'):
-    raise ValueError(f'atomic_write takes w or wb, not {mode!r}')
+def atomic_file(path: str) -> Iterator[str]:
+  """A temporary local file name whose file appears at `path` whole or not at all: moved into place (local, the
+  temporary file sits beside the target) or uploaded (URL) only when the block ends without an error. For writers
+  that take file names (torch.save, safetensors); an interrupted write leaves at most a hidden `.<name>.*.tmp`
+  file, never a half-written target."""
   if is_url(path):
     with tempfile.TemporaryDirectory(prefix='eva_clip_jax_') as tmp:
       local = os.path.join(tmp, 'upload')
-      with open(local, mode, **kwargs) as f:  # pylint: disable=unspecified-encoding
-        yield f
+      yield local
       fs, p = filesystem(path)
       fs.put_file(local, p)
     return
   target = absolute(path)
   os.makedirs(os.path.dirname(target), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f'.{os.path.basename(target)}.', suffix='.tmp')
+  os.close(fd)
   try:
-    with os.fdopen(fd, mode, **kwargs) as f:
-      yield f
-      f.flush()
+    yield tmp
+    with open(tmp, 'rb') as f:
       os.fsync(f.fileno())
     os.replace(tmp, target)
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = 'wb', **kwargs) -> Iterator[IO]:
+  """A file opened for writing that appears at `path` whole or not at all (see `atomic_file`)."""
+  if mode not in ('w', 'wb'):
+    raise ValueError(f'atomic_write takes w or wb, not {mode!r}')
+  with atomic_file(path) as tmp:
+    with open(tmp, mode, **kwargs) as f:  # pylint: disable=unspecified-encoding
+      yield f
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -204,7 +204,7 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
 def test_failed_conversion_leaves_no_directory(tmp_path, monkeypatch):
   from eva_clip_jax.conversion import orbax_io
   model = ec.create_model('tiny')
-  monkeypatch.setattr(orbax_io.json, 'dump', lambda *a, **k: (_ for _ in ()).throw(OSError('interrupted')))
+  monkeypatch.setattr(orbax_io.json, 'dumps', lambda *a, **k: (_ for _ in ()).throw(OSError('interrupted')))
   with pytest.raises(OSError, match='interrupted'):
     orbax_io.save_params(model_params(model), str(tmp_path / 'out'), model_name='tiny')
   assert list(tmp_path.iterdir()) == []

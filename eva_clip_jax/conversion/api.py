@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import numpy as np
 from flax import nnx
 
+from eva_clip_jax import storage
 from eva_clip_jax.conversion import layouts, orbax_io, resize
 from eva_clip_jax.conversion.params import assign_params, model_params
 from eva_clip_jax.models.paths import flatten, unflatten
@@ -134,7 +134,7 @@ def read_params(source: str, spec: ModelSpec, *, layout: str | None = None,
                 allow_missing: bool = False) -> dict[str, Any]:
   """Parameters for `spec` from a PyTorch file, an orbax parameter directory or an hf-hub id."""
   path = _resolve(source)
-  if os.path.isdir(path):
+  if storage.isdir(path):
     params, meta = orbax_io.load_params(path)
     if meta.get('model') not in (None, spec.name):
       raise ValueError(f'{path} holds {meta["model"]} parameters, not {spec.name}')
@@ -158,7 +158,7 @@ def convert_file(src: str, dst: str, model_name: str | ModelSpec, *, layout: str
   spec = model_name if isinstance(model_name, ModelSpec) else get_model_spec(model_name)
   model = create_model(spec)
   load_pretrained(model, src, layout=layout, allow_missing=allow_missing)
-  orbax_io.save_params(model_params(model), dst, model_name=spec.name, source=os.path.basename(src),
+  orbax_io.save_params(model_params(model), dst, model_name=spec.name, source=storage.basename(src),
                        overwrite=overwrite)
 
 
@@ -192,7 +192,7 @@ def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | Non
   for tower, source in (('visual', visual), ('text', text)):
     if not source:
       continue
-    if not os.path.exists(source):
+    if not storage.exists(source):
       raise FileNotFoundError(f'{tower} init file not found: {source}')
     state = torch_io.load_state_dict(source)
     table = [e for e in _table_for(state, spec, None) if e.ours[0] == tower]
@@ -212,7 +212,7 @@ def init_from_config(model: nnx.Module, init_config: Mapping[str, Any]) -> dict[
   """`init_towers` driven by a config's `init` block (`visual`, `text`, `skip`); empty names are skipped."""
   visual, text = init_config.get('visual') or None, init_config.get('text') or None
   for tower, source in (('visual', visual), ('text', text)):
-    if source and not os.path.exists(source):
+    if source and not storage.exists(source):
       raise FileNotFoundError(f'config.init.{tower} = {source!r} is not a file. Download the checkpoint it names '
-                              f'and pass its path: --config.init.{tower}=/path/to/{os.path.basename(source)}.pt')
+                              f'and pass its path: --config.init.{tower}=/path/to/{storage.basename(source)}.pt')
   return init_towers(model, visual=visual, text=text, skip=tuple(init_config.skip))

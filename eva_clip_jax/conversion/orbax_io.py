@@ -3,54 +3,61 @@
   DIR/model.json   {"model": "EVA02-CLIP-B-16", "format": "eva_clip_jax.params/1", "source": ...}
   DIR/params/      orbax checkpoint of the nested parameter dict
 
-The directory is assembled under a temporary name beside DIR and renamed into place when complete.
+DIR may be local or in a bucket. model.json is written last and marks a complete directory: on a local disk the
+directory is assembled under a temporary name beside DIR and renamed into place; an object store has no rename, so
+there orbax writes the arrays in place and a failed save removes what it wrote.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from eva_clip_jax import storage
+
 FORMAT = 'eva_clip_jax.params/1'
 
 
 def is_params_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, 'model.json')) and os.path.isdir(os.path.join(path, 'params'))
+  return storage.isfile(storage.join(path, 'model.json')) and storage.isdir(storage.join(path, 'params'))
 
 
 def save_params(params: Any, directory: str, *, model_name: str, source: str = '', overwrite: bool = False) -> None:
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
+  directory = storage.absolute(directory)
+  if storage.exists(directory) and not overwrite:
     raise FileExistsError(f'{directory} exists; pass overwrite=True (--overwrite) to replace it')
-  tmp = f'{directory}.tmp-{uuid.uuid4().hex[:8]}'
+  in_place = storage.is_url(directory)
+  if in_place:
+    storage.remove(directory, recursive=True)
+  target = directory if in_place else f'{directory}.tmp-{uuid.uuid4().hex[:8]}'
   try:
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, 'params'), params)
+    checkpointer.save(storage.join(target, 'params'), params)
     checkpointer.wait_until_finished()
     checkpointer.close()
-    with open(os.path.join(tmp, 'model.json'), 'w') as f:
-      json.dump({'model': model_name, 'format': FORMAT, 'source': source}, f, indent=1)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    storage.write_text(storage.join(target, 'model.json'),
+                       json.dumps({'model': model_name, 'format': FORMAT, 'source': source}, indent=1))
+    if not in_place:
+      storage.remove(directory, recursive=True)
+      storage.move(target, directory)
+  except BaseException:
+    storage.remove(target, recursive=True)
+    raise
   finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+    if not in_place:
+      storage.remove(target, recursive=True)
 
 
 def load_params(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """(nested params as numpy arrays, metadata from model.json)."""
-  directory = os.path.abspath(directory)
+  directory = storage.absolute(directory)
   if not is_params_dir(directory):
     raise FileNotFoundError(f'{directory} is not an eva_clip_jax parameter checkpoint (no model.json + params/)')
-  with open(os.path.join(directory, 'model.json')) as f:
-    meta = json.load(f)
+  meta = json.loads(storage.read_text(storage.join(directory, 'model.json')))
   checkpointer = ocp.StandardCheckpointer()
-  params = checkpointer.restore(os.path.join(directory, 'params'))
+  params = checkpointer.restore(storage.join(directory, 'params'))
   checkpointer.close()
   return params, meta

@@ -7,12 +7,12 @@ into place, so an interrupted conversion never leaves a half-written file.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from typing import Any, Mapping
 
 import numpy as np
+
+from eva_clip_jax import storage
 
 WRAPPER_KEYS = ('state_dict', 'model', 'module')
 KEY_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel / DeepSpeed, torch.compile
@@ -47,18 +47,19 @@ def _strip_prefixes(key: str) -> str:
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """A flat {name: float32/int numpy array} dict from a .pt/.pth/.bin or .safetensors file."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f'no checkpoint file at {path}')
   torch = _torch()
-  if path.endswith('.safetensors'):
-    from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
-    raw = load_file(path, device='cpu')
-  else:
-    try:
-      raw = torch.load(path, map_location='cpu', weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-      raise ValueError(f'refusing to load {path}: it holds Python objects other than tensors, and loading them '
-                       f'could run code (torch.load weights_only=True said: {str(e).splitlines()[0]})') from e
+  with storage.local_copy(path) as local:  # a bucket's file is fetched once; the readers take file names
+    if path.endswith('.safetensors'):
+      from safetensors.torch import load_file  # pylint: disable=g-import-not-at-top
+      raw = load_file(local, device='cpu')
+    else:
+      try:
+        raw = torch.load(local, map_location='cpu', weights_only=True, mmap=False)
+      except pickle.UnpicklingError as e:
+        raise ValueError(f'refusing to load {path}: it holds Python objects other than tensors, and loading them '
+                         f'could run code (torch.load weights_only=True said: {str(e).splitlines()[0]})') from e
   state = _unwrap(raw)
   out = {}
   for key, value in state.items():
@@ -71,20 +72,6 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _atomic_write(path: str, write) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_state_dict(state: Mapping[str, np.ndarray], path: str, dtype: str = 'float32') -> None:
   """Writes a flat state dict as .safetensors, or with torch.save for any other suffix (.pt, .bin, .pth)."""
   torch = _torch()
@@ -93,8 +80,9 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str, dtype: str = 'fl
   for key, value in state.items():
     tensor = torch.from_numpy(np.array(value, order="C"))  # a copy; keeps 0-d arrays 0-d
     tensors[key] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
-  if path.endswith('.safetensors'):
-    from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp))
-  else:
-    _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+  with storage.atomic_file(path) as tmp:  # whole or not at all, local or in a bucket
+    if path.endswith('.safetensors'):
+      from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+      save_file(tensors, tmp)
+    else:
+      torch.save(tensors, tmp)
