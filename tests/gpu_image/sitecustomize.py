@@ -13,12 +13,15 @@ there).
 
 import importlib.machinery
 import importlib.metadata
+import os
 import pathlib
 import re
 import sys
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
-_LISTS = (_ROOT / 'tests' / 'data' / 'gpu_image_packages.txt', _ROOT / 'benchmarks' / 'gpu_wheels.txt')
+# The wheel list can be swapped (an empty file: the image alone, as without the carried wheels).
+_LISTS = (_ROOT / 'tests' / 'data' / 'gpu_image_packages.txt',
+          pathlib.Path(os.environ.get('GPU_IMAGE_WHEEL_LIST', _ROOT / 'benchmarks' / 'gpu_wheels.txt')))
 _OWN = 'eva-clip-jax'  # this checkout, on PYTHONPATH there as here
 
 
