@@ -66,11 +66,17 @@ def main(argv: list[str] | None = None) -> int:
   if args.list:
     print('\n'.join(requirements))
     return 0
-  wanted = {_wheel_key(*r.split('==')) for r in requirements}
+  # Two versions of one package stop the install there. Wheels of other packages may share the folder (tokamax's,
+  # for the 'mosaic' rows: BENCHMARKS.md).
+  wanted = dict(_wheel_key(*r.split('==')) for r in requirements)
   present = sorted(args.dest.glob('*.whl')) if args.dest.exists() else []
-  extra = [p.name for p in present if _wheel_key(*p.name.split('-')[:2]) not in wanted]
-  if extra:  # two versions of one package, or one no longer pinned, would stop the install there
-    raise SystemExit(f'error: {args.dest} holds wheels not pinned in {PINS.name}: {", ".join(extra)}; remove them')
+  stale = []
+  for wheel in present:
+    name, version = _wheel_key(*wheel.name.split('-')[:2])
+    if wanted.get(name, version) != version:
+      stale.append(wheel.name)
+  if stale:
+    raise SystemExit(f'error: {args.dest} holds other versions of pinned wheels: {", ".join(stale)}; remove them')
   total = download(requirements, args.dest)
   wheels = sorted(args.dest.glob('*.whl'))
   for wheel in wheels:
