@@ -8,7 +8,7 @@ of benchmarks/gpu_wheels.py (BENCHMARKS.md, "GPU", has the one command; tests/te
 with only that machine's packages importable).
 
 Sections, in this order by default (kernels, train, torch, attention: the train-step comparison is the result that
-matters most); a section that would start past --budget_s is reported as skipped, never silently dropped:
+matters most); a section or row that would start past --budget_s is reported as skipped, never silently dropped:
   kernels    the attention tests natively (tests/test_attention.py, test_flash_attention.py, test_model_pallas.py,
              with JAX_PLATFORMS=cuda: the Triton kernel compiled by the GPU, cuDNN and, where tokamax is
              importable, 'mosaic' against XLA's attention).
@@ -54,7 +54,7 @@ _OUT = flags.DEFINE_string('out', os.environ.get('OUT') or '/tmp/gpu_check',
                            'brings back, else /tmp/gpu_check)')
 # The GPU is lent for 15 minutes of device time, start-up and transfers (about 3 of them) included, and one command
 # runs at most 10. Past the budget no row starts, and every subprocess is stopped GRACE_S after it, so the check ends
-# by about budget + GRACE_S: BENCHMARKS.md's command gives it 560 s, leaving a failed start time for one more try.
+# by about budget + GRACE_S: BENCHMARKS.md's command gives it 560 s, so a call that fails early can be run again.
 _BUDGET = flags.DEFINE_float('budget_s', 480.0, 'wall-clock budget: no row starts past it, subprocesses stop soon '
                              'after it')
 _SECTIONS = flags.DEFINE_list('sections', ['kernels', 'train', 'torch', 'attention'], 'what to run, in order')

@@ -8,8 +8,10 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 from packaging.requirements import Requirement
 
@@ -77,6 +79,28 @@ def test_without_the_wheels_the_train_rows_say_what_to_carry(tmp_path):
   assert sections['train']['skipped'].startswith('not installed: ml_collections (')
   assert sections['torch']['skipped'].startswith('not installed: open_clip ('), sections['torch']
   assert all('benchmarks/gpu_wheels.py' in s['skipped'] and s['rows'] == [] for s in sections.values())
+
+
+def test_a_killed_check_keeps_the_rows_before_it(tmp_path):
+  """The device tool kills a command at its time limit: the rows done by then are on disk, the title says so."""
+  command = [sys.executable, 'benchmarks/gpu_check.py', '--dry-run', '--sections=attention,train', f'--out={tmp_path}']
+  proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  report, deadline = {}, time.monotonic() + 300
+  try:
+    while report.get('running') != 'train' and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.2)
+      path = tmp_path / 'gpu_check.json'
+      report = json.loads(path.read_text()) if path.exists() else {}  # replaced whole: never half-written
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # the check and its train-step worker, mid-row
+    proc.wait()
+  assert report.get('running') == 'train', report
+  report = json.loads((tmp_path / 'gpu_check.json').read_text())
+  assert len([r for r in report['sections']['attention']['rows'] if 'ms' in r]) == 4, report
+  table = (tmp_path / 'gpu_check.md').read_text()
+  assert table.startswith("# gpu_check (dry run, CPU, tiny model) (partial: written while section 'train' ran)")
+  assert '| attention fwd+bwd | tiny | pallas |' in table
 
 
 def test_the_import_hook_hides_what_the_image_lacks(tmp_path):
