@@ -7,8 +7,9 @@ PYTHONPATH applies it to a process and, through the inherited environment, to ev
 none of its distributions is on either list, is set to None in sys.modules: `import grain` then raises
 ModuleNotFoundError, `importlib.util.find_spec('grain')` returns None and importlib.metadata finds no 'grain', as on
 a machine without it. The standard library and this checkout's own modules stay importable; so do the dependencies
-of the listed packages as installed here (the image's packages work there, so theirs are there). What it cannot imitate: the image's versions (jax 0.11.2
-there).
+of the listed packages as installed here (the image's packages work there, so theirs are there). What it cannot
+imitate: the image's versions (jax 0.11.2 there). GPU_IMAGE_WHEEL_LIST swaps the wheel list (an empty file: the
+image alone).
 """
 
 import importlib.machinery
@@ -19,7 +20,6 @@ import re
 import sys
 
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
-# The wheel list can be swapped (an empty file: the image alone, as without the carried wheels).
 _LISTS = (_ROOT / 'tests' / 'data' / 'gpu_image_packages.txt',
           pathlib.Path(os.environ.get('GPU_IMAGE_WHEEL_LIST', _ROOT / 'benchmarks' / 'gpu_wheels.txt')))
 _OWN = 'eva-clip-jax'  # this checkout, on PYTHONPATH there as here
@@ -43,7 +43,7 @@ def _with_dependencies(names: set[str]) -> set[str]:
   """`names` and what their installed versions require, transitively (extras left out). The image's packages work
   there, so their own dependencies are there: newer versions here may need modules the image's do not (torch 2.14
   imports optree), and those are not what this test looks for."""
-  installed = {_normalize(d.metadata['Name']): d for d in importlib.metadata.distributions()}
+  installed = {_normalize(d.metadata['Name'] or ''): d for d in importlib.metadata.distributions()}
   closure, todo = set(), list(names)
   while todo:
     name = todo.pop()
@@ -51,7 +51,7 @@ def _with_dependencies(names: set[str]) -> set[str]:
       continue
     closure.add(name)
     for requirement in (installed[name].requires or []) if name in installed else []:
-      if 'extra ==' not in requirement.replace('"', ' ').replace("'", ' ') and 'extra==' not in requirement:
+      if 'extra' not in requirement.partition(';')[2]:  # an optional feature's needs are not the package's
         todo.append(_normalize(re.split(r'[=<>!~\[; (]', requirement.strip())[0]))
   return closure
 
