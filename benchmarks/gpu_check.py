@@ -1,10 +1,14 @@
 r"""One GPU check that fits the time a GPU is lent (about 15 minutes, start-up included): run it first.
 
-  python benchmarks/gpu_check.py --out=/tmp/gpu_check            # one H100/H200: <= 8 minutes
+  python benchmarks/gpu_check.py                                 # one H100/H200: <= 9 minutes, into $OUT
   python benchmarks/gpu_check.py --dry-run --out=/tmp/gpu_check  # CPU, tiny model: the same code path (CI)
 
+On the device tool's GPU machine, which has no registry and lacks some of what this imports, it runs with the wheels
+of benchmarks/gpu_wheels.py (BENCHMARKS.md, "GPU", has the one command; tests/test_gpu_check.py runs the dry run
+with only that machine's packages importable).
+
 Sections, in this order by default (kernels, train, torch, attention: the train-step comparison is the result that
-matters most); a section that would start past --budget_s is reported as skipped, never silently dropped:
+matters most); a section or row that would start past --budget_s is reported as skipped, never silently dropped:
   kernels    the attention tests natively (tests/test_attention.py, test_flash_attention.py, test_model_pallas.py,
              with JAX_PLATFORMS=cuda: the Triton kernel compiled by the GPU, cuDNN and, where tokamax is
              importable, 'mosaic' against XLA's attention).
@@ -21,18 +25,23 @@ matters most); a section that would start past --budget_s is reported as skipped
              masks; skipped, and said so, when torch or open_clip is not installed (the GPU machine has no registry).
 Writes gpu_check.json (everything) and gpu_check.md (one table) to --out. Uses only the working tree and what is
 installed; no downloads. --predict (CPU host, requirements-accel.txt) refreshes gpu_predictions.json.
+Both files are rewritten after every row, so a time-out or a crash keeps the rows before it; until the end, the
+table's title says which section was running.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import pathlib
 import platform as platform_lib
+import re
 import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
@@ -40,13 +49,32 @@ sys.path[:0] = [str(ROOT), str(ROOT / 'benchmarks')]
 from absl import app, flags  # noqa: E402
 
 _DRY = flags.DEFINE_bool('dry-run', False, 'CPU, tiny model, one step: the same code path, in seconds')
-_OUT = flags.DEFINE_string('out', '/tmp/gpu_check', 'directory for gpu_check.json and gpu_check.md')
-_BUDGET = flags.DEFINE_float('budget_s', 420.0, 'wall-clock budget; later sections are skipped past it')
+_OUT = flags.DEFINE_string('out', os.environ.get('OUT') or '/tmp/gpu_check',
+                           'directory for gpu_check.json and gpu_check.md (default: $OUT, what the device tool '
+                           'brings back, else /tmp/gpu_check)')
+# The GPU is lent for 15 minutes of device time, start-up and transfers (about 3 of them) included, and one command
+# runs at most 10. Past the budget no row starts, and every subprocess is stopped GRACE_S after it, so the check ends
+# by about budget + GRACE_S: BENCHMARKS.md's command gives it 560 s, so a call that fails early can be run again.
+_BUDGET = flags.DEFINE_float('budget_s', 480.0, 'wall-clock budget: no row starts past it, subprocesses stop soon '
+                             'after it')
 _SECTIONS = flags.DEFINE_list('sections', ['kernels', 'train', 'torch', 'attention'], 'what to run, in order')
 _PREDICT = flags.DEFINE_bool('predict', False, 'CPU host: write the deviceless GPU predictions, then exit')
 
 PREDICTIONS = ROOT / 'benchmarks' / 'gpu_predictions.json'
 RESULT = 'RESULT '
+GRACE_S = 30.0
+# jax 0.11 (the GPU machine's) warns at every lowering of the GPU kernels' APIs: the Pallas Triton backend, and the
+# Mosaic GPU forms tokamax 0.0.12 still calls. They say nothing about the run, and where warnings are errors
+# (-W error, PYTHONWARNINGS=error, a pytest `filterwarnings = error`) they would end a row: every process of the
+# check ignores exactly these (`warning_filters`); jax 0.10 has none of them.
+JAX_GPU_DEPRECATIONS = (
+    'The Pallas Triton backend is deprecated',
+    'Using ``pl.pallas_call`` for Mosaic GPU kernels is deprecated',
+    'The out_shape and scratch_shapes arguments to plgpu.kernel are deprecated',
+    'Passing the index separately from the reference is deprecated',
+)
+# What each section imports that the GPU machine's image lacks: carried as wheels (benchmarks/gpu_wheels.txt).
+NEEDS = {'train': ('ml_collections',), 'torch': ('torch', 'open_clip', 'timm')}
 _USER_ENV = dict(os.environ)  # before this process changes its own allocator settings
 _START = time.perf_counter()  # the budget's clock (reset by main)
 
@@ -72,7 +100,31 @@ def _env(dry: bool) -> dict:
   env['JAX_PLATFORMS'] = 'cpu' if dry else 'cuda'
   # This working tree's package, whatever else the interpreter has installed.
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), env.get('PYTHONPATH')]))
+  # Last, so that they take precedence over the user's own (a later filter wins).
+  env['PYTHONWARNINGS'] = ','.join(filter(None, [env.get('PYTHONWARNINGS'), *warning_filters()]))
   return env
+
+
+def warning_filters() -> list[str]:
+  """`JAX_GPU_DEPRECATIONS` as -W / PYTHONWARNINGS filters (a message there is a literal prefix)."""
+  return [f'ignore:{message}:DeprecationWarning' for message in JAX_GPU_DEPRECATIONS]
+
+
+def _remaining() -> float:
+  return _BUDGET.value - (time.perf_counter() - _START)
+
+
+def _timeout(limit: float) -> float:
+  """A subprocess's time limit: its own, cut to the budget's remainder plus the grace."""
+  return max(1.0, min(limit, _remaining() + GRACE_S))
+
+
+def _missing(section: str) -> str | None:
+  missing = [name for name in NEEDS.get(section, ()) if not _importable(name)]
+  if missing:
+    return (f'not installed: {", ".join(missing)} (the GPU machine has no registry: carry the wheels of '
+            'benchmarks/gpu_wheels.py, BENCHMARKS.md "GPU")')
+  return None
 
 
 def environment() -> dict:
@@ -80,27 +132,38 @@ def environment() -> dict:
   info = {'python': sys.version.split()[0], 'host': platform_lib.node(), 'jax': jax.__version__,
           'devices': [f'{d.device_kind} ({d.platform})' for d in jax.devices()],
           'date': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}
-  for name in ('jaxlib', 'torch', 'open_clip', 'timm'):
+  # Versions as installed (the image's or the carried wheels'), without importing torch into this process.
+  for key, distribution in (('jaxlib', 'jaxlib'), ('flax', 'flax'), ('optax', 'optax'),
+                            ('orbax', 'orbax-checkpoint'), ('ml_collections', 'ml_collections'), ('torch', 'torch'),
+                            ('open_clip', 'open_clip_torch'), ('timm', 'timm')):
     try:
-      info[name] = __import__(name).__version__
-    except Exception as e:  # pylint: disable=broad-except
-      info[name] = f'missing ({type(e).__name__})'
+      info[key] = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+      info[key] = 'missing'
   return info
 
 
-def section_kernels(p: dict) -> dict:
+def section_kernels(p: dict, emit) -> dict:
+  del emit  # one result: pytest's summary
   tests = ['tests/test_attention.py', 'tests/test_flash_attention.py', 'tests/test_model_pallas.py']
-  cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *p['pytest_args'], *tests]
+  # pytest applies its own -W after PYTHONWARNINGS and the ini file's filters: these win over both.
+  ignore = [arg for f in warning_filters() for arg in ('-W', f)]
+  cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', *ignore, *p['pytest_args'], *tests]
+  shown = ' '.join(c for c in cmd[1:] if c not in ignore)  # the filters: warning_filters
   start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=ROOT, env=_env(_DRY.value), capture_output=True, text=True, timeout=300,
-                        check=False)
+  try:
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(_DRY.value), capture_output=True, text=True,
+                          timeout=_timeout(300), check=False)
+  except subprocess.TimeoutExpired as e:
+    return {'command': shown, 'returncode': None, 'summary': f'timed out after {e.timeout:.0f} s',
+            'failures': [], 'seconds': time.perf_counter() - start}
   lines = proc.stdout.strip().splitlines()
-  return {'command': ' '.join(cmd[1:]), 'returncode': proc.returncode, 'summary': lines[-1] if lines else '',
+  return {'command': shown, 'returncode': proc.returncode, 'summary': lines[-1] if lines else '',
           'failures': [l for l in lines if l.startswith(('FAILED', 'ERROR'))][:20],
           'seconds': time.perf_counter() - start}
 
 
-def section_attention(p: dict) -> dict:
+def section_attention(p: dict, emit) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -110,7 +173,6 @@ def section_attention(p: dict) -> dict:
   cases['tiny'] = bench.Case('tiny', 17, 2, 16, rope_grid=4)
   on_gpu = jax.devices()[0].platform == 'gpu'
   dtype = jnp.dtype(p['dtype'] if on_gpu else 'float32')
-  rows = []
   for name in p['attention_cases']:
     case, batch = cases[name], p['attention_batch']
     keys = jax.random.split(jax.random.key(0), 4)
@@ -119,11 +181,14 @@ def section_attention(p: dict) -> dict:
     rope = bench.rope_tables(case, batch)
     reference = None
     for backend in p['backends']:
+      if _remaining() <= 0:
+        emit({'case': name, 'backend': backend, 'skipped': f'past the {_BUDGET.value:.0f} s budget'})
+        continue
       if backend == 'cudnn' and not on_gpu:
-        rows.append({'case': name, 'backend': backend, 'skipped': 'cuDNN needs an NVIDIA GPU'})
+        emit({'case': name, 'backend': backend, 'skipped': 'cuDNN needs an NVIDIA GPU'})
         continue
       if backend == 'mosaic' and mosaic_unavailable():
-        rows.append({'case': name, 'backend': backend, 'skipped': mosaic_unavailable()})
+        emit({'case': name, 'backend': backend, 'skipped': mosaic_unavailable()})
         continue
       attend = bench.attention_fn(case, backend, rope)
 
@@ -147,12 +212,12 @@ def section_attention(p: dict) -> dict:
           flops = bench.case_flops(case, batch) * (3 if key == 'fwd+bwd' else 1)
           error = None if reference is None else max(
               float(np.abs(a - b).max()) for a, b in zip(outputs[key], reference[key]))
-          rows.append({'case': name, 'backend': backend, 'pass': key, 'batch': batch, 'ms': seconds * 1e3,
-                       'tflops': flops / seconds / 1e12, 'err_vs_xla': error})
+          emit({'case': name, 'backend': backend, 'pass': key, 'batch': batch, 'ms': seconds * 1e3,
+                'tflops': flops / seconds / 1e12, 'err_vs_xla': error})
         reference = outputs if backend == 'xla' else reference
       except Exception as e:  # pylint: disable=broad-except
-        rows.append({'case': name, 'backend': backend, 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'})
-  return {'dtype': str(dtype), 'rows': rows}
+        emit({'case': name, 'backend': backend, 'error': f'{type(e).__name__}: {str(e).splitlines()[0][:200]}'})
+  return {'dtype': str(dtype)}
 
 
 def mosaic_unavailable() -> str | None:
@@ -175,7 +240,11 @@ def _worker(framework: str, model: str, batch: int, mask: str, p: dict, attentio
   if framework == 'torch':  # nothing in the torch worker may take 75% of the GPU for JAX
     env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
   start = time.perf_counter()
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
+  try:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=_timeout(400),
+                          check=False)
+  except subprocess.TimeoutExpired as e:
+    return {'error': f'timed out after {e.timeout:.0f} s (the budget)'}
   for line in proc.stdout.splitlines():
     if line.startswith(RESULT):
       return dict(json.loads(line[len(RESULT):]), wall_s=time.perf_counter() - start)
@@ -192,27 +261,25 @@ def _gpu_name(device_kind: str) -> str | None:
   return next((name for name in ('h200', 'h100', 'a100') if name in kind), None)
 
 
-def section_train(p: dict, framework: str) -> dict:
+def section_train(p: dict, framework: str, emit) -> dict:
   from eva_clip_jax.training import flops as flops_lib
-  if framework == 'torch':
-    missing = [m for m in ('torch', 'open_clip', 'timm') if _importable(m) is False]
-    if missing:
-      return {'skipped': f'not installed: {", ".join(missing)}'}
+  missing = _missing('torch' if framework == 'torch' else 'train')
+  if missing:
+    return {'skipped': missing}
   predictions = json.loads(PREDICTIONS.read_text()) if PREDICTIONS.exists() else {}
   import jax
   gpu = _gpu_name(jax.devices()[0].device_kind)
   runs = [(model, batch, mask, 'auto') for model, batch in p['models'] for mask in p['masks']]
   if framework == 'jax':  # the torch step has no attention backends
     runs += p['extra_steps']
-  rows = []
   for model, batch, mask, attention in runs:
     batch = _fitting_batch(predictions, gpu, model, batch, mask)
     row = {'framework': framework, 'model': model, 'batch': batch, 'mask': float(mask), 'attention': attention}
     if attention == 'mosaic' and mosaic_unavailable():
-      rows.append({**row, 'skipped': mosaic_unavailable()})
+      emit({**row, 'skipped': mosaic_unavailable()})
       continue
-    if attention != 'auto' and time.perf_counter() - _START > _BUDGET.value:  # the extras yield to later sections
-      rows.append({**row, 'skipped': f'past the {_BUDGET.value:.0f} s budget'})
+    if _remaining() <= 0:
+      emit({**row, 'skipped': f'past the {_BUDGET.value:.0f} s budget'})
       continue
     r = _worker(framework, model, batch, mask, p, attention)
     row.update(r)
@@ -222,8 +289,8 @@ def section_train(p: dict, framework: str) -> dict:
       row['mfu'] = row['samples_per_s'] / r['devices'] * per_sample / r['peak_flops'] if r.get('peak_flops') else None
       predicted = predictions.get(_prediction_key(gpu, model, batch, mask)) if gpu and attention == 'auto' else None
       row['predicted_bytes'] = predicted['total'] if predicted else None
-    rows.append(row)
-  return {'rows': rows}
+    emit(row)
+  return {}
 
 
 def _fitting_batch(predictions: dict, gpu: str | None, model: str, batch: int, mask: str) -> int:
@@ -247,9 +314,13 @@ def _importable(name: str) -> bool:
 
 def markdown(report: dict) -> str:
   env = report['environment']
-  lines = [f"# gpu_check {'(dry run, CPU, tiny model)' if report['dry_run'] else ''}",
+  running = f" (partial: written while section '{report['running']}' ran)" if report.get('running') else ''
+  lines = [f"# gpu_check {'(dry run, CPU, tiny model)' if report['dry_run'] else ''}{running}",
            f"{env['date']}; {', '.join(sorted(set(env['devices'])))}; jax {env['jax']}, torch {env['torch']}, "
            f"open_clip {env['open_clip']}; total {report['seconds']:.0f} s", '']
+  failed = [f"Section {name} failed: {section['error']}" for name, section in report['sections'].items()
+            if 'error' in section]
+  lines += failed + ([''] if failed else [])
   k = report['sections'].get('kernels')
   if k:
     lines += [f"Kernel tests: {k.get('summary', k.get('skipped', ''))} (`{k.get('command', '')}`)", '']
@@ -326,31 +397,53 @@ def main(argv):
     os.environ['JAX_PLATFORMS'] = 'cpu'
   else:  # this process times attention on the GPU; the train-step workers after it need the memory
     os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  for message in JAX_GPU_DEPRECATIONS:  # this process lowers the attention kernels itself
+    warnings.filterwarnings('ignore', message=re.escape(message), category=DeprecationWarning)
   global _START
   start = _START = time.perf_counter()
   p = plan()
+  out = pathlib.Path(_OUT.value)
+  out.mkdir(parents=True, exist_ok=True)
   report = {'dry_run': _DRY.value, 'budget_s': _BUDGET.value, 'plan': {k: v for k, v in p.items()},
-            'environment': environment(), 'sections': {}, 'skipped_sections': []}
-  runners = {'kernels': lambda: section_kernels(p), 'attention': lambda: section_attention(p),
-             'train': lambda: section_train(p, 'jax'), 'torch': lambda: section_train(p, 'torch')}
+            'environment': environment(), 'sections': {}, 'skipped_sections': [], 'running': None, 'seconds': 0.0}
+
+  def save():
+    report['seconds'] = time.perf_counter() - start
+    write(out, report)
+
+  runners = {'kernels': lambda emit: section_kernels(p, emit), 'attention': lambda emit: section_attention(p, emit),
+             'train': lambda emit: section_train(p, 'jax', emit), 'torch': lambda emit: section_train(p, 'torch', emit)}
   for name in _SECTIONS.value:
-    if time.perf_counter() - start > _BUDGET.value:
+    if _remaining() <= 0:
       report['skipped_sections'].append(name)
       continue
     section_start = time.perf_counter()
+    section = report['sections'][name] = {'rows': []}
+    report['running'] = name
+    save()  # what ran where, before anything can crash
+
+    def emit(row, rows=section['rows']):
+      rows.append(row)
+      save()
+
     try:
-      report['sections'][name] = runners[name]()
+      section.update(runners[name](emit))
     except Exception as e:  # pylint: disable=broad-except
-      report['sections'][name] = {'error': f'{type(e).__name__}: {e}'[:500]}
-    report['sections'][name]['seconds'] = time.perf_counter() - section_start
-    print(f'# {name}: {report["sections"][name]["seconds"]:.0f} s', flush=True)
-  report['seconds'] = time.perf_counter() - start
-  out = pathlib.Path(_OUT.value)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'gpu_check.json').write_text(json.dumps(report, indent=1, default=str) + '\n')
-  table = markdown(report)
-  (out / 'gpu_check.md').write_text(table)
-  print(table)
+      section['error'] = f'{type(e).__name__}: {e}'[:500]
+    section['seconds'] = time.perf_counter() - section_start
+    print(f'# {name}: {section["seconds"]:.0f} s', flush=True)
+  report['running'] = None
+  save()
+  print(markdown(report))
+
+
+def write(out: pathlib.Path, report: dict) -> None:
+  """gpu_check.json and gpu_check.md, each replaced whole (a kill mid-write leaves the previous version)."""
+  for name, text in (('gpu_check.json', json.dumps(report, indent=1, default=str) + '\n'),
+                     ('gpu_check.md', markdown(report))):
+    partial = out / f'.{name}.partial'
+    partial.write_text(text)
+    partial.replace(out / name)
 
 
 if __name__ == '__main__':

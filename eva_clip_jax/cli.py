@@ -14,9 +14,11 @@ from typing import Callable
 
 from absl import app
 
-# The errors that mean "the input is wrong" (OSError: a path that is missing, unreadable or not a config file);
-# anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, app.UsageError)
+from eva_clip_jax.accelerator import AcceleratorUnused
+
+# The errors that mean "the input is wrong" (OSError: a path that is missing, unreadable or not a config file;
+# AcceleratorUnused: a GPU or TPU that the installed JAX cannot use); anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, KeyError, app.UsageError, AcceleratorUnused)
 
 
 def quiet_library_logs() -> None:

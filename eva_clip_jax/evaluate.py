@@ -23,7 +23,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from eva_clip_jax import cli
+from eva_clip_jax import accelerator, cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _OUTPUT = flags.DEFINE_string('output', 'eval_results.json', 'without --suite: where to write the results as JSON')
@@ -96,6 +96,7 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required (a configs/*.py file)')
+  accelerator.require_accelerator_in_use()  # a GPU host with CPU-only JAX stops here, not hours later
   if _SUITE.value:
     if not _DATA_DIR.value:
       raise app.UsageError('--suite needs --data_dir (the prepared data; see the README)')

@@ -17,7 +17,7 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from eva_clip_jax import cli, storage
+from eva_clip_jax import accelerator, cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file ([:runlocal])', lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'checkpoints, TensorBoard events and results go here')
@@ -49,6 +49,7 @@ def initialize_distributed() -> None:
 def main(argv):
   del argv
   initialize_distributed()
+  accelerator.require_accelerator_in_use()  # before anything is built: a GPU host with CPU-only JAX stops here
   import jax
 
   from eva_clip_jax.models import get_model_spec

@@ -56,6 +56,33 @@ def test_loading_a_config_imports_no_checkpoint_conversion_or_data_code():
   assert out.stdout.strip() == '[]'
 
 
+# What benchmarks/gpu_check.py runs on the GPU machine, whose image has no grain, clu or TensorFlow: the check
+# itself with its attention cases, and its JAX train-step worker (benchmarks/train_step.py's run_jax) up to the
+# built step. tests/test_gpu_check.py runs the whole dry run with only that image's packages.
+_GPU_CHECK_PATH = '''
+import sys
+for name in ('grain', 'clu', 'tensorflow', 'tensorflow_datasets'):
+  sys.modules[name] = None  # any import of these now fails
+sys.path.insert(0, 'benchmarks')
+sys.argv = ['gpu_check']
+import gpu_check, attention
+from eva_clip_jax.ops import mosaic_attention
+from eva_clip_jax.recipe import clip_recipe
+from eva_clip_jax.training import flops, memory, sharding, step
+config = clip_recipe(model='tiny', visual_lr=2e-4, text_lr=2e-5, visual_layer_decay=0.75, text_layer_decay=0.75,
+                     batch_size=8, samples_seen=8000, patch_dropout=0.5)
+setup = step.make_setup(config, sharding.make_mesh(dict(data=-1)))
+print(type(setup).__name__)
+'''
+
+
+def test_the_gpu_checks_import_path_needs_no_grain_clu_or_tensorflow():
+  out = subprocess.run([sys.executable, '-c', _GPU_CHECK_PATH], capture_output=True, text=True, cwd=ROOT,
+                       env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin', 'PYTHONPATH': str(ROOT)})
+  assert out.returncode == 0, out.stderr[-1500:]
+  assert out.stdout.strip() == 'TrainSetup'
+
+
 def test_the_benchmark_scripts_are_all_smoke_tested():
   """Every script in benchmarks/ is run by some test (most in test_benchmarks.py, at toy settings)."""
   tests = '\n'.join(p.read_text() for p in (ROOT / 'tests').glob('test_*.py'))
