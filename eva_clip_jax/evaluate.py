@@ -40,7 +40,7 @@ _RERUN = flags.DEFINE_bool('rerun', False, 'with --suite: evaluate again the dat
 
 
 def _prepare(config):
-  from eva_clip_jax.evaluation.model import build_eval_model  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training.eval_model import build_eval_model  # pylint: disable=g-import-not-at-top
   if _PRECISION.value:
     config.model.dtype = _PRECISION.value
   return build_eval_model(config)
@@ -49,13 +49,9 @@ def _prepare(config):
 def evaluate(config) -> dict[str, float]:
   """The config's evaluations (config.evals), on the training mesh."""
   from eva_clip_jax.evaluation import build_evaluators  # pylint: disable=g-import-not-at-top
-  evals = {k: v for k, v in dict(config.evals).items() if v.get('data')}
-  skipped = sorted(set(config.evals) - set(evals))
-  if skipped:
-    print(f'skipped (no data configured): {", ".join(skipped)}')
   model = _prepare(config)
   results: dict[str, float] = {}
-  for evaluator in build_evaluators(evals, model_fn=model.model_fn, mesh=model.mesh,
+  for evaluator in build_evaluators(dict(config.evals), model_fn=model.model_fn, mesh=model.mesh,
                                     param_shardings=model.param_shardings):
     results.update(evaluator.run(model.params))
   return results

@@ -13,7 +13,6 @@ from typing import Mapping
 from eva_clip_jax.evaluation.suite import DATASETS, SUITES, TABLES
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets', 'paper_tables.json')
-RETRIEVAL_KEYS = [f'{d}_R@{k}' for d in ('image_to_text', 'text_to_image') for k in (1, 5, 10)]
 
 
 @functools.lru_cache(maxsize=1)

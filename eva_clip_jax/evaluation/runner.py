@@ -14,8 +14,9 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from eva_clip_jax.evaluation import datasets, suite
-from eva_clip_jax.evaluation.retrieval import score_retrieval
+from eva_clip_jax.evaluation import datasets, generic, suite
+from eva_clip_jax.evaluation.retrieval import retrieval_recall, score_retrieval
+from eva_clip_jax.evaluation.tasks import PairedRetrieval, Retrieval
 from eva_clip_jax.evaluation.zero_shot import score_zero_shot, zero_shot_classifier
 
 
@@ -89,23 +90,37 @@ class _CachedExtractor:
     return getattr(self._bound, name)
 
 
-def evaluate_dataset(bound, tokenizer, key: str, data_dir: str, image_size: int, batch_size: int = 64,
-                     num_workers: int = 0) -> dict:
-  """The metrics of one catalog dataset (raises MissingDataset when its data is not there)."""
+def evaluate_dataset(bound, tokenizer, key: str, data: str, image_size: int, batch_size: int = 64,
+                     num_workers: int = 0, options: Mapping | None = None, show_progress: bool = True) -> dict:
+  """The metrics of one dataset of `suite.DATASETS` read from `data` (raises MissingDataset when it is not there).
+
+  The one scoring route: the suite's runs and the config's evaluators (in training and from the CLI) both come
+  here. options: the loader's options (`DatasetSpec.options`) as the config gives them; anything else is an error.
+  """
   spec = suite.DATASETS[key]
-  task = spec.load(spec, data_dir, image_size, batch_size, num_workers)
-  if isinstance(task, suite.Retrieval):
-    progress = Progress(key, len(task.images))
+  options = dict(options or {})
+  unknown = sorted(set(options) - set(spec.options))
+  if unknown:
+    raise ValueError(f'dataset {key!r} takes no option {", ".join(unknown)} (it takes: {", ".join(spec.options)})')
+  task = spec.load(spec, data, image_size, batch_size, num_workers, **options)
+  progress = None
+  if isinstance(task, PairedRetrieval):
+    image_features, text_features = generic.paired_features(bound, task.batches)
+    result = retrieval_recall(image_features, text_features, np.arange(image_features.shape[0]))
+    result.update(num_images=image_features.shape[0], num_captions=text_features.shape[0])
+  elif isinstance(task, Retrieval):
+    progress = Progress(key, len(task.images)) if show_progress else None
     batches = datasets.image_batches(task.images, image_size, batch_size, num_workers)
     result = score_retrieval(bound, tokenizer, batches, task.captions, task.text_to_image, progress=progress)
     result.update(num_images=len(task.images), num_captions=len(task.captions))
   else:
     zero_shot_classifier(bound, tokenizer, task.classnames, task.templates)  # before the progress line starts
-    progress = Progress(key, task.size)
+    progress = Progress(key, task.size) if show_progress else None
     result = score_zero_shot(bound, tokenizer, task.batches, task.classnames, task.templates, subset=task.subset,
                              progress=progress)
     result['num_classes'] = len(task.subset) if task.subset is not None else len(task.classnames)
-  progress.close()
+  if progress:
+    progress.close()
   return result
 
 

@@ -11,46 +11,19 @@ that map to ImageNet, VOC2007 as one crop per annotated object, video by the cen
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from eva_clip_jax.evaluation import datasets
+from eva_clip_jax.evaluation import datasets, generic
+from eva_clip_jax.evaluation.tasks import Classification, DatasetSpec, Retrieval
 from eva_clip_jax.evaluation.zero_shot import (benchmark_classnames, benchmark_templates, class_subset,
                                                imagenet_metadata, imagenet_wnids, read_lines)
 
 MissingDataset = datasets.MissingDataset
-
-
-@dataclasses.dataclass
-class Classification:
-  """What score_zero_shot needs: batches (this process's share), class names, templates, optional subset."""
-  batches: Iterator[dict]
-  classnames: list[str]
-  templates: list[str]
-  subset: list[int] | None = None
-  size: int | None = None  # examples in the whole split, when known (the progress display)
-
-
-@dataclasses.dataclass
-class Retrieval:
-  images: list  # paths or encoded bytes, in order
-  captions: list[str]
-  text_to_image: np.ndarray
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  key: str            # the column name in assets/paper_tables.json
-  title: str          # as the paper's tables print it
-  task: str           # 'classification' or 'retrieval'
-  metric: str         # the number the table shows: top1, mean_top1_top5, or retrieval's recall keys
-  load: Callable[..., Any]  # (spec, data_dir, image_size, batch_size, num_workers) -> Classification | Retrieval
-  layout: str         # what the loader expects, for the missing-dataset message and the README
 
 
 # ------------------------------------------------------------------------------------------------ class names
@@ -361,6 +334,24 @@ _SPECS = [
                 '<data_dir>/flickr30k/test.csv with path,caption rows: the 1K Karpathy test images, 5 captions each'),
     DatasetSpec('coco', 'COCO', 'retrieval', 'recall', _coco,
                 _tfds_layout('coco_captions', 'test') + " (Karpathy's 5K test images, 5 captions each)"),
+]
+
+# The readers a config names for its own data (`generic.py`); no suite lists them.
+_CONTEXT = ('context_length',)
+_SPECS += [
+    DatasetSpec('folder', 'image folder', 'classification', 'top1', generic.folder,
+                '<data>/<class>/<image>', generic.CLASSIFICATION_OPTIONS),
+    DatasetSpec('labels_csv', 'labelled CSV', 'classification', 'top1', generic.labels_csv,
+                '<data>: a CSV of path,label rows (paths relative to it)', generic.CLASSIFICATION_OPTIONS),
+    DatasetSpec('shards', 'labelled shards', 'classification', 'top1', generic.shards,
+                '<data>: webdataset shards with a label per sample', generic.CLASSIFICATION_OPTIONS + _CONTEXT),
+    DatasetSpec('tfds', 'tensorflow-datasets', 'classification', 'top1', generic.tfds,
+                "<data>: tfds' data_dir holding the prepared builder `name`",
+                generic.CLASSIFICATION_OPTIONS + ('name', 'split')),
+    DatasetSpec('captions_csv', 'caption CSV', 'retrieval', 'recall', generic.captions_csv,
+                '<data>: a CSV of path,caption rows (several rows may share an image)'),
+    DatasetSpec('caption_shards', 'caption shards', 'retrieval', 'recall', generic.caption_shards,
+                '<data>: webdataset shards, one caption per image', _CONTEXT),
 ]
 DATASETS: dict[str, DatasetSpec] = {spec.key: spec for spec in _SPECS}
 

@@ -163,8 +163,3 @@ def score_zero_shot(extractor, tokenizer, batches: Iterable[dict], classnames: S
     counts = np.asarray(gathered).sum(axis=0).astype(np.float64)
   return metrics_from_counts(counts)
 
-
-def evaluate_zero_shot(extractor, tokenizer, batches, classnames: Sequence[str],
-                       templates: Sequence[str]) -> dict[str, float]:
-  """Top-1/top-5 (and mean per-class recall) of zero-shot classification over `batches` of {'image', 'label'}."""
-  return score_zero_shot(extractor, tokenizer, batches, classnames, templates)
