@@ -17,13 +17,12 @@ written as tables.txt, results.json and results.csv.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from eva_clip_jax import cli
+from eva_clip_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _OUTPUT = flags.DEFINE_string('output', 'eval_results.json', 'without --suite: where to write the results as JSON')
@@ -78,11 +77,9 @@ def evaluate_suite(config, suite_name: str, data_dir: str, output_dir: str, *, d
   if jax.process_index() == 0:
     tables = report.format_suite(suite_name, results, config.model.name)
     print(tables)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'tables.txt'), 'w', encoding='utf-8') as f:
-      f.write(tables)
-    report.write_json(os.path.join(output_dir, 'results.json'), results, config.model.name, suite_name)
-    report.write_csv(os.path.join(output_dir, 'results.csv'), results, config.model.name)
+    storage.write_text(storage.join(output_dir, 'tables.txt'), tables)
+    report.write_json(storage.join(output_dir, 'results.json'), results, config.model.name, suite_name)
+    report.write_csv(storage.join(output_dir, 'results.csv'), results, config.model.name)
     print(f'wrote {output_dir}/tables.txt, results.json, results.csv')
   return results
 
@@ -107,9 +104,7 @@ def main(argv):
   print(f'{"metric":{width}s}  value')
   for key, value in results.items():
     print(f'{key:{width}s}  {value:.4f}' if isinstance(value, float) else f'{key:{width}s}  {value}')
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  with open(_OUTPUT.value, 'w') as f:
-    json.dump(results, f, indent=1)
+  storage.write_text(_OUTPUT.value, json.dumps(results, indent=1))
   print(f'wrote {_OUTPUT.value}')
 
 
