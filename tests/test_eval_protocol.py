@@ -142,3 +142,32 @@ def test_flickr30k_is_the_1k_test_images_with_5_captions_each(tmp_path):
     _flickr(tmp_path / f'{images}x{per_image}', images, per_image)
     with pytest.raises(ValueError, match='1000 Karpathy test images with 5 captions each'):
       _load('flickr30k', tmp_path / f'{images}x{per_image}')
+
+
+def test_evaluate_reads_and_writes_a_bucket(gcs_bucket):
+  """`python -m eva_clip_jax.evaluate --suite` with a folder dataset (Rendered SST2), a CSV dataset (GTSRB, path,label
+  rows) and the output dir all in a bucket on a local GCS server: every location goes through eva_clip_jax.storage."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax import storage  # pylint: disable=g-import-not-at-top
+  data, out = f'{gcs_bucket}/eval', f'{gcs_bucket}/results'
+  for label, color in (('negative', 0), ('positive', 255)):
+    for i in range(2):
+      storage.write_bytes(f'{data}/renderedsst2/test/{label}/{i}.png', _png(color))
+  rows = ['path,label']
+  for i in range(3):
+    storage.write_bytes(f'{data}/gtsrb/images/{i}.png', _png(40 * i))
+    rows.append(f'images/{i}.png,{i}')
+  storage.write_text(f'{data}/gtsrb/test.csv', '\n'.join(rows) + '\n')
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'eva_clip_jax.evaluate', f'--config={root}/configs/tiny.py',
+                         '--suite=classification', '--datasets=renderedsst2,gtsrb', f'--data_dir={data}',
+                         f'--output_dir={out}', '--batch_size=4'], capture_output=True, text=True, cwd=root,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads(storage.read_text(f'{out}/results.json'))['results']
+  assert results['renderedsst2']['num_samples'] == 4 and results['gtsrb']['num_samples'] == 3
+  assert results['gtsrb']['num_classes'] == 43
+  assert storage.exists(f'{out}/tables.txt') and storage.exists(f'{out}/results.csv')
+  assert storage.exists(f'{out}/datasets/gtsrb.json') and storage.listdir(f'{out}/text_embeddings')
