@@ -19,9 +19,11 @@ def get_config(arg=None):
   config.data.sources = (('demo_data/train', 1.0),)
   config.data.update(dict(shuffle_buffer=512, cycle_length=4, num_workers=2, resampled=False))
   config.evals = dict(
-      demo_zero_shot=dict(kind='zero_shot', data='demo_data/val', format='shards', classnames='demo_data/classnames.txt',
-                       templates='demo_data/templates.txt', batch_size=128, every_steps=100),
-      demo_retrieval=dict(kind='retrieval', data='demo_data/val.csv', format='csv', batch_size=128, every_steps=100),
+      demo_zero_shot=dict(kind='zero_shot', dataset='shards', data='demo_data/val',
+                          classnames='demo_data/classnames.txt', templates='demo_data/templates.txt', batch_size=128,
+                          every_steps=100),
+      demo_retrieval=dict(kind='retrieval', dataset='captions_csv', data='demo_data/val.csv', batch_size=128,
+                          every_steps=100),
       demo_val=dict(kind='contrastive_val', data='demo_data/val', batch_size=64, every_steps=100),
   )
   return apply_variant(config, arg)

@@ -17,13 +17,12 @@ written as tables.txt, results.json and results.csv.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from eva_clip_jax import accelerator, cli
+from eva_clip_jax import accelerator, cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _OUTPUT = flags.DEFINE_string('output', 'eval_results.json', 'without --suite: where to write the results as JSON')
@@ -40,7 +39,7 @@ _RERUN = flags.DEFINE_bool('rerun', False, 'with --suite: evaluate again the dat
 
 
 def _prepare(config):
-  from eva_clip_jax.evaluation.model import build_eval_model  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training.eval_model import build_eval_model  # pylint: disable=g-import-not-at-top
   if _PRECISION.value:
     config.model.dtype = _PRECISION.value
   return build_eval_model(config)
@@ -49,13 +48,9 @@ def _prepare(config):
 def evaluate(config) -> dict[str, float]:
   """The config's evaluations (config.evals), on the training mesh."""
   from eva_clip_jax.evaluation import build_evaluators  # pylint: disable=g-import-not-at-top
-  evals = {k: v for k, v in dict(config.evals).items() if v.get('data')}
-  skipped = sorted(set(config.evals) - set(evals))
-  if skipped:
-    print(f'skipped (no data configured): {", ".join(skipped)}')
   model = _prepare(config)
   results: dict[str, float] = {}
-  for evaluator in build_evaluators(evals, model_fn=model.model_fn, mesh=model.mesh,
+  for evaluator in build_evaluators(dict(config.evals), model_fn=model.model_fn, mesh=model.mesh,
                                     param_shardings=model.param_shardings):
     results.update(evaluator.run(model.params))
   return results
@@ -82,11 +77,9 @@ def evaluate_suite(config, suite_name: str, data_dir: str, output_dir: str, *, d
   if jax.process_index() == 0:
     tables = report.format_suite(suite_name, results, config.model.name)
     print(tables)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'tables.txt'), 'w', encoding='utf-8') as f:
-      f.write(tables)
-    report.write_json(os.path.join(output_dir, 'results.json'), results, config.model.name, suite_name)
-    report.write_csv(os.path.join(output_dir, 'results.csv'), results, config.model.name)
+    storage.write_text(storage.join(output_dir, 'tables.txt'), tables)
+    report.write_json(storage.join(output_dir, 'results.json'), results, config.model.name, suite_name)
+    report.write_csv(storage.join(output_dir, 'results.csv'), results, config.model.name)
     print(f'wrote {output_dir}/tables.txt, results.json, results.csv')
   return results
 
@@ -112,9 +105,7 @@ def main(argv):
   print(f'{"metric":{width}s}  value')
   for key, value in results.items():
     print(f'{key:{width}s}  {value:.4f}' if isinstance(value, float) else f'{key:{width}s}  {value}')
-  os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
-  with open(_OUTPUT.value, 'w') as f:
-    json.dump(results, f, indent=1)
+  storage.write_text(_OUTPUT.value, json.dumps(results, indent=1))
   print(f'wrote {_OUTPUT.value}')
 
 

@@ -40,7 +40,7 @@ def extract_features(config, data: str, output_dir: str, *, batch_size: int = 25
   initialisation); returns the paths this process wrote."""
   from eva_clip_jax.evaluation import datasets  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.evaluation.features import in_lockstep  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.evaluation.model import build_eval_model  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training.eval_model import build_eval_model  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.models import get_model_spec  # pylint: disable=g-import-not-at-top
   bound = build_eval_model(config).extractor(batch_size)  # the towers as training and evaluation build them
   spec = get_model_spec(config.model.name)

@@ -107,9 +107,9 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   # Zero-shot evaluations (eva_clip_jax.evaluation); set `data` to run one, e.g.
   # --config.evals.imagenet.data=/data/imagenet/val. every_steps: also run during training.
   config.evals = ml_collections.ConfigDict(dict(
-      imagenet=dict(kind='zero_shot', data='', format='folder', classnames='imagenet', templates='openai',
+      imagenet=dict(kind='zero_shot', dataset='folder', data='', classnames='imagenet', templates='openai',
                     batch_size=256, every_steps=0),
-      flickr30k=dict(kind='retrieval', data='', format='csv', batch_size=256, every_steps=0),
+      flickr30k=dict(kind='retrieval', dataset='captions_csv', data='', batch_size=256, every_steps=0),
       # Held-out training-like shards: the reference's validation loss and mean / median rank.
       val=dict(kind='contrastive_val', data='', batch_size=256, every_steps=0),
   ))

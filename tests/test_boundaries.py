@@ -2,6 +2,7 @@
 the checkpoint, conversion or data machinery."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -88,3 +89,12 @@ def test_the_benchmark_scripts_are_all_smoke_tested():
   tests = '\n'.join(p.read_text() for p in (ROOT / 'tests').glob('test_*.py'))
   scripts = sorted(p.name for p in (ROOT / 'benchmarks').glob('*.py'))
   assert scripts and [s for s in scripts if f"'{s}'" not in tests and f'/{s}' not in tests] == []
+
+
+def test_evaluation_does_not_import_training():
+  """Evaluators are handed a model function, mesh and shardings by their caller (train or the CLI); importing the
+  trainer from evaluation/ would close a loop with training/loop.py, which builds them."""
+  offenders = [str(path.relative_to(ROOT)) for path in (ROOT / 'eva_clip_jax' / 'evaluation').rglob('*.py')
+               if re.search(r'^\s*(from eva_clip_jax\.training\b|from eva_clip_jax import .*\btraining\b|'
+                            r'import eva_clip_jax\.training\b)', path.read_text(), re.MULTILINE)]
+  assert offenders == []

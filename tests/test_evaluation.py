@@ -11,8 +11,8 @@ import pytest
 
 import eva_clip_jax as ec
 from eva_clip_jax.data import demo
-from eva_clip_jax.evaluation import (FeatureExtractor, data_mesh, evaluate_zero_shot, retrieval_recall,
-                                     topk_accuracy, zero_shot_classifier)
+from eva_clip_jax.evaluation import (FeatureExtractor, build_evaluators, data_mesh, retrieval_recall,
+                                     score_zero_shot, topk_accuracy, zero_shot_classifier)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,16 +56,18 @@ class _KnownTextFeatures:
 
 
 def test_zero_shot_classifier_averages_templates_and_renormalises():
-  table = {'a cat': np.array([1.0, 0.0]), 'the cat': np.array([0.0, 1.0]),
-           'a dog': np.array([-1.0, 0.0]), 'the dog': np.array([-1.0, 0.0])}
+  # Prompt features of unequal lengths: averaging them without first normalising each would weight 'a cat' 3:1
+  # and give (0.95, 0.32), not the class direction (0.71, 0.71).
+  table = {'a cat': np.array([3.0, 0.0]), 'the cat': np.array([0.0, 1.0]),
+           'a dog': np.array([-2.0, 0.0]), 'the dog': np.array([-0.5, 0.0])}
   extractor = _KnownTextFeatures(table)
   classifier = zero_shot_classifier(extractor, lambda prompts: prompts, ['cat', 'dog'], ['a {}', 'the {}'])
   np.testing.assert_allclose(classifier[:, 0], [np.sqrt(0.5), np.sqrt(0.5)])  # mean (0.5, 0.5), renormalised
   np.testing.assert_allclose(classifier[:, 1], [-1.0, 0.0])
   images = np.array([[1.0, 1.0], [0.2, 1.0], [-1.0, 0.1], [-0.1, -1.0]])
   labels = np.array([0, 0, 1, 1])  # the last image sits closer to 'dog' (-0.1) than to 'cat' (-0.78): a hit
-  result = evaluate_zero_shot(extractor, lambda p: p, [{'image': images, 'label': labels}], ['cat', 'dog'],
-                              ['a {}', 'the {}'])
+  result = score_zero_shot(extractor, lambda p: p, [{'image': images, 'label': labels}], ['cat', 'dog'],
+                           ['a {}', 'the {}'])
   assert result['top1'] == 1.0 and result['num_samples'] == 4
   with pytest.raises(ValueError, match="must contain"):
     zero_shot_classifier(extractor, lambda p: p, ['cat'], ['no placeholder'])
@@ -119,12 +121,14 @@ def test_zero_shot_notebook_runs(demo_root, monkeypatch):
 def test_retrieval_from_shards(demo_root):
   """Retrieval straight from shards (one caption per image): the plumbing, on the tiny model. The arithmetic of
   Recall@K is checked by hand in test_recall_at_k_by_hand."""
-  from eva_clip_jax.evaluation import RetrievalEvaluator
   model = ec.create_model('tiny')
-  result = RetrievalEvaluator('r', dict(data=str(demo_root / 'demo_data' / 'val'), format='shards',
-                                        batch_size=32)).run(model)
-  assert set(result) == {f'r/{d}_R@{k}' for d in ('image_to_text', 'text_to_image') for k in (1, 5, 10)}
-  assert all(0.0 <= v <= 1.0 for v in result.values())
+  (evaluator,) = build_evaluators({'r': dict(kind='retrieval', dataset='caption_shards',
+                                             data=str(demo_root / 'demo_data' / 'val'), batch_size=32)})
+  result = evaluator.run(model)
+  recalls = {f'r/{d}_R@{k}' for d in ('image_to_text', 'text_to_image') for k in (1, 5, 10)}
+  assert set(result) == recalls | {'r/num_images', 'r/num_captions'}
+  assert result['r/num_images'] == result['r/num_captions'] == 64
+  assert all(0.0 <= result[k] <= 1.0 for k in recalls)
   assert result['r/text_to_image_R@10'] >= result['r/text_to_image_R@1']
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from typing import Any, Callable, Iterable, Iterator
 
 import grain
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from eva_clip_jax import transforms
+from eva_clip_jax import storage, transforms
 from eva_clip_jax.data.pipeline import make_dataset
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.ppm')
@@ -32,9 +31,11 @@ class MissingDataset(FileNotFoundError):
 
 
 def _open(source) -> Image.Image:
-  if isinstance(source, np.ndarray):  # already decoded (a tfds feature read without SkipDecoding)
+  """An image from a path (local or a bucket: read whole through storage, an image is small), encoded bytes, or an
+  array already decoded (a tfds feature read without SkipDecoding)."""
+  if isinstance(source, np.ndarray):
     return Image.fromarray(source)
-  return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+  return Image.open(io.BytesIO(source if isinstance(source, bytes) else storage.read_bytes(source)))
 
 
 def load_image(source, transform, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
@@ -62,11 +63,11 @@ def sorted_classes(names: Iterable[str]) -> list[str]:
 
 def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
   """([(path, label)], class directory names in label order): one sub-directory per class."""
-  if not os.path.isdir(root):
+  if not storage.isdir(root):
     raise MissingDataset(f'no image folder at {root}')
-  classes = sorted_classes(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-  items = [(os.path.join(root, c, f), label) for label, c in enumerate(classes)
-           for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_SUFFIXES)]
+  classes = sorted_classes(d for d in storage.listdir(root) if storage.isdir(storage.join(root, d)))
+  items = [(storage.join(root, c, f), label) for label, c in enumerate(classes)
+           for f in storage.listdir(storage.join(root, c)) if f.lower().endswith(IMAGE_SUFFIXES)]
   if not items:
     raise MissingDataset(f'no images in class sub-directories of {root}')
   return items, classes
@@ -75,9 +76,9 @@ def image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
 def _read_csv(path: str, columns: tuple[str, ...]) -> tuple[str, list[dict[str, str]]]:
   """(the CSV's directory, its rows as dicts): MissingDataset when there is no file, ValueError naming what is
   missing when the header lacks one of `columns` or no row follows it."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise MissingDataset(f'no CSV at {path} (expected columns {", ".join(columns)})')
-  with open(path, newline='', encoding='utf-8') as f:
+  with storage.open_read(path, 'r', newline='', encoding='utf-8') as f:
     reader = csv.DictReader(f)
     rows = list(reader)
   missing = [c for c in columns if c not in (reader.fieldnames or ())]
@@ -85,7 +86,7 @@ def _read_csv(path: str, columns: tuple[str, ...]) -> tuple[str, list[dict[str, 
     raise ValueError(f'{path} needs a header with columns {", ".join(columns)}; missing {", ".join(missing)}')
   if not rows:
     raise ValueError(f'{path} has a header but no rows')
-  return os.path.dirname(os.path.abspath(path)), rows
+  return storage.dirname(path), rows
 
 
 def labelled_csv(path: str, classnames: list[str] | None = None) -> list[tuple[str, int]]:
@@ -97,9 +98,9 @@ def labelled_csv(path: str, classnames: list[str] | None = None) -> list[tuple[s
   for row in rows:
     label = row['label'].strip()
     if label.lstrip('-').isdigit():
-      items.append((os.path.join(base, row['path']), int(label)))
+      items.append((storage.join(base, row['path']), int(label)))
     elif label in index:
-      items.append((os.path.join(base, row['path']), index[label]))
+      items.append((storage.join(base, row['path']), index[label]))
     else:
       raise ValueError(f'{path}: label {label!r} is neither an integer nor a known class name')
   return items
@@ -234,11 +235,11 @@ def caption_pairs(csv_path: str) -> tuple[list[str], list[str], np.ndarray]:
   images: dict[str, int] = {}
   captions, text_to_image = [], []
   for row in rows:
-    path = os.path.join(base, row['path'])
+    path = storage.join(base, row['path'])
     images.setdefault(path, len(images))
     captions.append(row['caption'])
     text_to_image.append(images[path])
-  missing = [p for p in images if not os.path.exists(p)]
+  missing = [p for p in images if not storage.exists(p)]
   if missing:
     raise FileNotFoundError(f'{len(missing)} images listed in {csv_path} do not exist, e.g. {missing[0]}')
   return list(images), captions, np.asarray(text_to_image)

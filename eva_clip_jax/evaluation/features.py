@@ -20,6 +20,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from eva_clip_jax.models.factory import model_from_params
+
 BATCH_AXES = ('data', 'fsdp')  # the training mesh's data-parallel axes (training/sharding.py)
 
 
@@ -65,9 +67,7 @@ class FeatureExtractor:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def model_fn(p):
-      state = jax.tree.map(lambda x: x, params)
-      nnx.replace_by_pure_dict(state, p)
-      return nnx.merge(graphdef, state, rest)
+      return model_from_params(graphdef, params, p, rest)
 
     pure = params.to_pure_dict()
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), pure)

@@ -7,13 +7,13 @@ import csv
 import functools
 import json
 import math
-import os
+import os  # the package's own asset only
 from typing import Mapping
 
+from eva_clip_jax import storage
 from eva_clip_jax.evaluation.suite import DATASETS, SUITES, TABLES
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets', 'paper_tables.json')
-RETRIEVAL_KEYS = [f'{d}_R@{k}' for d in ('image_to_text', 'text_to_image') for k in (1, 5, 10)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,20 +100,18 @@ def format_suite(suite: str, results: Mapping[str, Mapping], model: str) -> str:
 
 
 def write_json(path: str, results: Mapping[str, Mapping], model: str, suite: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   paper = {t: paper_numbers(t, model) for t in TABLES[suite]}
-  with open(path, 'w', encoding='utf-8') as f:
+  with storage.atomic_write(path, 'w', encoding='utf-8') as f:
     json.dump({'model': model, 'paper_model': paper_model_name(model), 'suite': suite, 'results': results,
                'paper': paper}, f, indent=1, sort_keys=False)
 
 
 def write_csv(path: str, results: Mapping[str, Mapping], model: str) -> None:
   """One row per (dataset, metric): dataset, metric, value, paper (the paper's number for the table's metric)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   paper = {}
   for table in ('imagenet', 'classification', 'video', 'retrieval'):
     paper.update(paper_numbers(table, model))
-  with open(path, 'w', newline='', encoding='utf-8') as f:
+  with storage.atomic_write(path, 'w', newline='', encoding='utf-8') as f:
     writer = csv.writer(f)
     writer.writerow(['dataset', 'metric', 'value', 'paper'])
     for key, result in results.items():

@@ -5,8 +5,8 @@ goes on, and a progress line per dataset."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import sys
 import time
 from typing import Callable, Mapping, Sequence
@@ -14,8 +14,10 @@ from typing import Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from eva_clip_jax.evaluation import datasets, suite
-from eva_clip_jax.evaluation.retrieval import score_retrieval
+from eva_clip_jax import storage
+from eva_clip_jax.evaluation import datasets, generic, suite
+from eva_clip_jax.evaluation.retrieval import retrieval_recall, score_retrieval
+from eva_clip_jax.evaluation.tasks import PairedRetrieval, Retrieval
 from eva_clip_jax.evaluation.zero_shot import score_zero_shot, zero_shot_classifier
 
 
@@ -60,23 +62,21 @@ class _DiskCachedClassifiers(dict):
 
   def _path(self, key) -> str:
     digest = hashlib.sha256(json.dumps([self.model_id, list(key[0]), list(key[1])]).encode()).hexdigest()[:24]
-    return os.path.join(self.directory, f'{digest}.npy')
+    return storage.join(self.directory, f'{digest}.npy')
 
   def __contains__(self, key) -> bool:
-    return key in self.memory or os.path.exists(self._path(key))
+    return key in self.memory or storage.exists(self._path(key))
 
   def __getitem__(self, key):
     if key not in self.memory:
-      self.memory[key] = np.load(self._path(key))
+      self.memory[key] = np.load(io.BytesIO(storage.read_bytes(self._path(key))))
     return self.memory[key]
 
   def __setitem__(self, key, value) -> None:
     self.memory[key] = value
     if jax.process_index() == 0:
-      os.makedirs(self.directory, exist_ok=True)
-      tmp = self._path(key) + '.tmp.npy'
-      np.save(tmp, value)
-      os.replace(tmp, self._path(key))
+      with storage.atomic_write(self._path(key), 'wb') as f:
+        np.save(f, value)
 
 
 class _CachedExtractor:
@@ -89,23 +89,37 @@ class _CachedExtractor:
     return getattr(self._bound, name)
 
 
-def evaluate_dataset(bound, tokenizer, key: str, data_dir: str, image_size: int, batch_size: int = 64,
-                     num_workers: int = 0) -> dict:
-  """The metrics of one catalog dataset (raises MissingDataset when its data is not there)."""
+def evaluate_dataset(bound, tokenizer, key: str, data: str, image_size: int, batch_size: int = 64,
+                     num_workers: int = 0, options: Mapping | None = None, show_progress: bool = True) -> dict:
+  """The metrics of one dataset of `suite.DATASETS` read from `data` (raises MissingDataset when it is not there).
+
+  The one scoring route: the suite's runs and the config's evaluators (in training and from the CLI) both come
+  here. options: the loader's options (`DatasetSpec.options`) as the config gives them; anything else is an error.
+  """
   spec = suite.DATASETS[key]
-  task = spec.load(spec, data_dir, image_size, batch_size, num_workers)
-  if isinstance(task, suite.Retrieval):
-    progress = Progress(key, len(task.images))
+  options = dict(options or {})
+  unknown = sorted(set(options) - set(spec.options))
+  if unknown:
+    raise ValueError(f'dataset {key!r} takes no option {", ".join(unknown)} (it takes: {", ".join(spec.options)})')
+  task = spec.load(spec, data, image_size, batch_size, num_workers, **options)
+  progress = None
+  if isinstance(task, PairedRetrieval):
+    image_features, text_features = generic.paired_features(bound, task.batches)
+    result = retrieval_recall(image_features, text_features, np.arange(image_features.shape[0]))
+    result.update(num_images=image_features.shape[0], num_captions=text_features.shape[0])
+  elif isinstance(task, Retrieval):
+    progress = Progress(key, len(task.images)) if show_progress else None
     batches = datasets.image_batches(task.images, image_size, batch_size, num_workers)
     result = score_retrieval(bound, tokenizer, batches, task.captions, task.text_to_image, progress=progress)
     result.update(num_images=len(task.images), num_captions=len(task.captions))
   else:
     zero_shot_classifier(bound, tokenizer, task.classnames, task.templates)  # before the progress line starts
-    progress = Progress(key, task.size)
+    progress = Progress(key, task.size) if show_progress else None
     result = score_zero_shot(bound, tokenizer, task.batches, task.classnames, task.templates, subset=task.subset,
                              progress=progress)
     result['num_classes'] = len(task.subset) if task.subset is not None else len(task.classnames)
-  progress.close()
+  if progress:
+    progress.close()
   return result
 
 
@@ -118,15 +132,14 @@ def run_suite(bound, tokenizer, keys: Sequence[str], *, data_dir: str, image_siz
   unknown = [k for k in keys if k not in suite.DATASETS]
   if unknown:
     raise ValueError(f'unknown datasets {unknown}; known: {", ".join(suite.DATASETS)}')
-  per_dataset = os.path.join(output_dir, 'datasets')
-  disk = _DiskCachedClassifiers(bound.classifiers, os.path.join(output_dir, 'text_embeddings'), model_id)
+  per_dataset = storage.join(output_dir, 'datasets')
+  disk = _DiskCachedClassifiers(bound.classifiers, storage.join(output_dir, 'text_embeddings'), model_id)
   cached = _CachedExtractor(bound, disk)
   results: dict[str, dict] = {}
   for key in keys:
-    path = os.path.join(per_dataset, f'{key}.json')
-    if not rerun and os.path.exists(path):
-      with open(path, encoding='utf-8') as f:
-        saved = json.load(f)
+    path = storage.join(per_dataset, f'{key}.json')
+    if not rerun and storage.exists(path):
+      saved = json.loads(storage.read_text(path))
       if saved.get('status') == 'done' and saved.get('model_id') == model_id:
         results[key] = saved['result']
         log(f'{key}: done before, skipped ({path})')
@@ -145,10 +158,7 @@ def run_suite(bound, tokenizer, keys: Sequence[str], *, data_dir: str, image_siz
       log(f'{key}: ' + ', '.join(f'{m}={v:.4f}' if isinstance(v, float) else f'{m}={v}'
                                  for m, v in result.items() if m != 'status'))
       if jax.process_index() == 0:
-        os.makedirs(per_dataset, exist_ok=True)
-        with open(path + '.tmp', 'w', encoding='utf-8') as f:
-          json.dump({'model_id': model_id, 'status': 'done', 'result': result}, f, indent=1)
-        os.replace(path + '.tmp', path)
+        storage.write_text(path, json.dumps({'model_id': model_id, 'status': 'done', 'result': result}, indent=1))
   return results
 
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from eva_clip_jax import storage
 from eva_clip_jax.evaluation.features import in_lockstep
 
 _ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets')
@@ -59,8 +60,8 @@ def class_subset(name: str) -> list[int]:
 
 
 def read_lines(path: str) -> list[str]:
-  with open(path, encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
+  """The non-empty lines of a user's text file (class names, templates; local or in a bucket)."""
+  return [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def zero_shot_classifier(extractor, tokenizer, classnames: Sequence[str], templates: Sequence[str],
@@ -81,6 +82,8 @@ def zero_shot_classifier(extractor, tokenizer, classnames: Sequence[str], templa
   prompts = [template.format(name) for name in classnames for template in templates]
   features = np.concatenate([extractor.texts(tokenizer(prompts[i:i + batch_size]))
                              for i in range(0, len(prompts), batch_size)]).astype(np.float32)
+  # Each prompt's feature normalised before the average (CLIP_benchmark's order), whatever the extractor returned.
+  features /= np.linalg.norm(features, axis=-1, keepdims=True)
   per_class = features.reshape(len(classnames), len(templates), -1).mean(axis=1)
   per_class /= np.linalg.norm(per_class, axis=-1, keepdims=True)
   classifier = per_class.T.astype(np.float32)
@@ -163,8 +166,3 @@ def score_zero_shot(extractor, tokenizer, batches: Iterable[dict], classnames: S
     counts = np.asarray(gathered).sum(axis=0).astype(np.float64)
   return metrics_from_counts(counts)
 
-
-def evaluate_zero_shot(extractor, tokenizer, batches, classnames: Sequence[str],
-                       templates: Sequence[str]) -> dict[str, float]:
-  """Top-1/top-5 (and mean per-class recall) of zero-shot classification over `batches` of {'image', 'label'}."""
-  return score_zero_shot(extractor, tokenizer, batches, classnames, templates)

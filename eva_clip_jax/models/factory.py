@@ -67,3 +67,17 @@ def replace_spec(spec: ModelSpec, **changes: Any) -> ModelSpec:
       top[key] = value
   return dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, **vision),
                              text=dataclasses.replace(spec.text, **text), **top)
+
+
+def model_from_params(graphdef: Any, template: nnx.State, params: Any, *rest: nnx.State) -> CLIP:
+  """The model whose parameters are `params`, a pure dict of arrays (as jit, checkpoints and shardings see them).
+
+  Jitted code takes the parameters as a plain pytree, so that they enter with their own (training) shardings and
+  nothing is copied, while the towers are methods of an nnx.Module. `template` (the model's nnx.State of Params,
+  abstract or not) carries the structure and metadata (logical axes) the pure dict lacks; it is copied first because
+  replace_by_pure_dict writes in place. `rest`: any other state to merge (a standalone model's non-Param variables).
+  Traceable inside jit.
+  """
+  state = jax.tree.map(lambda x: x, template)
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state, *rest)

@@ -95,12 +95,12 @@ def initial_params(config) -> dict | None:
 
 
 def make_evaluators(config, setup: step_lib.TrainSetup) -> list:
-  """The config's evaluations that have data, built once on the training mesh and the parameters' shardings."""
-  evals = {name: cfg for name, cfg in config.evals.items() if cfg.get('data')}
-  if not evals:
-    return []
-  from eva_clip_jax.evaluation import build_evaluators  # tokenizer, PIL and friends: only when evaluating
-  return build_evaluators(evals, model_fn=setup.model, mesh=setup.mesh, param_shardings=setup.shardings.params)
+  """The config's evaluations (those that name their data), built once on the training mesh and the parameters'
+  shardings: evaluation is handed the model function, mesh and shardings, and never imports training."""
+  if not any(cfg.get('data') for cfg in config.evals.values()):
+    return []  # no evaluation: tokenizer, PIL and friends are not even imported
+  from eva_clip_jax.evaluation import build_evaluators
+  return build_evaluators(config.evals, model_fn=setup.model, mesh=setup.mesh, param_shardings=setup.shardings.params)
 
 
 class _Preemption:

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_clip_jax import transforms
 from eva_clip_jax.models import create_model
+from eva_clip_jax.models.factory import model_from_params
 from eva_clip_jax.models.paths import flat_paths
 from eva_clip_jax.training import accumulate
 from eva_clip_jax.training import loss_scale as loss_scale_lib
@@ -38,9 +39,7 @@ class TrainSetup:
 
   def model(self, params: Any) -> nnx.Module:
     """The model holding `params` (a pure dict); usable inside jit."""
-    state = jax.tree.map(lambda x: x, self.param_template)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state)
+    return model_from_params(self.graphdef, self.param_template, params)
 
   def parameter_table(self) -> str:
     """One row per parameter: shape, logical axes -> mesh axes, layer, LR scale and weight decay."""

@@ -2,8 +2,9 @@
 model function and parameter shardings (so the towers compile as the in-training evaluators' do), and
 config.pretrained's weights, or the seeded random initialisation, put onto those shardings.
 
-Shared by `python -m eva_clip_jax.evaluate` and `python -m eva_clip_jax.extract_features`; it defines no flags, so
-both can import it.
+It lives in training/ because it is the training setup; evaluation/ never imports training/ (it is handed the
+model function, mesh and shardings). Shared by `python -m eva_clip_jax.evaluate` and
+`python -m eva_clip_jax.extract_features`; it defines no flags, so both can import it.
 """
 
 from __future__ import annotations
