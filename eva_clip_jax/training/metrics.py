@@ -17,6 +17,7 @@ from typing import Any, Mapping, TextIO
 
 import jax
 import numpy as np
+from absl import logging
 
 from eva_clip_jax import storage
 
@@ -49,22 +50,34 @@ class Writer:
     if not self._primary:
       return
     self._tensorboard.write_scalars(step, scalars)
-    self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
-    self._jsonl.flush()
-    if self._staging is not None:
-      self._tensorboard.flush()
-      self._upload()
+    try:
+      self._jsonl.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+      self._jsonl.flush()
+      if self._staging is not None:
+        self._tensorboard.flush()
+        self._upload()
+    except Exception as e:  # pylint: disable=broad-except  (a full disk, a bucket refusing writes)
+      # The metrics are not worth the run: the checkpoints decide when a storage failure stops it.
+      logging.error('Writing the metrics of step %d failed (%s: %s); training goes on.', step, type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else '')
 
   def _upload(self) -> None:
     for name in os.listdir(self._staging):  # metrics.jsonl and this run's event file(s)
       storage.upload(os.path.join(self._staging, name), storage.join(self._workdir, name))
 
   def close(self) -> None:
-    if self._primary:
+    if not self._primary:
+      return
+    try:
       self._tensorboard.close()
       self._jsonl.close()
       if self._staging is not None:
         self._upload()
+    except Exception as e:  # pylint: disable=broad-except  (as in write_scalars; never masks the run's own error)
+      logging.error('Writing the last metrics failed (%s: %s).', type(e).__name__, str(e).splitlines()[0] if str(e)
+                    else '')
+    finally:
+      if self._staging is not None:
         shutil.rmtree(self._staging, ignore_errors=True)
 
 
