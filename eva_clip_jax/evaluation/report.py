@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.resources
 import json
 import math
-import os  # the package's own asset only
 from typing import Mapping
 
 from eva_clip_jax import storage
 from eva_clip_jax.evaluation.suite import DATASETS, SUITES, TABLES
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets', 'paper_tables.json')
-
-
 @functools.lru_cache(maxsize=1)
 def paper_tables() -> dict:
-  with open(_PATH, encoding='utf-8') as f:
-    return json.load(f)
+  return json.loads(importlib.resources.files('eva_clip_jax').joinpath('assets', 'paper_tables.json').read_text(
+      encoding='utf-8'))
 
 
 def paper_model_name(model: str) -> str | None:

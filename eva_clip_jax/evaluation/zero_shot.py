@@ -8,8 +8,8 @@ both call it. Each process scores its own slice of the data; the counts are summ
 
 from __future__ import annotations
 
+import importlib.resources
 import json
-import os
 from typing import Callable, Iterable, Sequence
 
 import jax
@@ -19,12 +19,8 @@ from jax.experimental import multihost_utils
 from eva_clip_jax import storage
 from eva_clip_jax.evaluation.features import in_lockstep
 
-_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'assets')
-
-
 def _asset(name: str):
-  with open(os.path.join(_ASSETS, name), encoding='utf-8') as f:
-    return json.load(f)
+  return json.loads(importlib.resources.files('eva_clip_jax').joinpath('assets', name).read_text(encoding='utf-8'))
 
 
 def imagenet_metadata() -> tuple[list[str], list[str]]:
