@@ -31,6 +31,11 @@ class HubServer:
   def url(self) -> str:
     return f'http://127.0.0.1:{self._server.server_address[1]}'
 
+  @property
+  def file_requests(self) -> list[tuple[str, str]]:
+    """The requests for files (huggingface_hub may also ask /api/... endpoints of its own, answered 404)."""
+    return [r for r in self.requests if '/resolve/' in r[1]]
+
   def add(self, repo: str, filename: str, data: bytes) -> None:
     self.files[(repo, filename)] = data
 
