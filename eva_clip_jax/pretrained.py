@@ -160,6 +160,8 @@ def resolve(source: str, model: str, *, purpose: Literal['model', 'visual', 'tex
   except ValueError:
     raise ValueError(f'{source!r} is not a file, and {model} (not a registered model) has no released tags') from None
   entry = get_pretrained(model, source)
+  if entry is None and source.endswith('.pt'):
+    return source  # a file name that is not a released one: the loader says the file is missing
   if entry is None:
     raise _unknown_tag(model, source, purpose)
   if entry.kind == 'mim' and purpose != 'visual':
