@@ -20,15 +20,18 @@ _LAZY = {
     'SimpleTokenizer': 'eva_clip_jax.tokenizer', 'get_tokenizer': 'eva_clip_jax.tokenizer',
     'tokenize': 'eva_clip_jax.tokenizer', 'image_transform': 'eva_clip_jax.transforms',
     'OPENAI_MEAN': 'eva_clip_jax.transforms', 'OPENAI_STD': 'eva_clip_jax.transforms',
+    'list_pretrained': 'eva_clip_jax.pretrained', 'register_pretrained': 'eva_clip_jax.pretrained',
+    'Pretrained': 'eva_clip_jax.pretrained',
 }
 
 
 def create_model(name, *, pretrained: str | None = None, **kwargs) -> CLIP:
   """`eva_clip_jax.models.create_model(name, **kwargs)`, then the weights of `pretrained` loaded into it.
 
-  pretrained: a PyTorch file in the EVA or open_clip layout (.pt/.bin/.safetensors), a directory written by
-  `python -m eva_clip_jax.convert`, or 'hf-hub:org/repo' (needs network). Reading PyTorch files needs torch;
-  a converted directory needs only orbax.
+  pretrained: a released tag from `list_pretrained()` ('merged2b_s4b_b131k', or the EVA file's name
+  'EVA02_CLIP_L_psz14_s4B'; downloaded once into the Hugging Face cache), a PyTorch file in the EVA or open_clip
+  layout (.pt/.bin/.safetensors), a directory written by `python -m eva_clip_jax.convert`, or 'hf-hub:org/repo'.
+  Reading PyTorch files needs torch; a converted directory needs only orbax.
   """
   model = models.create_model(name, **kwargs)
   if pretrained:

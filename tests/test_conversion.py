@@ -285,7 +285,7 @@ def test_hub_ids_fail_clearly_without_network(monkeypatch):
   # The flag is read when huggingface_hub is imported (open_clip may have imported it already): set both.
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
   monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-  with pytest.raises(RuntimeError, match='could not fetch hf-hub:timm/EVA02-B-16'):
+  with pytest.raises(OSError, match='could not fetch hf-hub:timm/EVA02-B-16'):
     ec.create_model('tiny', pretrained='hf-hub:timm/EVA02-B-16')
 
 
@@ -324,6 +324,9 @@ def test_config_init_block_drives_tower_init(tmp_path):
   spec_file.loader.exec_module(module)
   config = module.get_config()
   model = ec.models.create_model('tiny')
+  with pytest.raises(ValueError, match='tag of tiny .it is a tag of EVA02-CLIP-B-16'):  # B/16's MIM tag
+    api.init_from_config(model, config.init)
+  config.init.visual = 'mim/EVA02_B_psz14to16.pt'
   with pytest.raises(FileNotFoundError, match='--config.init.visual=/path/to/EVA02_B_psz14to16'):
     api.init_from_config(model, config.init)
   torch.save(_mim_state(patch=8, image_size=64), tmp_path / 'mim.pt')

@@ -1,7 +1,8 @@
 """Converting between PyTorch EVA-CLIP checkpoints and this library's models.
 
   load_pretrained(model, source)      a .pt/.bin/.safetensors file (EVA or open_clip layout), an orbax
-                                      parameter directory, or 'hf-hub:org/repo'
+                                      parameter directory, a released tag (eva_clip_jax.pretrained) or
+                                      'hf-hub:org/repo'
   convert_file(src, dst, model_name)  PyTorch file -> orbax parameter directory
   export_file(src, dst, model_name, layout)
                                       orbax directory (or a model) -> EVA-native or open_clip PyTorch file
@@ -23,6 +24,7 @@ from eva_clip_jax.conversion.params import assign_params, model_params
 from eva_clip_jax.models.paths import flatten, unflatten
 from eva_clip_jax.models.registry import ModelSpec, get_model_spec
 from eva_clip_jax.models.rope import rope_2d_tables
+from eva_clip_jax.pretrained import resolve
 
 # Buffers the reference stores beside its parameters; recomputed or not needed here.
 IGNORED_SUFFIXES = ('rope.freqs_cos', 'rope.freqs_sin', 'attn_mask', 'attn.k_bias')
@@ -111,29 +113,10 @@ def params_to_state_dict(params: Mapping[str, Any], spec: ModelSpec, layout: str
   return state
 
 
-def _resolve(source: str) -> str:
-  if not source.startswith('hf-hub:'):
-    return source
-  repo = source[len('hf-hub:'):]
-  try:
-    from huggingface_hub import hf_hub_download  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f'{source} needs huggingface_hub: pip install huggingface_hub') from e
-  errors = []
-  for filename in ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin'):
-    try:
-      return hf_hub_download(repo, filename)
-    except Exception as e:  # pylint: disable=broad-except
-      errors.append(f'{filename}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
-  raise RuntimeError(f'could not fetch {source} from the Hugging Face Hub (no network, or no such repo?). '
-                     'Download the file where the hub is reachable and pass its local path instead. '
-                     + ' | '.join(errors))
-
-
 def read_params(source: str, spec: ModelSpec, *, layout: str | None = None,
                 allow_missing: bool = False) -> dict[str, Any]:
   """Parameters for `spec` from a PyTorch file, an orbax parameter directory or an hf-hub id."""
-  path = _resolve(source)
+  path = resolve(source, spec.name)  # a released tag or hf-hub: id -> the file in the hub cache
   if storage.isdir(path):
     params, meta = orbax_io.load_params(path)
     if meta.get('model') not in (None, spec.name):
@@ -211,6 +194,8 @@ def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | Non
 def init_from_config(model: nnx.Module, init_config: Mapping[str, Any]) -> dict[str, list[str]]:
   """`init_towers` driven by a config's `init` block (`visual`, `text`, `skip`); empty names are skipped."""
   visual, text = init_config.get('visual') or None, init_config.get('text') or None
+  visual, text = (resolve(s, model.spec.name, purpose=p) if s else None  # released tags -> cached files
+                  for s, p in ((visual, 'visual'), (text, 'text')))
   for tower, source in (('visual', visual), ('text', text)):
     if source and not storage.exists(source):
       raise FileNotFoundError(f'config.init.{tower} = {source!r} is not a file. Download the checkpoint it names '

@@ -79,6 +79,8 @@ def initial_params(config) -> dict | None:
     return None
   model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
   if full:
+    from eva_clip_jax.pretrained import resolve  # a released tag -> its file in the hub cache
+    full = resolve(full, config.model.name)
     if not (full.startswith('hf-hub:') or storage.exists(full)):
       raise FileNotFoundError(f'config.init.full = {full!r} is neither a file nor a directory: pass the released '
                               'checkpoint (.pt, .bin, .safetensors) or a converted directory')
