@@ -108,6 +108,7 @@ _LOCAL_FILES_ALLOWED = {
     'eva_clip_jax/accelerator.py': 'device files under /dev and PATH lookups',
     'eva_clip_jax/data/workers.py': '/proc, to see whether the trainer still lives',
     'eva_clip_jax/training/metrics.py': 'its local staging folder for a bucket workdir (uploaded through storage)',
+    'eva_clip_jax/pretrained.py': "the Hugging Face hub's cache, a local folder by design (URLs pass through)",
 }
 _PATH_CALLS = re.compile(r'^(open|os\.path\.\w+|os\.(rename|replace|makedirs|mkdir|listdir|walk|scandir|remove|'
                          r'rmdir|unlink)|glob\.\w+|shutil\.\w+|gzip\.open|io\.open)$')

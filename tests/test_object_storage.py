@@ -5,6 +5,7 @@ arrays) talks HTTP to the server; nothing is mocked. Faults come from outside th
 the trainer, a truncated object in the bucket, a proxy that fails requests or refuses writes, a full disk.
 """
 
+import io
 import os
 import random
 import signal
@@ -316,3 +317,71 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(small_disk, demo
   result = subprocess.run(_command(workdir, f'{demo_local}/train', total=latest + 2), cwd=ROOT, env=_env(),
                           capture_output=True, timeout=900)
   assert result.returncode == 0 and f'Resumed from step {latest}' in result.stderr.decode(), result.stderr[-3000:]
+
+
+def test_two_processes_share_one_bucket_workdir_are_killed_and_resume(gcs_bucket):
+  """jax.distributed on CPU: two processes write one checkpoint series to one gs:// path; both are SIGKILLed after
+  the first step lands; started again, both resume from the same step and finish."""
+  import socket  # pylint: disable=g-import-not-at-top
+  workdir = f'{gcs_bucket}/two'
+
+  def start():
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, '-m', 'eva_clip_jax.train', f'--config={ROOT}/configs/tiny.py',
+                              f'--workdir={workdir}', '--num_cpu_devices=2', '--config.total_steps=5',
+                              '--config.batch_size=16', '--config.log_every_steps=1', '--config.data.synthetic=True',
+                              '--config.checkpoint.every_steps=1', '--config.evals={}',
+                              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for i in range(2)]
+
+  procs = start()
+  deadline = time.time() + 600
+  while not _steps(workdir) and time.time() < deadline and all(p.poll() is None for p in procs):
+    time.sleep(0.2)
+  for p in procs:
+    p.kill()
+    p.communicate()
+  killed_at = max(_steps(workdir))
+  procs = start()
+  outputs = [p.communicate(timeout=900)[0].decode() for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  resumed = [int(out.split('Resumed from step ')[1].split()[0]) for out in outputs if 'Resumed from step' in out]
+  assert resumed and resumed[0] >= killed_at, outputs[0][-2000:]
+  assert int(_final_state(workdir, 5)['step']) == 5
+
+
+def test_convert_and_extract_features_read_and_write_a_bucket(tmp_path, gcs_bucket, demo_local, demo_bucket):
+  """`convert` both ways with the source, the converted directory and the export all in the bucket; the converted
+  model equals the source's, the export reloads to the same parameters; `extract_features` embeds shards in the
+  bucket into the bucket, equal to a local run."""
+  import eva_clip_jax as ec  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.conversion import api, model_params  # pylint: disable=g-import-not-at-top
+  model = ec.create_model('tiny', seed=5)
+  api.export_file(model, f'{gcs_bucket}/tiny.safetensors', 'tiny', 'open_clip')
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'eva_clip_jax.convert', *args], cwd=ROOT, env=_env(),
+                                     capture_output=True, text=True, timeout=600)
+  result = run('--model=tiny', f'--src={gcs_bucket}/tiny.safetensors', f'--dst={gcs_bucket}/converted')
+  assert result.returncode == 0, result.stderr[-2000:]
+  result = run('--model=tiny', f'--src={gcs_bucket}/converted', f'--dst={gcs_bucket}/export/tiny.pt',
+               '--layout=eva')
+  assert result.returncode == 0, result.stderr[-2000:]
+  for source in (f'{gcs_bucket}/converted', f'{gcs_bucket}/export/tiny.pt'):
+    loaded = ec.create_model('tiny', pretrained=source)
+    for a, b in zip(jax.tree.leaves(model_params(model)), jax.tree.leaves(model_params(loaded))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not [p for p in storage.walk_files(gcs_bucket) if '.tmp' in p]
+
+  out = subprocess.run([sys.executable, '-m', 'eva_clip_jax.extract_features', f'--config={ROOT}/configs/tiny.py',
+                        f'--data={demo_bucket}/val', f'--output_dir={gcs_bucket}/features', '--batch_size=8'],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.extract_features import extract_features  # pylint: disable=g-import-not-at-top
+  local = extract_features(tiny.get_config(), f'{demo_local}/val', str(tmp_path / 'features'), batch_size=8)
+  remote = np.load(io.BytesIO(storage.read_bytes(f'{gcs_bucket}/features/image_features.npy')))
+  np.testing.assert_allclose(remote, np.load(local['image_features']), atol=1e-6)
+  assert storage.read_text(f'{gcs_bucket}/features/keys.txt') == open(local['keys'], encoding='utf-8').read()
