@@ -122,9 +122,10 @@ def test_the_train_state_round_trips(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_after_a_failed_restore_only_closed_loop_errors_are_silenced(monkeypatch, capsys):
+def test_after_a_failed_restore_only_closed_loop_errors_are_silenced_until_removed(monkeypatch, capsys):
   # tensorstore callbacks of an abandoned restore may fail later on orbax's closed event loop (seen in CI as a
-  # traceback after "cannot be restored"); that one error is logged, any other still prints.
+  # traceback after "cannot be restored"); that one error is logged, any other still prints; the checkpointer
+  # removes the hooks when it closes, leaving the process's hooks as they were.
   import logging
   import sys
   import threading
@@ -132,15 +133,19 @@ def test_after_a_failed_restore_only_closed_loop_errors_are_silenced(monkeypatch
   for name in ('excepthook', 'unraisablehook'):
     monkeypatch.setattr(sys, name, getattr(sys, name))
   monkeypatch.setattr(threading, 'excepthook', threading.excepthook)
-  checkpoint_lib._silence_closed_loop_errors()  # pylint: disable=protected-access
-  checkpoint_lib._silence_closed_loop_errors()  # pylint: disable=protected-access  (idempotent)
-  sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
-  assert 'Event loop is closed' not in capsys.readouterr().err
-  sys.excepthook(ValueError, ValueError('something else'), None)
-  assert 'something else' in capsys.readouterr().err
+  before = (sys.excepthook, sys.unraisablehook, threading.excepthook)
+  remove = checkpoint_lib._silence_closed_loop_errors()  # pylint: disable=protected-access
   asyncio_logger = logging.getLogger('asyncio')
   try:
+    sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
+    assert 'Event loop is closed' not in capsys.readouterr().err
+    sys.excepthook(ValueError, ValueError('something else'), None)
+    assert 'something else' in capsys.readouterr().err
     assert not asyncio_logger.filter(logging.makeLogRecord({'msg': 'Task exception was never retrieved\nfuture: x'}))
     assert asyncio_logger.filter(logging.makeLogRecord({'msg': 'some other asyncio error'}))
   finally:
-    asyncio_logger.removeFilter(checkpoint_lib._unretrieved_task_errors)  # pylint: disable=protected-access
+    remove()
+  assert (sys.excepthook, sys.unraisablehook, threading.excepthook) == before
+  assert asyncio_logger.filter(logging.makeLogRecord({'msg': 'Task exception was never retrieved\nfuture: x'}))
+  sys.excepthook(RuntimeError, RuntimeError('Event loop is closed'), None)
+  assert 'Event loop is closed' in capsys.readouterr().err

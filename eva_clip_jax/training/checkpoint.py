@@ -31,7 +31,7 @@ import logging as std_logging
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -69,6 +69,7 @@ class Checkpointer:
     self.final_save_attempts = max(int(final_save_attempts), 1)
     self._failed_in_a_row = 0
     self._last_failure: str | None = None
+    self._remove_hooks: Callable[[], None] | None = None  # set while a failed restore's late errors may arrive
     options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=None,
                                            enable_async_checkpointing=asynchronous, create=True,
                                            cleanup_tmp_directories=True)
@@ -177,7 +178,8 @@ class Checkpointer:
           return self.restore(step, abstract_state, iterator), step
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
         reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
-        _silence_closed_loop_errors()
+        if self._remove_hooks is None:
+          self._remove_hooks = _silence_closed_loop_errors()
         aside = self._set_aside(step)
         logging.error('Checkpoint step %d cannot be restored (%s); moved it to %s and trying the previous step.',
                       step, reason, aside)
@@ -200,6 +202,9 @@ class Checkpointer:
       self._settle()
     finally:
       self._manager.close()
+      if self._remove_hooks is not None:
+        self._remove_hooks()
+        self._remove_hooks = None
 
 
 @contextlib.contextmanager
@@ -226,16 +231,16 @@ def _unretrieved_task_errors(record) -> bool:
   return True
 
 
-def _silence_closed_loop_errors() -> None:
+def _silence_closed_loop_errors() -> Callable[[], None]:
   """After an abandoned restore, orbax's other reads end later, after `_quiet_abandoned_reads` has ended: tensorstore
   callbacks still in flight report to the closed asyncio loop ("RuntimeError: Event loop is closed", printed as a
   traceback whichever way it surfaces: uncaught in a thread, from C, unraisable), and read tasks whose errors nobody
   awaited are reported when garbage-collected (asyncio's "Task exception was never retrieved", with the traceback).
-  Both were seen in CI after "cannot be restored". From then on those two are logged at debug level; every other
-  error is printed as before."""
-  if getattr(sys.excepthook, 'eva_closed_loop_filter', False):
-    return
-  std_logging.getLogger('asyncio').addFilter(_unretrieved_task_errors)
+  Both were seen in CI after "cannot be restored". Installs hooks that log those two at debug level (every other
+  error is printed as before) and returns the function that removes them: the checkpointer keeps them from a failed
+  restore until it is closed, never for the whole process."""
+  asyncio_logger = std_logging.getLogger('asyncio')
+  asyncio_logger.addFilter(_unretrieved_task_errors)
 
   def closed_loop(exc) -> bool:
     return isinstance(exc, RuntimeError) and str(exc) == _CLOSED_LOOP
@@ -258,8 +263,15 @@ def _silence_closed_loop_errors() -> None:
       return logging.debug('abandoned checkpoint read: %s', unraisable.exc_value)
     return previous_unraisable(unraisable)
 
-  excepthook.eva_closed_loop_filter = True
   sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable_hook
+
+  def remove() -> None:
+    gc.collect()  # the abandoned reads' tasks report now, while the hooks still hold
+    asyncio_logger.removeFilter(_unretrieved_task_errors)
+    sys.excepthook, threading.excepthook = previous_excepthook, previous_thread_hook
+    sys.unraisablehook = previous_unraisable
+
+  return remove
 
 
 def read_state(step_dir: str) -> Any:
