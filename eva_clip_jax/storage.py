@@ -40,6 +40,18 @@ def _emulator() -> str | None:
   return host if host.startswith(('http://', 'https://')) else f'http://{host}'
 
 
+def _never_cache_listings() -> None:
+  """Every fsspec filesystem of a bucket protocol, ours and etils.epath's (orbax lists and reads checkpoint
+  directories through it), re-reads listings: other processes and tensorstore change the directories a run lists,
+  and a stale listing shows a step that was set aside or hides a new one."""
+  import fsspec.config  # pylint: disable=g-import-not-at-top
+  for protocol in ('gs', 'gcs', 's3', 'az', 'abfs'):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault('use_listings_cache', False)
+
+
+_never_cache_listings()
+
+
 def point_clients_at_emulator() -> None:
   """Points tensorstore at the GCS server named by STORAGE_EMULATOR_HOST (gcsfs reads that variable itself)."""
   if _emulator():
@@ -66,13 +78,10 @@ def _local(path: str) -> str:
 
 
 def filesystem(path: str):
-  """(fsspec filesystem, path within it) for a URL. Against an emulator, GCS needs no credentials.
-
-  Listings are never cached: other processes (the other hosts, tensorstore's writers) change the directories a
-  run lists, and a stale listing would hide a new checkpoint step or show a deleted one."""
+  """(fsspec filesystem, path within it) for a URL. Against an emulator, GCS needs no credentials."""
   import fsspec  # pylint: disable=g-import-not-at-top
   protocol = path.split('://', 1)[0]
-  options = {'use_listings_cache': False}
+  options = {}
   if protocol in ('gs', 'gcs'):
     _count_gcs_retries()
     if _emulator():
