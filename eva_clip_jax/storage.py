@@ -50,6 +50,10 @@ def _never_cache_listings() -> None:
 
 
 _never_cache_listings()
+# fsspec logs every file it opens at INFO ("AdaptiveReadaheadCache enabled ..."): a line per shard and per
+# checkpoint file in the training log. Its warnings and errors still show.
+if logging.getLogger('fsspec').level == logging.NOTSET:
+  logging.getLogger('fsspec').setLevel(logging.WARNING)
 
 
 def point_clients_at_emulator() -> None:

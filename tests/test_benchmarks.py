@@ -99,3 +99,15 @@ def test_input_pipeline_benchmark_on_cpu():
   assert list(stages) == ['decode', 'crop+resize', 'normalise', 'tokenise', 'batching', 'total']
   assert stages['normalise'][1] == 0  # the new pipeline normalises on the device
   assert all(v > 0 for v in stages['decode'] + stages['total'])
+
+
+def test_storage_io_benchmark_on_cpu():
+  """Shards on local disk and in a bucket on a local GCS server (plus a delaying proxy), in one run."""
+  out = _run('storage_io.py', '--num_images=16', '--batch_size=4', '--batches=1', '--latency_ms=0,5',
+             '--read_repeats=1')
+  header, rows = _table(out, '| shards |')
+  assert [row[0] for row in rows] == ['local disk', 'gs:// (local server)', 'gs:// (local server)']
+  for row in rows:
+    cell = dict(zip(header, row))
+    assert float(cell['raw read MB/s'].replace(',', '')) > 0
+    assert float(cell['pipeline images/s (wall)'].replace(',', '')) > 0

@@ -40,8 +40,12 @@ def _env(**extra):
 
 
 def _steps(workdir):
+  """Finished checkpoint steps (in a bucket orbax writes a step in place: finished once it has its commit file)."""
   directory = storage.join(workdir, 'checkpoints')
-  return sorted(int(d) for d in storage.listdir(directory) if d.isdigit()) if storage.isdir(directory) else []
+  if not storage.isdir(directory):
+    return []
+  return sorted(int(d) for d in storage.listdir(directory) if d.isdigit() and (
+      not storage.is_url(directory) or storage.exists(storage.join(directory, d, 'commit_success.txt'))))
 
 
 def _final_state(workdir, step=TOTAL):
@@ -205,6 +209,25 @@ def test_sigkilled_bucket_run_resumes_bit_identical_to_a_local_run(tmp_path, dem
   assert not os.path.exists(os.path.join(str(tmp_path), 'gs:')) and not os.path.exists(os.path.join(ROOT, 'gs:'))
 
 
+def test_training_through_failing_requests_counts_the_retries_and_ends_in_the_same_state(tmp_path, demo_bucket,
+                                                                                        gcs_server, straight):
+  """The shards are read through a proxy that fails 20% of reads (503 or a dropped connection): the run finishes in
+  the uninterrupted run's state and its metrics count the client's retries."""
+  proxy = FaultProxy(gcs_server, fail_fraction=0.2, seed=7, only_reads=True)
+  workdir = str(tmp_path / 'faulty')
+  try:
+    result = subprocess.run(_command(workdir, f'{demo_bucket}/train'), cwd=ROOT, capture_output=True, timeout=900,
+                            env=_env(STORAGE_EMULATOR_HOST=proxy.url))
+  finally:
+    proxy.close()
+  assert result.returncode == 0, result.stderr.decode()[-3000:]
+  assert proxy.injected['503'] + proxy.injected['dropped'] > 0
+  _assert_identical(_final_state(straight), _final_state(workdir))
+  import json  # pylint: disable=g-import-not-at-top
+  lines = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8')]
+  assert sum(line.get('data/storage_retries', 0) for line in lines) > 0, lines
+
+
 def test_a_truncated_object_in_the_latest_bucket_step_is_set_aside(tmp_path, demo_local, gcs_bucket, straight):
   workdir = f'{gcs_bucket}/damaged'
   storage.upload(straight, workdir)
@@ -262,9 +285,9 @@ def test_a_bucket_that_refuses_writes_stops_the_run_with_one_line_and_it_resumes
   finally:
     proxy.close()
   stderr = stderr.decode()
-  last = stderr.strip().splitlines()[-1]
-  assert proc.returncode == 2, stderr[-3000:]
-  latest = max(_steps(workdir))
+  errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  assert proc.returncode == 2 and len(errors) == 1, stderr[-3000:]
+  last, latest = errors[0], max(_steps(workdir))
   assert last.startswith('error: 3 checkpoint saves in a row failed') and f'latest usable step is {latest}' in last
   assert 'Traceback' not in stderr
   assert int(_final_state(workdir, latest)['step']) == latest
@@ -307,9 +330,9 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes(small_disk, demo
       pass
   _, stderr = proc.communicate(timeout=600)
   stderr = stderr.decode()
-  last = stderr.strip().splitlines()[-1]
-  assert proc.returncode == 2, stderr[-3000:]
-  latest = max(_steps(workdir))
+  errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  assert proc.returncode == 2 and len(errors) == 1, stderr[-3000:]
+  last, latest = errors[0], max(_steps(workdir))
   assert last.startswith('error: 3 checkpoint saves in a row failed') and 'No space left' in last, last
   assert f'latest usable step is {latest}' in last and 'Traceback' not in stderr
   assert not [d for d in os.listdir(os.path.join(workdir, 'checkpoints')) if 'tmp' in d]  # no partial step left

@@ -96,7 +96,7 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
-      cause = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
+      cause = _cause(e)
     steps = self.steps_on_disk()
     if cause is None and step not in steps:
       cause = 'the step is not in the checkpoint directory after the save'
@@ -125,11 +125,15 @@ class Checkpointer:
     """A failed save's own files: orbax's temporary directory (local disks) or the unfinished step (object stores,
     where no commit file marks it finished). Finalised steps are never touched."""
     if jax.process_index() == 0:
-      for path in storage.glob(storage.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
-        storage.remove(path, recursive=True)
-      step_dir = storage.join(self.directory, str(step))
-      if storage.is_url(step_dir) and not storage.exists(storage.join(step_dir, 'commit_success.txt')):
-        storage.remove(step_dir, recursive=True)
+      try:
+        for path in storage.glob(storage.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
+          storage.remove(path, recursive=True)
+        step_dir = storage.join(self.directory, str(step))
+        if storage.is_url(step_dir) and not storage.exists(storage.join(step_dir, 'commit_success.txt')):
+          storage.remove(step_dir, recursive=True)
+      except Exception as e:  # pylint: disable=broad-except  (a bucket refusing deletes too: the save's error counts)
+        logging.warning('Could not remove the partial files of step %d (%s: %s); the next start ignores them.', step,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else '')
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'checkpoint_remove_partial_{step}')
 
@@ -143,7 +147,7 @@ class Checkpointer:
           state=ocp.args.StandardSave(state),
           data=grain.checkpoint.CheckpointSave(_RecordedIteratorState(iterator_state))), force=True)
     except Exception as e:  # pylint: disable=broad-except  (the synchronous part failed: no room, no permission)
-      self._failed(step, f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300])
+      self._failed(step, _cause(e))
       return False
     self._pending = step if saved else None
     return saved
@@ -201,10 +205,21 @@ class Checkpointer:
     try:
       self._settle()
     finally:
-      self._manager.close()
+      try:
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-except  (orbax re-raises a failed save's error here, again)
+        logging.warning('Closing the checkpoint manager: %s', _cause(e))
       if self._remove_hooks is not None:
         self._remove_hooks()
         self._remove_hooks = None
+
+
+def _cause(error: BaseException) -> str:
+  """An error in one line of at most 400 characters. Long tensorstore messages put the reason at the end
+  ('... [OS error 28: No space left on device]'), so the middle is what goes."""
+  first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  text = f'{type(error).__name__}: {first}'
+  return text if len(text) <= 400 else f'{text[:200]} ... {text[-195:]}'
 
 
 @contextlib.contextmanager
