@@ -55,14 +55,14 @@ def plan() -> dict:
   """What each section runs: the real sizes on a GPU, the tiny model on CPU."""
   if _DRY.value:
     return dict(models=[('tiny', 8)], masks=['0.5'], steps=1, warmup=1, dtype='float32', attention_batch=2,
-                attention_cases=['tiny'], backends=['xla', 'cudnn', 'pallas', 'mosaic'], iters=1, repeats=1,
+                attention_cases=['tiny'], backends=['xla', 'cudnn', 'pallas_flash', 'mosaic'], iters=1, repeats=1,
                 extra_steps=[('tiny', 8, '0.5', 'mosaic')],
                 pytest_args=['-k', 'backend_registration or cudnn_matches_xla_on_gpu'])
   # Each train-step worker's cost is start-up + compile (tens of seconds); the timed steps are a second or two.
   return dict(models=[('EVA02-CLIP-B-16', 256), ('EVA02-CLIP-L-14', 128)], masks=['0', '0.5'], steps=8,
               warmup=2, dtype='bfloat16', attention_batch=128,
               attention_cases=['B/16', 'B/16 50% masked', 'L/14', 'L/14 50% masked', 'text B (causal)'],
-              backends=['xla', 'cudnn', 'pallas', 'mosaic'], iters=10, repeats=3,
+              backends=['xla', 'cudnn', 'pallas_flash', 'mosaic'], iters=10, repeats=3,
               extra_steps=[('EVA02-CLIP-B-16', 256, '0.5', 'mosaic')],  # (model, batch, mask, attention)
               pytest_args=['--maxfail=5', '-k', 'not tpu_interpreter'])  # the Mosaic TPU interpreter: CPU CI's business
 
@@ -158,7 +158,7 @@ def section_attention(p: dict) -> dict:
 def mosaic_unavailable() -> str | None:
   """Why the 'mosaic' attention backend cannot run in this process, or None."""
   import jax
-  from eva_clip_jax.ops import mosaic_attention
+  from eva_clip_jax.ops.experimental import mosaic_attention
   device = jax.devices()[0]
   if device.platform != 'gpu' or not str(getattr(device, 'compute_capability', '')).startswith(('9.', '10.')):
     return 'Mosaic GPU needs a Hopper or Blackwell GPU'
@@ -306,7 +306,7 @@ def predict() -> None:
                              text_layer_decay=0.75, batch_size=batch, samples_seen=batch * 1000,
                              patch_dropout=float(mask))
         config = copy.deepcopy(config)
-        config.model.update(dict(dtype='bfloat16', attention='auto', remat='none', mlp_pad_multiple=0,
+        config.model.update(dict(dtype='bfloat16', attention='auto', remat='none',
                                  drop_path_rate=0.0))
         config.optimizer.name = 'adamw'
         _, estimate = memory.compile_train_step(config, mesh, batch)

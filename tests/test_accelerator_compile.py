@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_clip_jax import ops
-from eva_clip_jax.ops import mosaic_attention
+from eva_clip_jax.ops.experimental import mosaic_attention
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.training import memory
 from eva_clip_jax.training import sharding as sharding_lib
@@ -51,7 +51,7 @@ def _custom_calls(compiled) -> list[str]:
   return re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
 
 
-def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend='pallas', batch=2):
+def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend='pallas_flash', batch=2):
   """Forward + backward of attention over [batch, seq, 2, head_dim] bf16 inputs on one device of `target`."""
   sharding = NamedSharding(jax.sharding.Mesh(target.devices[:1], ('data',)), P())
   spec = jax.ShapeDtypeStruct((batch, seq, 2, head_dim), jnp.bfloat16, sharding=sharding)
@@ -60,33 +60,36 @@ def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend
     rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(head_dim, int(round((seq - 1) ** 0.5))))
 
   def loss(q, k, v):
-    if backend == 'pallas':
-      out = ops.flash_attention(q, k, v, causal=causal, rope=rope)
-    else:
-      out = ops.dot_product_attention(q, k, v, causal=causal, backend=backend)
-    return jnp.sum(out.astype(jnp.float32))
+    return jnp.sum(ops.dot_product_attention(q, k, v, causal=causal, rope=rope, backend=backend).astype(jnp.float32))
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
 
 
 # EVA's head dims: 64 (B/16, L/14), 88 (g/14), 112 (bigE/14); ViT lengths 1 + grid^2 (B/16 at 224: 197).
-# On TPU head dim 64 gets the whole-sequence kernel (forward, backward: two calls), the others the flash kernels
-# (forward, dq, dk/dv: three); on GPU the flash kernels. None is interpreted (an interpreted kernel has no custom call).
+# The flash kernels ('pallas_flash': forward, dq, dk/dv: three calls) on TPU and GPU; on TPU head dim 64 also the
+# whole-sequence kernel ('pallas_tpu': forward, backward: two). None is interpreted (an interpreted kernel has no
+# custom call).
 @pytest.mark.parametrize('head_dim,seq', [(64, 197), (88, 257), (112, 50)])
 def test_attention_kernels_compile_for_tpu_and_sm90(tpu, h100, head_dim, seq):
-  for target, call, kernels in ((tpu, MOSAIC, 2 if head_dim == 64 else 3), (h100, TRITON, 3)):
+  cases = [(tpu, 'pallas_flash', MOSAIC, 3), (h100, 'pallas_flash', TRITON, 3)]
+  if head_dim == 64:
+    cases.append((tpu, 'pallas_tpu', MOSAIC, 2))
+  for target, backend, call, kernels in cases:
     # batch 8: the whole-sequence kernel's smallest per-device batch (its blocks' sublane dimension)
-    assert _custom_calls(_kernel_step(target, head_dim, seq, batch=8)).count(call) == kernels, target.name
+    calls = _custom_calls(_kernel_step(target, head_dim, seq, batch=8, backend=backend))
+    assert calls.count(call) == kernels, (target.name, backend)
 
 
 def test_causal_attention_kernels_compile(tpu, h100):
-  for target, call, kernels in ((tpu, MOSAIC, 2), (h100, TRITON, 3)):
-    assert _custom_calls(_kernel_step(target, 64, 77, causal=True, with_rope=False, batch=8)).count(call) == kernels
+  for target, backend, call, kernels in ((tpu, 'pallas_tpu', MOSAIC, 2), (tpu, 'pallas_flash', MOSAIC, 3),
+                                         (h100, 'pallas_flash', TRITON, 3)):
+    calls = _custom_calls(_kernel_step(target, 64, 77, causal=True, with_rope=False, batch=8, backend=backend))
+    assert calls.count(call) == kernels, (target.name, backend)
 
 
 def test_whole_sequence_tpu_kernel_compiles_per_device_on_a_slice(tpu):
   # B/16's 50%-masked vision attention (99 tokens, 12 heads of 64, per-sample RoPE tables) and L/14's 257 tokens,
-  # batch-sharded over the slice's 4 chips: the kernel runs per device in a shard_map, one call each way.
+  # batch-sharded over the slice's 4 chips: the seam runs the kernel per device in a shard_map, one call each way.
   mesh = jax.sharding.Mesh(tpu.devices, ('data',))
   for seq, heads in ((99, 12), (257, 16)):
     spec = jax.ShapeDtypeStruct((32, seq, heads, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
@@ -95,7 +98,8 @@ def test_whole_sequence_tpu_kernel_compiles_per_device_on_a_slice(tpu):
     keep = jnp.tile(jnp.arange(seq - 1), (32, 1))
 
     def loss(q, k, v, keep=keep, cos=cos, sin=sin):
-      return jnp.sum(ops.flash_attention(q, k, v, rope=(cos[keep], sin[keep])).astype(jnp.float32))
+      out = ops.dot_product_attention(q, k, v, rope=(cos[keep], sin[keep]), backend='pallas_tpu')
+      return jnp.sum(out.astype(jnp.float32))
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
     assert _custom_calls(compiled).count(MOSAIC) == 2
@@ -118,7 +122,7 @@ def test_auto_is_cudnn_on_gpu_the_tpu_kernel_on_tpu_and_xla_elsewhere(tpu, h100)
   assert not _custom_calls(_kernel_step(tpu, 88, 197, with_rope=False, backend='auto', batch=8))  # no packing: XLA
   assert not _custom_calls(_kernel_step(tpu, 64, 197, with_rope=False, backend='auto'))  # 2 sequences: XLA
   spec = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.float32)
-  assert ops.attention.resolve_auto(jnp.zeros(spec.shape, jnp.bfloat16)) == 'xla'  # CPU
+  assert ops.attention.resolve('auto', jnp.zeros(spec.shape, jnp.bfloat16)).name == 'xla'  # CPU
   with pytest.raises(ValueError, match="compiled for 'tpu'"):
     _kernel_step(tpu, 64, 197, with_rope=False, backend='cudnn')
 
@@ -192,17 +196,18 @@ def _tiny_config(attention: str):
   return config
 
 
-@pytest.mark.parametrize('attention', ['xla', 'pallas'])
+@pytest.mark.parametrize('attention', ['xla', 'pallas_flash'])
 def test_tiny_train_step_compiles_for_a_tpu_slice(tpu, attention):
   mesh = sharding_lib.make_mesh({'data': len(tpu.devices)}, devices=tpu.devices)
   compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
   assert 0 < estimate.total < 2**30
   kernels = _custom_calls(compiled).count(MOSAIC)
-  # pallas: fused-RoPE vision attention and causal text attention, forward + dq + dk/dv each, one per scan body
-  assert kernels == (6 if attention == 'pallas' else 0), kernels
+  # pallas_flash: fused-RoPE vision attention and causal text attention, forward + dq + dk/dv each, one per scan body
+  # (the tiny model's head dim 32 and 2 heads do not fill the whole-sequence kernel's 128 lanes)
+  assert kernels == (6 if attention == 'pallas_flash' else 0), kernels
 
 
-@pytest.mark.parametrize('attention', ['xla', 'pallas', 'cudnn', 'mosaic'])
+@pytest.mark.parametrize('attention', ['xla', 'pallas_flash', 'cudnn', 'mosaic'])
 def test_tiny_train_step_compiles_for_8_h100s(h100, attention):
   if attention == 'mosaic':
     _require_tokamax()
@@ -210,7 +215,7 @@ def test_tiny_train_step_compiles_for_8_h100s(h100, attention):
   compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
   assert 0 < estimate.total < 2**30
   calls = _custom_calls(compiled)
-  assert calls.count(TRITON) == (6 if attention == 'pallas' else 0), calls
+  assert calls.count(TRITON) == (6 if attention == 'pallas_flash' else 0), calls
   assert any(c.startswith(CUDNN) for c in calls) == (attention == 'cudnn'), calls
   # mosaic: vision and causal text attention, forward + dq + dk/dv each, one per scan body
   assert calls.count(MOSAIC_GPU) == (6 if attention == 'mosaic' else 0), calls
@@ -282,7 +287,7 @@ def test_tpu_estimate_benchmark_runs_on_the_tiny_model():
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [line.split() for line in proc.stdout.splitlines() if line.startswith('tiny')]
   assert len(rows) == 1
-  step_ms, samples, mfu = float(rows[0][5]), float(rows[0][6]), float(rows[0][7].rstrip('%'))
+  step_ms, samples, mfu = float(rows[0][4]), float(rows[0][5]), float(rows[0][6].rstrip('%'))
   assert step_ms > 0 and samples > 0 and 0 < mfu < 100
   # --blocks: one block per tower, and the vision block without attention or MLP; leaving a part out saves time
   proc = subprocess.run([sys.executable, 'benchmarks/tpu_estimate.py', '--model=tiny', '--batch_per_chip=8',

@@ -22,8 +22,8 @@ def test_gpu_check_dry_run(tmp_path):
   assert sections['kernels']['returncode'] == 0, sections['kernels']
   rows = sections['attention']['rows']
   timed = [r for r in rows if 'ms' in r]
-  assert {(r['backend'], r['pass']) for r in timed} == {(b, p) for b in ('xla', 'pallas') for p in ('fwd', 'fwd+bwd')}
-  assert all(r['err_vs_xla'] < 1e-5 for r in timed if r['backend'] == 'pallas'), rows  # the kernel, interpreted
+  assert {(r['backend'], r['pass']) for r in timed} == {(b, p) for b in ('xla', 'pallas_flash') for p in ('fwd', 'fwd+bwd')}
+  assert all(r['err_vs_xla'] < 1e-5 for r in timed if r['backend'] == 'pallas_flash'), rows  # the kernel, interpreted
   assert [r for r in rows if r['backend'] == 'cudnn'] == [{'case': 'tiny', 'backend': 'cudnn',
                                                            'skipped': 'cuDNN needs an NVIDIA GPU'}]
   assert [r for r in rows if r['backend'] == 'mosaic'] == [{'case': 'tiny', 'backend': 'mosaic',

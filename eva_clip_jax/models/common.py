@@ -39,11 +39,9 @@ class ModelOptions:
   """How a model runs; none of these change the parameters' names or shapes.
 
   dtype: compute dtype of matmuls and activations. param_dtype: storage dtype of parameters.
-  attention: backend of `eva_clip_jax.ops.dot_product_attention` ('xla', 'cudnn', 'pallas', 'mosaic', 'auto').
+  attention: backend of `eva_clip_jax.ops.dot_product_attention` ('auto', 'xla', 'cudnn', 'pallas_tpu', ...).
   remat: per-block rematerialisation policy, a key of REMAT_POLICIES.
   scan_layers: run blocks with a rolled `lax.scan` (True) or fully unrolled (False).
-  mlp_pad_multiple: pad the vision MLP's hidden size to a multiple of this inside the computation (0: off), e.g.
-    L/14's 2730 -> 2816 with 128, for tile-aligned matmuls. Parameters keep their true shapes (`vision.SwiGLU`).
   activation_sharding: a `NamedSharding` (batch axes first) of the [batch, ...] residual stream between blocks
     (None: let XLA choose). Training sets it to batch-over-data-parallel-axes: without it, under fsdp XLA propagates the
     weights' sharding into the activations and per-device activation memory grows with the device count.
@@ -53,7 +51,6 @@ class ModelOptions:
   attention: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = True
-  mlp_pad_multiple: int = 0
   activation_sharding: Any = None
 
   def __post_init__(self):
@@ -61,8 +58,6 @@ class ModelOptions:
     object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'Unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}')
-    if self.mlp_pad_multiple < 0:
-      raise ValueError(f'mlp_pad_multiple must be >= 0 (0: no padding), got {self.mlp_pad_multiple}')
 
 
 # Logical axis names, declared on every parameter where it is created (the `logical_axes` metadata of its

@@ -59,8 +59,7 @@ def model_kwargs(config, mesh: Mesh | None = None) -> dict:
   """create_model's arguments from the config; with a mesh, activations between blocks are pinned batch-sharded."""
   m = config.model
   kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-                scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout,
-                mlp_pad_multiple=m.get('mlp_pad_multiple', 0))
+                scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout)
   if mesh is not None and sharding_lib.data_parallel_size(mesh) > 1:
     kwargs['activation_sharding'] = sharding_lib.batch_sharding(mesh)
   return kwargs
