@@ -19,7 +19,7 @@ On CPU only 'xla' runs by default: cuDNN needs an NVIDIA GPU and the Pallas kern
 (correct, but their time means nothing); --backends=pallas_flash forces one. 'xla' always runs: it is the reference.
 
 --deviceless=GPU (h100, h200, a100; needs requirements-accel.txt) runs nothing: it compiles each case's forward and
-forward+backward for one such GPU (XLA's GPU compiler without a GPU, `training.memory.target_devices`) and prints
+forward+backward for one such GPU (XLA's GPU compiler without a GPU, `training.planning.target_devices`) and prints
 whether it compiled, the kernels' custom calls, and `memory_analysis()`'s temporaries and outputs: compiler
 accounting (no autotuning), not a measurement. Backends default to xla, cudnn, pallas_flash and mosaic there.
 """
@@ -155,8 +155,8 @@ def compile_case(case: Case, backend: str, batch: int, dtype, device) -> list[tu
 
 
 def deviceless(gpu: str) -> None:
-  from eva_clip_jax.training import memory
-  device = memory.target_devices('gpu', '1x1x1', gpu).devices[0]
+  from eva_clip_jax.training import planning
+  device = planning.target_devices('gpu', '1x1x1', gpu).devices[0]
   backends = _BACKENDS.value or ['xla', 'cudnn', 'pallas_flash', 'mosaic']
   cases = [c for c in CASES if _CASES.value is None or c.name in _CASES.value]
   print(f'# attention compiled for one {device.device_kind} without a GPU (compiler accounting, not a measurement): '

@@ -231,8 +231,8 @@ def _fitting_batch(predictions: dict, gpu: str | None, model: str, batch: int, m
   128 needs 98 GiB without remat: an H200's 141 GB hold it, an H100's 80 do not)."""
   if gpu is None:
     return batch
-  from eva_clip_jax.training import memory
-  limit = 0.9 * memory.target_memory_bytes(gpu)
+  from eva_clip_jax.training import planning
+  limit = 0.9 * planning.target_memory_bytes(gpu)
   for candidate in (batch, batch // 2, batch // 4):
     predicted = predictions.get(_prediction_key(gpu, model, candidate, mask))
     if predicted is None or predicted['total'] <= limit:
@@ -290,12 +290,12 @@ def predict() -> None:
   import jax
   jax.config.update('jax_platforms', 'cpu')
   from eva_clip_jax.recipe import clip_recipe
-  from eva_clip_jax.training import memory
+  from eva_clip_jax.training import planning
   from eva_clip_jax.training import sharding as sharding_lib
   predictions = json.loads(PREDICTIONS.read_text()) if PREDICTIONS.exists() else {}
   p = plan()
   for gpu in ('h100', 'h200'):
-    target = memory.target_devices('gpu', '1x1x1', gpu)
+    target = planning.target_devices('gpu', '1x1x1', gpu)
     mesh = sharding_lib.make_mesh({'data': 1}, devices=target.devices)
     for model, full_batch in p['models']:
       for mask, batch in ((m, b) for m in p['masks'] for b in (full_batch, full_batch // 2)):
@@ -309,7 +309,7 @@ def predict() -> None:
         config.model.update(dict(dtype='bfloat16', attention='auto', remat='none',
                                  drop_path_rate=0.0))
         config.optimizer.name = 'adamw'
-        _, estimate = memory.compile_train_step(config, mesh, batch)
+        _, estimate = planning.compile_train_step(config, mesh, batch)
         key = _prediction_key(gpu, model, batch, mask)
         predictions[key] = {'total': estimate.total, 'temp': estimate.temp, 'argument': estimate.argument,
                             'jax': jax.__version__, 'compile_seconds': round(estimate.compile_seconds, 1)}

@@ -64,10 +64,10 @@ def check_matmul(n: int = 8192) -> list[dict]:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from eva_clip_jax.training import flops as flops_lib
-  from eva_clip_jax.training import memory
+  from eva_clip_jax.training import planning
   rows = []
   for topology in ('v4:2x2x1', 'v5e:2x2', 'v5p:2x2x1', 'v6e:2x2'):
-    target = memory.target_devices('tpu', topology)
+    target = planning.target_devices('tpu', topology)
     sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
     for shape in ((n, n, n), (2 * n, n, n)):
       m, k, out = shape
@@ -94,8 +94,8 @@ def attention_only(topology: str, batch: int = 32) -> list[dict]:
 
   from eva_clip_jax import ops
   from eva_clip_jax.models import rope as rope_lib
-  from eva_clip_jax.training import memory
-  target = memory.target_devices('tpu', topology)
+  from eva_clip_jax.training import planning
+  target = planning.target_devices('tpu', topology)
   sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
   rows = []
   for name, seq, heads, grid in (('B/16', 197, 12, 14), ('B/16 50% masked', 99, 12, 14), ('L/14', 257, 16, 16),
@@ -128,8 +128,8 @@ def blocks(model: str, topology: str, batch: int, mask: float, attentions: list[
   from eva_clip_jax.models import text as text_lib
   from eva_clip_jax.models import vision as vision_lib
   from eva_clip_jax.models.common import ModelOptions
-  from eva_clip_jax.training import memory
-  target = memory.target_devices('tpu', topology)
+  from eva_clip_jax.training import planning
+  target = planning.target_devices('tpu', topology)
   sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
   spec = get_model_spec(model)
   keep = vision_lib.num_kept_patches(spec.vision.num_patches, mask)
@@ -195,9 +195,9 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
   from eva_clip_jax.models import get_model_spec, replace_spec
   from eva_clip_jax.recipe import clip_recipe
   from eva_clip_jax.training import flops as flops_lib
-  from eva_clip_jax.training import memory
+  from eva_clip_jax.training import planning
   from eva_clip_jax.training import sharding as sharding_lib
-  target = memory.target_devices('tpu', topology)
+  target = planning.target_devices('tpu', topology)
   mesh = sharding_lib.make_mesh({'data': len(target.devices)}, devices=target.devices)
   spec = get_model_spec(model)
   costs, start = {}, time.perf_counter()
@@ -213,7 +213,7 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
     config = copy.deepcopy(config)
     config.model.update(attention=attention, remat=remat, patch_dropout=mask, scan_layers=False, dtype='bfloat16')
     config.sharding.strategy = strategy
-    compiled, estimate = memory.compile_train_step(config, mesh, batch)
+    compiled, estimate = planning.compile_train_step(config, mesh, batch)
     costs[depths] = _cost(compiled)
     print(f'#   depths {depths}: compiled in {estimate.compile_seconds:.0f} s, {costs[depths]}', flush=True)
   base = costs[(1, 1)]

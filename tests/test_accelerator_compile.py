@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from eva_clip_jax import ops
 from eva_clip_jax.ops.experimental import mosaic_attention
 from eva_clip_jax.models import rope as rope_lib
-from eva_clip_jax.training import memory
+from eva_clip_jax.training import planning
 from eva_clip_jax.training import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,13 +38,13 @@ def _require(module: str, what: str):
 @pytest.fixture(scope='module')
 def tpu():
   _require('libtpu', 'libtpu (jax[tpu])')
-  return memory.target_devices('tpu', 'v5e:2x2')
+  return planning.target_devices('tpu', 'v5e:2x2')
 
 
 @pytest.fixture(scope='module')
 def h100():
   _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
-  return memory.target_devices('gpu', '1x1x8', 'h100')
+  return planning.target_devices('gpu', '1x1x8', 'h100')
 
 
 def _custom_calls(compiled) -> list[str]:
@@ -156,7 +156,7 @@ def test_mosaic_backend_errors_name_the_problem(tpu, h100):
     ops.dot_product_attention(q, q, q, backend='mosaic')
   with pytest.raises(ValueError, match="compiled for 'tpu'"):
     _kernel_step(tpu, 64, 197, with_rope=False, backend='mosaic')
-  a100 = memory.target_devices('gpu', '1x1x1', 'a100')
+  a100 = planning.target_devices('gpu', '1x1x1', 'a100')
   with pytest.raises(ValueError, match='Hopper GPUs only'):
     _kernel_step(a100, 64, 197, with_rope=False, backend='mosaic')
   sharding = NamedSharding(jax.sharding.Mesh(h100.devices[:1], ('data',)), P())
@@ -199,7 +199,7 @@ def _tiny_config(attention: str):
 @pytest.mark.parametrize('attention', ['xla', 'pallas_flash'])
 def test_tiny_train_step_compiles_for_a_tpu_slice(tpu, attention):
   mesh = sharding_lib.make_mesh({'data': len(tpu.devices)}, devices=tpu.devices)
-  compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
+  compiled, estimate = planning.compile_train_step(_tiny_config(attention), mesh, 4)
   assert 0 < estimate.total < 2**30
   kernels = _custom_calls(compiled).count(MOSAIC)
   # pallas_flash: fused-RoPE vision attention and causal text attention, forward + dq + dk/dv each, one per scan body
@@ -212,7 +212,7 @@ def test_tiny_train_step_compiles_for_8_h100s(h100, attention):
   if attention == 'mosaic':
     _require_tokamax()
   mesh = sharding_lib.make_mesh({'data': 8}, devices=h100.devices)
-  compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
+  compiled, estimate = planning.compile_train_step(_tiny_config(attention), mesh, 4)
   assert 0 < estimate.total < 2**30
   calls = _custom_calls(compiled)
   assert calls.count(TRITON) == (6 if attention == 'pallas_flash' else 0), calls
@@ -242,23 +242,23 @@ def test_planner_command_line_compiles_for_the_target(tmp_path, target_args, kin
 
 def test_bad_targets_are_clear_errors():
   with pytest.raises(ValueError, match='GENERATION:CHIPS'):
-    memory.target_devices('tpu', 'v9:2x2')
+    planning.target_devices('tpu', 'v9:2x2')
   with pytest.raises(ValueError, match='unknown GPU'):
-    memory.gpu_spec('b200')
+    planning.gpu_spec('b200')
   with pytest.raises(ValueError, match="'tpu', 'gpu' or 'cpu'"):
-    memory.target_devices('npu')
+    planning.target_devices('npu')
 
 
 def test_a_program_over_the_chips_memory_is_refused_with_its_size(tpu):
-  """The TPU compiler stops at the chip's HBM (16 GiB on v5e): memory.exhausted_bytes reads what it needed, so the
+  """The TPU compiler stops at the chip's HBM (16 GiB on v5e): planning.exhausted_bytes reads what it needed, so the
   planner's search takes such a batch as one that does not fit (tests/test_plan.py) instead of crashing."""
   sharding = NamedSharding(jax.sharding.Mesh(tpu.devices[:1], ('x',)), P())
   x = jax.ShapeDtypeStruct((1 << 15, 1 << 15), jnp.float32, sharding=sharding)  # 4 GiB in, 5 x 4 GiB out
   with pytest.raises(Exception) as error:
     jax.jit(lambda a: [a * i + 1 for i in range(5)]).lower(x).compile()
-  needed = memory.exhausted_bytes(error.value)
+  needed = planning.exhausted_bytes(error.value)
   assert 16 * 2**30 < needed <= 25 * 2**30, str(error.value)
-  assert memory.exhausted_bytes(ValueError('bad shape')) is None
+  assert planning.exhausted_bytes(ValueError('bad shape')) is None
 
 
 def test_xla_attention_stores_16_bit_probabilities_only(h100):
@@ -306,7 +306,7 @@ def test_attention_benchmark_compiles_deviceless_for_h100():
   """benchmarks/attention.py --deviceless: what compiles for an H100 and its bytes, one small case."""
   _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
   # This tree's package, whatever the interpreter has installed.
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': memory.GPU_XLA_FLAGS, 'PYTHONPATH': str(ROOT)}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': planning.GPU_XLA_FLAGS, 'PYTHONPATH': str(ROOT)}
   proc = subprocess.run([sys.executable, 'benchmarks/attention.py', '--deviceless=h100', '--cases=B/16 50% masked',
                          '--batch_size=2', '--backends=cudnn,mosaic'], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600, check=False)

@@ -167,7 +167,7 @@ def test_bad_arguments_are_clear_errors():
   q, k, v, _ = _inputs(17, 16, heads=1)
   with pytest.raises(ValueError, match='powers of two'):
     flash_attention(q, k, v, block_q=24)
-  with pytest.raises(ValueError, match='rope tables'):
-    flash_attention(q, k, v, rope=(jnp.ones((17, 16)), jnp.ones((17, 16))))
+  with pytest.raises(ValueError, match='rope tables'):  # more table rows than tokens
+    flash_attention(q, k, v, rope=(jnp.ones((18, 16)), jnp.ones((18, 16))))
   with pytest.raises(ValueError, match='target'):
     flash_attention(q, k, v, target='mosaic_gpu')

@@ -32,6 +32,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 STRATEGIES = ('dp', 'zero1', 'fsdp')
 
+
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (all remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
@@ -55,6 +56,29 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
   except (ValueError, NotImplementedError, AssertionError):
     grid = np.asarray(devices).reshape(sizes)
   return Mesh(grid, MESH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data:8,fsdp:8' (the planner's --mesh) -> {'data': 8, 'fsdp': 8, 'tensor': 1}, for `make_mesh`."""
+  mesh = dict.fromkeys(MESH_AXES, 1)
+  for part in filter(None, text.replace(' ', '').split(',')):
+    axis, _, size = part.partition(':')
+    if axis not in mesh or not size.isdigit() or int(size) < 1:
+      raise ValueError(f'bad mesh entry {part!r}: expected axis:size with an axis in {MESH_AXES}')
+    mesh[axis] = int(size)
+  return mesh
+
+
+def format_mesh(mesh: Mapping[str, int]) -> str:
+  return ','.join(f'{axis}:{size}' for axis, size in mesh.items() if size > 1) or 'data:1'
+
+
+def strategy_mesh(mesh: Mapping[str, int], strategy: str) -> dict[str, int]:
+  """fsdp shards parameters over the 'fsdp' axis only; a mesh without one gets its data devices moved there."""
+  mesh = dict(mesh)
+  if strategy == 'fsdp' and mesh.get('fsdp', 1) == 1:
+    mesh['fsdp'], mesh['data'] = mesh.get('data', 1), 1
+  return mesh
 
 
 def data_parallel_size(mesh: Mesh) -> int:
