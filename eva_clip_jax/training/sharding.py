@@ -9,12 +9,14 @@ parameters and of the optimizer state, and XLA inserts the collectives.
          XLA all-gathers each weight where it is used.
 The logical axes are declared by the models on each parameter (`models/common.py`, LOGICAL_AXES);
 `config.sharding.axis_rules` maps them to mesh axes.
-The batch is always sharded over the data-parallel axes ('data', 'fsdp'). A 'tensor' axis shards the `mlp`,
-`heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1).
+The batch is always sharded over the data-parallel axes ('data', 'fsdp'), and so are the activations between blocks
+(the models' `activation_batch` logical axis, resolved under `activation_sharding`). A 'tensor' axis shards the
+`mlp`, `heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Any, Mapping, Sequence
@@ -22,10 +24,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from eva_clip_jax.models.common import AXES_METADATA, LOGICAL_AXES
+from eva_clip_jax.models.common import ACTIVATION_BATCH, AXES_METADATA, LOGICAL_AXES
 from eva_clip_jax.models.paths import flat_paths, path_name
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -91,6 +94,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """Where a model is traced under this, its activations' batch dimension is pinned to the data-parallel axes of
+  `mesh` (`models.common.constrain_batch`). It sets the abstract mesh, which works inside jit (`jax.set_mesh` does not;
+  outside jit, `jax.set_mesh(mesh)` with these rules does the same). One data-parallel device: nothing to pin."""
+  if data_parallel_size(mesh) == 1:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), spmd.logical_axis_rules(((ACTIVATION_BATCH, BATCH_AXES),)):
+    yield
 
 
 def logical_axes(param_state: nnx.State) -> dict[str, tuple[str | None, ...]]:
