@@ -35,5 +35,5 @@ def test_gpu_check_dry_run(tmp_path):
   torch_section = sections['torch']
   assert 'skipped' in torch_section or torch_section['rows'][0]['samples_per_s'] > 0, torch_section
   table = (tmp_path / 'gpu_check.md').read_text()
-  assert '| train step | tiny | jax' in table and '| attention fwd+bwd | tiny | pallas |' in table
+  assert '| train step | tiny | jax' in table and '| attention fwd+bwd | tiny | pallas_flash |' in table
   assert '| train step | tiny | jax (mosaic) | 50% | 8 | | | | | skipped: Mosaic GPU needs' in table
