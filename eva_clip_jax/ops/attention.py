@@ -22,9 +22,8 @@ a TPU slice or a deviceless GPU on a CPU host gets the backend of that target.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Callable, Protocol
+from typing import Callable
 
 import jax
 
@@ -34,12 +33,6 @@ from eva_clip_jax.ops.rope import apply_rope_after_prefix
 Rope = tuple[jax.Array, jax.Array]
 
 
-class AttentionFn(Protocol):
-
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, scale: float) -> jax.Array:
-    ...
-
-
 def _everywhere(shape, dtype, platform) -> bool:
   del shape, dtype, platform
   return True
@@ -47,8 +40,9 @@ def _everywhere(shape, dtype, platform) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
+  """One registered backend (`register_backend`)."""
   name: str
-  fn: Callable[..., jax.Array]
+  fn: Callable[..., jax.Array]  # fn(q, k, v, *, causal, scale[, rope]) -> out
   supports: Callable[[tuple[int, ...], jax.typing.DTypeLike, str], bool] = _everywhere
   fuses_rope: bool = False  # fn takes rope=(cos, sin) (or None) and rotates q and k itself
   per_device: bool = False  # a kernel's custom call: run in a shard_map on a mesh of several devices
@@ -155,7 +149,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   """softmax(q k^T * scale [+ causal mask]) v over [batch, seq, heads, head_dim] inputs, q and k rotated by `rope`."""
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f'expected q, k, v as [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}')
-  scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   chosen = resolve(backend, q)
   platform = compile_platform(q)
   if not _supported(chosen, q, platform):
@@ -165,11 +159,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   if rope is not None and not chosen.fuses_rope:
     q, k = (apply_rope_after_prefix(t, *rope) for t in (q, k))
     rope = None
-  if chosen.fuses_rope:
-    fn = functools.partial(chosen.fn, causal=causal, scale=scale)
-    call = lambda q, k, v, rope: fn(q, k, v, rope=rope)
-  else:
-    call = lambda q, k, v, rope: chosen.fn(q, k, v, causal=causal, scale=scale)
+
+  def call(q, k, v, rope):
+    extra = {'rope': rope} if chosen.fuses_rope else {}
+    return chosen.fn(q, k, v, causal=causal, scale=scale, **extra)
+
   if chosen.per_device:
     call = _per_device(call, q, rope)
   return call(q, k, v, rope)
