@@ -1,26 +1,27 @@
 r"""Attention alone at EVA-CLIP's shapes: time and achieved TFLOP/s per backend, forward and forward+backward.
 
-  python benchmarks/attention.py                                  # GPU: all cases, xla / cudnn / pallas
+  python benchmarks/attention.py                                  # GPU: all cases, xla / cudnn / pallas_flash
   python benchmarks/attention.py --batch_size=2 --iters=2         # CPU smoke test: xla only
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_gpu_enable_triton_gemm=false \
     python benchmarks/attention.py --deviceless=h100                # CPU host: what compiles for one H100, and bytes
 
 Cases are the vision towers' sequences (CLS + patches, and with 50% patch dropout) and the causal text tower.
-EVA-02 cases (B, L) include their 2D RoPE: the 'xla' and 'cudnn' rows rotate q and k first, as the model does
-for them, while 'pallas' rotates inside the kernel; masked cases use per-sample tables, as patch dropout makes.
+EVA-02 cases (B, L) include their 2D RoPE, passed to the attention seam as the model passes it: it rotates q and k
+first for 'xla' and 'cudnn', while the Pallas kernels rotate inside; masked cases use per-sample tables, as patch
+dropout makes.
 The 'err' column is the largest |difference| from the 'xla' backend at the same inputs: of the output in 'fwd'
 rows, of dq, dk and dv in 'fwd+bwd' rows (a check that a kernel run on new hardware computes the right thing).
 
 FLOPs are model FLOPs: forward 4 B H S^2 D (the two matmuls), halved when causal (the useful triangle);
 forward+backward 3x forward (the backward's dq, dk, dv and dp matmuls), so a kernel's recomputation of the
 scores in its backward is not counted, as remat is not counted in the training MFU.
-On CPU only 'xla' runs by default: cuDNN needs an NVIDIA GPU and the Pallas kernel is interpreted there
-(correct, but its time means nothing); --backends=pallas forces it. 'xla' always runs: it is the reference.
+On CPU only 'xla' runs by default: cuDNN needs an NVIDIA GPU and the Pallas kernels are interpreted there
+(correct, but their time means nothing); --backends=pallas_flash forces one. 'xla' always runs: it is the reference.
 
 --deviceless=GPU (h100, h200, a100; needs requirements-accel.txt) runs nothing: it compiles each case's forward and
-forward+backward for one such GPU (XLA's GPU compiler without a GPU, `training.memory.target_devices`) and prints
+forward+backward for one such GPU (XLA's GPU compiler without a GPU, `training.planning.target_devices`) and prints
 whether it compiled, the kernels' custom calls, and `memory_analysis()`'s temporaries and outputs: compiler
-accounting (no autotuning), not a measurement. Backends default to xla, cudnn, pallas and mosaic there.
+accounting (no autotuning), not a measurement. Backends default to xla, cudnn, pallas_flash and mosaic there.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from eva_clip_jax import ops
 from eva_clip_jax.models import rope as rope_lib
 
 _BACKENDS = flags.DEFINE_list('backends', None, 'attention backends besides xla, which always runs (the reference); '
-                              'default: cudnn,pallas on GPU, none on CPU')
+                              'default: cudnn,pallas_flash on GPU, none on CPU')
 _CASES = flags.DEFINE_list('cases', None, 'case names to run (default: all)')
 _BATCH = flags.DEFINE_integer('batch_size', 128, 'sequences per call')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'q, k, v dtype')
@@ -89,11 +90,7 @@ def rope_tables(case: Case, batch: int):
 
 def attention_fn(case: Case, backend: str, rope):
   def attend(q, k, v):
-    if backend == 'pallas':
-      return ops.flash_attention(q, k, v, causal=case.causal, rope=rope)
-    if rope is not None:
-      q, k = (rope_lib.apply_rope_skip_cls(t, *rope) for t in (q, k))
-    return ops.dot_product_attention(q, k, v, causal=case.causal, backend=backend)
+    return ops.dot_product_attention(q, k, v, causal=case.causal, rope=rope, backend=backend)
   return attend
 
 
@@ -158,9 +155,9 @@ def compile_case(case: Case, backend: str, batch: int, dtype, device) -> list[tu
 
 
 def deviceless(gpu: str) -> None:
-  from eva_clip_jax.training import memory
-  device = memory.target_devices('gpu', '1x1x1', gpu).devices[0]
-  backends = _BACKENDS.value or ['xla', 'cudnn', 'pallas', 'mosaic']
+  from eva_clip_jax.training import planning
+  device = planning.target_devices('gpu', '1x1x1', gpu).devices[0]
+  backends = _BACKENDS.value or ['xla', 'cudnn', 'pallas_flash', 'mosaic']
   cases = [c for c in CASES if _CASES.value is None or c.name in _CASES.value]
   print(f'# attention compiled for one {device.device_kind} without a GPU (compiler accounting, not a measurement): '
         f'jax {jax.__version__}, {_DTYPE.value}, batch {_BATCH.value}')
@@ -186,10 +183,10 @@ def main(argv):
     return
   platform = jax.devices()[0].platform
   on_gpu = platform == 'gpu'
-  backends = ['xla'] + [b for b in (_BACKENDS.value or (['cudnn', 'pallas'] if on_gpu else [])) if b != 'xla']
+  backends = ['xla'] + [b for b in (_BACKENDS.value or (['cudnn', 'pallas_flash'] if on_gpu else [])) if b != 'xla']
   if not on_gpu and not _BACKENDS.value:
-    print("# CPU: running 'xla' only ('cudnn' needs an NVIDIA GPU; 'pallas' only interprets on CPU, so its time "
-          'means nothing; --backends=pallas forces it)')
+    print("# CPU: running 'xla' only ('cudnn' needs an NVIDIA GPU; the Pallas kernels only interpret on CPU, so "
+          'their time means nothing; --backends=pallas_flash forces one)')
   cases = [c for c in CASES if _CASES.value is None or c.name in _CASES.value]
   dtype = jnp.dtype(_DTYPE.value)
   print(f'# attention: {jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}, {_DTYPE.value}, '

@@ -83,14 +83,14 @@ def plan() -> dict:
   """What each section runs: the real sizes on a GPU, the tiny model on CPU."""
   if _DRY.value:
     return dict(models=[('tiny', 8)], masks=['0.5'], steps=1, warmup=1, dtype='float32', attention_batch=2,
-                attention_cases=['tiny'], backends=['xla', 'cudnn', 'pallas', 'mosaic'], iters=1, repeats=1,
+                attention_cases=['tiny'], backends=['xla', 'cudnn', 'pallas_flash', 'mosaic'], iters=1, repeats=1,
                 extra_steps=[('tiny', 8, '0.5', 'mosaic')],
                 pytest_args=['-k', 'backend_registration or cudnn_matches_xla_on_gpu'])
   # Each train-step worker's cost is start-up + compile (tens of seconds); the timed steps are a second or two.
   return dict(models=[('EVA02-CLIP-B-16', 256), ('EVA02-CLIP-L-14', 128)], masks=['0', '0.5'], steps=8,
               warmup=2, dtype='bfloat16', attention_batch=128,
               attention_cases=['B/16', 'B/16 50% masked', 'L/14', 'L/14 50% masked', 'text B (causal)'],
-              backends=['xla', 'cudnn', 'pallas', 'mosaic'], iters=10, repeats=3,
+              backends=['xla', 'cudnn', 'pallas_flash', 'mosaic'], iters=10, repeats=3,
               extra_steps=[('EVA02-CLIP-B-16', 256, '0.5', 'mosaic')],  # (model, batch, mask, attention)
               pytest_args=['--maxfail=5', '-k', 'not tpu_interpreter'])  # the Mosaic TPU interpreter: CPU CI's business
 
@@ -223,7 +223,7 @@ def section_attention(p: dict, emit) -> dict:
 def mosaic_unavailable() -> str | None:
   """Why the 'mosaic' attention backend cannot run in this process, or None."""
   import jax
-  from eva_clip_jax.ops import mosaic_attention
+  from eva_clip_jax.ops.experimental import mosaic_attention
   device = jax.devices()[0]
   if device.platform != 'gpu' or not str(getattr(device, 'compute_capability', '')).startswith(('9.', '10.')):
     return 'Mosaic GPU needs a Hopper or Blackwell GPU'
@@ -298,8 +298,8 @@ def _fitting_batch(predictions: dict, gpu: str | None, model: str, batch: int, m
   128 needs 98 GiB without remat: an H200's 141 GB hold it, an H100's 80 do not)."""
   if gpu is None:
     return batch
-  from eva_clip_jax.training import memory
-  limit = 0.9 * memory.target_memory_bytes(gpu)
+  from eva_clip_jax.training import planning
+  limit = 0.9 * planning.target_memory_bytes(gpu)
   for candidate in (batch, batch // 2, batch // 4):
     predicted = predictions.get(_prediction_key(gpu, model, candidate, mask))
     if predicted is None or predicted['total'] <= limit:
@@ -361,12 +361,12 @@ def predict() -> None:
   import jax
   jax.config.update('jax_platforms', 'cpu')
   from eva_clip_jax.recipe import clip_recipe
-  from eva_clip_jax.training import memory
+  from eva_clip_jax.training import planning
   from eva_clip_jax.training import sharding as sharding_lib
   predictions = json.loads(PREDICTIONS.read_text()) if PREDICTIONS.exists() else {}
   p = plan()
   for gpu in ('h100', 'h200'):
-    target = memory.target_devices('gpu', '1x1x1', gpu)
+    target = planning.target_devices('gpu', '1x1x1', gpu)
     mesh = sharding_lib.make_mesh({'data': 1}, devices=target.devices)
     for model, full_batch in p['models']:
       for mask, batch in ((m, b) for m in p['masks'] for b in (full_batch, full_batch // 2)):
@@ -377,10 +377,10 @@ def predict() -> None:
                              text_layer_decay=0.75, batch_size=batch, samples_seen=batch * 1000,
                              patch_dropout=float(mask))
         config = copy.deepcopy(config)
-        config.model.update(dict(dtype='bfloat16', attention='auto', remat='none', mlp_pad_multiple=0,
+        config.model.update(dict(dtype='bfloat16', attention='auto', remat='none',
                                  drop_path_rate=0.0))
         config.optimizer.name = 'adamw'
-        _, estimate = memory.compile_train_step(config, mesh, batch)
+        _, estimate = planning.compile_train_step(config, mesh, batch)
         key = _prediction_key(gpu, model, batch, mask)
         predictions[key] = {'total': estimate.total, 'temp': estimate.temp, 'argument': estimate.argument,
                             'jax': jax.__version__, 'compile_seconds': round(estimate.compile_seconds, 1)}

@@ -1,9 +1,9 @@
 r"""The TPU compiler's estimate of the train step's speed, from ahead-of-time compiles on a CPU host (no TPU).
 
   python benchmarks/tpu_estimate.py --check_matmul
-  python benchmarks/tpu_estimate.py --blocks --model=EVA02-CLIP-B-16 --masks=0.5 --attention=xla,pallas
+  python benchmarks/tpu_estimate.py --blocks --model=EVA02-CLIP-B-16 --masks=0.5 --attention=xla,pallas_tpu
   python benchmarks/tpu_estimate.py --model=EVA02-CLIP-B-16 --batch_per_chip=256 --masks=0,0.5 \
-      --attention=xla,pallas --remat=none,full --json=/tmp/b16.json
+      --attention=xla,pallas_tpu --remat=none,full --json=/tmp/b16.json
 
 What is estimated: XLA's cost analysis of the compiled (optimised, partitioned) program for one chip: `flops` and
 `optimal_seconds`, the compiler's own roofline time of the program's ops. --check_matmul says what that time means
@@ -34,16 +34,15 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 from absl import app, flags  # noqa: E402
 
 _CHECK = flags.DEFINE_bool('check_matmul', False, "compare optimal_seconds with FLOPs / peak on one matmul")
-_ATTENTION_ONLY = flags.DEFINE_bool('attention_only', False, 'attention forward+backward alone, xla vs pallas')
+_ATTENTION_ONLY = flags.DEFINE_bool('attention_only', False, 'attention forward+backward alone, xla vs pallas_tpu')
 _BLOCKS = flags.DEFINE_bool('blocks', False, "one vision and one text block, forward+backward, per --attention (and "
                             "with the vision block's attention or MLP left out: where the time goes)")
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5p:2x2x1', 'the TPU slice compiled for (the step is data parallel)')
 _MODEL = flags.DEFINE_string('model', 'EVA02-CLIP-B-16', 'model name')
 _BATCH = flags.DEFINE_integer('batch_per_chip', 256, 'samples per chip')
 _MASKS = flags.DEFINE_list('masks', ['0', '0.5'], 'patch dropout rates')
-_ATTENTION = flags.DEFINE_list('attention', ['xla', 'pallas'], 'attention backends')
+_ATTENTION = flags.DEFINE_list('attention', ['xla', 'pallas_tpu'], 'attention backends')
 _REMAT = flags.DEFINE_list('remat', ['none', 'full'], 'remat policies')
-_PAD = flags.DEFINE_list('mlp_pad_multiple', ['0'], 'vision MLP hidden padding multiples (0: none)')
 _STRATEGY = flags.DEFINE_string('strategy', 'zero1', 'sharding strategy')
 _JSON = flags.DEFINE_string('json', None, 'append the rows to this JSON file')
 
@@ -65,10 +64,10 @@ def check_matmul(n: int = 8192) -> list[dict]:
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from eva_clip_jax.training import flops as flops_lib
-  from eva_clip_jax.training import memory
+  from eva_clip_jax.training import planning
   rows = []
   for topology in ('v4:2x2x1', 'v5e:2x2', 'v5p:2x2x1', 'v6e:2x2'):
-    target = memory.target_devices('tpu', topology)
+    target = planning.target_devices('tpu', topology)
     sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
     for shape in ((n, n, n), (2 * n, n, n)):
       m, k, out = shape
@@ -88,15 +87,15 @@ def check_matmul(n: int = 8192) -> list[dict]:
 
 
 def attention_only(topology: str, batch: int = 32) -> list[dict]:
-  """Forward + backward of attention alone at EVA-02's shapes (RoPE fused for pallas, rotated first for xla)."""
+  """Forward + backward of attention alone at EVA-02's shapes (RoPE fused for pallas_tpu, rotated first for xla)."""
   import jax
   import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
   from eva_clip_jax import ops
   from eva_clip_jax.models import rope as rope_lib
-  from eva_clip_jax.training import memory
-  target = memory.target_devices('tpu', topology)
+  from eva_clip_jax.training import planning
+  target = planning.target_devices('tpu', topology)
   sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
   rows = []
   for name, seq, heads, grid in (('B/16', 197, 12, 14), ('B/16 50% masked', 99, 12, 14), ('L/14', 257, 16, 16),
@@ -104,18 +103,14 @@ def attention_only(topology: str, batch: int = 32) -> list[dict]:
     spec = jax.ShapeDtypeStruct((batch, seq, heads, 64), jnp.bfloat16, sharding=sharding)
     cos, sin = (jnp.asarray(t) for t in rope_lib.rope_2d_tables(64, grid))
     cos, sin = cos[:seq - 1], sin[:seq - 1]  # masked: the first kept rows (the cost does not depend on which)
-    for backend in ('xla', 'pallas'):
+    for backend in ('xla', 'pallas_tpu'):
       def loss(q, k, v, backend=backend):
-        if backend == 'pallas':
-          out = ops.flash_attention(q, k, v, rope=(cos, sin))
-        else:
-          q, k = (rope_lib.apply_rope_skip_cls(t, cos, sin) for t in (q, k))
-          out = ops.dot_product_attention(q, k, v, backend='xla')
+        out = ops.dot_product_attention(q, k, v, rope=(cos, sin), backend=backend)
         return jnp.sum(out.astype(jnp.float32))
       cost = _cost(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile())
       model = 3 * 4 * batch * heads * seq * seq * 64
       rows.append({'case': name, 'backend': backend, 'batch': batch, **cost, 'model_flops': model})
-      print(f"{name:16} {backend:6} optimal {cost['seconds'] * 1e3:7.3f} ms, flops {cost['flops']:.3g} "
+      print(f"{name:16} {backend:10} optimal {cost['seconds'] * 1e3:7.3f} ms, flops {cost['flops']:.3g} "
             f"({cost['flops'] / model:.2f}x model), bytes {cost['bytes']:.3g}", flush=True)
   return rows
 
@@ -133,8 +128,8 @@ def blocks(model: str, topology: str, batch: int, mask: float, attentions: list[
   from eva_clip_jax.models import text as text_lib
   from eva_clip_jax.models import vision as vision_lib
   from eva_clip_jax.models.common import ModelOptions
-  from eva_clip_jax.training import memory
-  target = memory.target_devices('tpu', topology)
+  from eva_clip_jax.training import planning
+  target = planning.target_devices('tpu', topology)
   sharding = NamedSharding(Mesh(target.devices[:1], ('x',)), P())
   spec = get_model_spec(model)
   keep = vision_lib.num_kept_patches(spec.vision.num_patches, mask)
@@ -168,7 +163,7 @@ def blocks(model: str, topology: str, batch: int, mask: float, attentions: list[
       idx = jax.ShapeDtypeStruct((batch, keep), jnp.int32, sharding=sharding)
       cost = _cost(jax.jit(jax.grad(loss, argnums=(0, 1))).lower(abstract, x, idx).compile())
       rows.append({'tower': tower, 'part': part, 'attention': attention, 'batch': batch, 'tokens': seq, **cost})
-      print(f"{tower:6} {part:12} {attention:6} {seq:4d} tokens: {cost['seconds'] * 1e3:7.3f} ms, "
+      print(f"{tower:6} {part:12} {attention:10} {seq:4d} tokens: {cost['seconds'] * 1e3:7.3f} ms, "
             f"{cost['bytes'] / 1e9:6.2f} GB, {cost['flops'] / 1e12:6.3f} TFLOP", flush=True)
   return rows
 
@@ -181,7 +176,6 @@ class Row:
   mask: float
   attention: str
   remat: str
-  mlp_pad_multiple: int
   flops: float  # per chip per step, scan-corrected
   seconds: float  # optimal_seconds, scan-corrected
   bytes_accessed: float  # HBM traffic XLA's cost model counts, scan-corrected
@@ -196,14 +190,14 @@ def _register(spec):
   registry.MODELS[spec.name] = spec  # this process only: the depth variants are not models anyone trains
 
 
-def estimate(model: str, topology: str, batch: int, mask: float, attention: str, remat: str, pad: int,
+def estimate(model: str, topology: str, batch: int, mask: float, attention: str, remat: str,
              strategy: str) -> Row:
   from eva_clip_jax.models import get_model_spec, replace_spec
   from eva_clip_jax.recipe import clip_recipe
   from eva_clip_jax.training import flops as flops_lib
-  from eva_clip_jax.training import memory
+  from eva_clip_jax.training import planning
   from eva_clip_jax.training import sharding as sharding_lib
-  target = memory.target_devices('tpu', topology)
+  target = planning.target_devices('tpu', topology)
   mesh = sharding_lib.make_mesh({'data': len(target.devices)}, devices=target.devices)
   spec = get_model_spec(model)
   costs, start = {}, time.perf_counter()
@@ -217,10 +211,9 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
                          visual_layer_decay=0.75, text_layer_decay=0.75, batch_size=batch * len(target.devices),
                          samples_seen=1e6)
     config = copy.deepcopy(config)
-    config.model.update(attention=attention, remat=remat, patch_dropout=mask, scan_layers=False, dtype='bfloat16',
-                        mlp_pad_multiple=pad)
+    config.model.update(attention=attention, remat=remat, patch_dropout=mask, scan_layers=False, dtype='bfloat16')
     config.sharding.strategy = strategy
-    compiled, estimate = memory.compile_train_step(config, mesh, batch)
+    compiled, estimate = planning.compile_train_step(config, mesh, batch)
     costs[depths] = _cost(compiled)
     print(f'#   depths {depths}: compiled in {estimate.compile_seconds:.0f} s, {costs[depths]}', flush=True)
   base = costs[(1, 1)]
@@ -234,7 +227,7 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
   peak = flops_lib.peak_flops_per_device(target.devices[0])
   samples = batch / total['seconds']
   return Row(model=model, topology=topology, batch_per_chip=batch, mask=mask, attention=attention, remat=remat,
-             mlp_pad_multiple=pad, flops=total['flops'], seconds=total['seconds'], bytes_accessed=total['bytes'],
+             flops=total['flops'], seconds=total['seconds'], bytes_accessed=total['bytes'],
              samples_per_second_per_chip=samples, mfu=model_flops / total['seconds'] / peak,
              hlo_over_model_flops=total['flops'] / model_flops, compile_seconds=time.perf_counter() - start)
 
@@ -251,18 +244,16 @@ def main(argv):
     rows = blocks(_MODEL.value, _TOPOLOGY.value, _BATCH.value, float(_MASKS.value[-1]), _ATTENTION.value)
   else:
     rows = []
-    print(f"{'model':16} {'mask':>4} {'attention':9} {'remat':5} {'pad':>3} {'step ms':>8} {'smp/s/chip':>10} "
+    print(f"{'model':16} {'mask':>4} {'attention':12} {'remat':5} {'step ms':>8} {'smp/s/chip':>10} "
           f"{'MFU':>6} {'HLO/model FLOPs':>15} {'compile s':>9}   (compiler estimate, not a measurement)")
     for mask in map(float, _MASKS.value):
       for attention in _ATTENTION.value:
         for remat in _REMAT.value:
-          for pad in map(int, _PAD.value):
-            row = estimate(_MODEL.value, _TOPOLOGY.value, _BATCH.value, mask, attention, remat, pad,
-                           _STRATEGY.value)
-            rows.append(dataclasses.asdict(row))
-            print(f'{row.model[-8:]:16} {row.mask:4.1f} {row.attention:9} {row.remat:5} {row.mlp_pad_multiple:3d} '
-                  f'{row.seconds * 1e3:8.1f} {row.samples_per_second_per_chip:10.0f} {row.mfu:6.1%} '
-                  f'{row.hlo_over_model_flops:15.2f} {row.compile_seconds:9.0f}', flush=True)
+          row = estimate(_MODEL.value, _TOPOLOGY.value, _BATCH.value, mask, attention, remat, _STRATEGY.value)
+          rows.append(dataclasses.asdict(row))
+          print(f'{row.model[-8:]:16} {row.mask:4.1f} {row.attention:12} {row.remat:5} '
+                f'{row.seconds * 1e3:8.1f} {row.samples_per_second_per_chip:10.0f} {row.mfu:6.1%} '
+                f'{row.hlo_over_model_flops:15.2f} {row.compile_seconds:9.0f}', flush=True)
   if _JSON.value:
     old = json.load(open(_JSON.value)) if os.path.exists(_JSON.value) else []
     with open(_JSON.value, 'w') as f:

@@ -38,9 +38,8 @@ _MASKS = flags.DEFINE_list('masks', ['0', '0.5'], 'patch-dropout ratios to run')
 _STEPS = flags.DEFINE_integer('steps', 10, 'timed steps')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps first (compilation, allocator warm-up)')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'compute dtype, both frameworks')
-_ATTENTION = flags.DEFINE_string('attention', 'xla', 'JAX attention backend (xla, cudnn, pallas)')
+_ATTENTION = flags.DEFINE_string('attention', 'xla', 'JAX attention backend (xla, cudnn, pallas_tpu, auto, ...)')
 _REMAT = flags.DEFINE_string('remat', 'none', 'JAX per-block remat policy')
-_MLP_PAD = flags.DEFINE_integer('mlp_pad_multiple', 0, 'JAX: pad the vision MLP hidden size to this multiple')
 _OPTIMIZER = flags.DEFINE_string('optimizer', 'adamw', "JAX optimizer ('adamw' matches torch; 'lamb' is the "
                                  "paper's)")
 _FRAMEWORKS = flags.DEFINE_list('frameworks', ['jax', 'torch'], 'which sides to run')
@@ -71,7 +70,7 @@ def run_jax(mask: float) -> dict:
   config = clip_recipe(model=spec.name, visual_lr=2e-4, text_lr=2e-5, visual_layer_decay=0.75, text_layer_decay=0.75,
                        batch_size=batch, samples_seen=batch * 1000, patch_dropout=mask)
   config.model.update(dict(dtype=_DTYPE.value, attention=_ATTENTION.value, remat=_REMAT.value,
-                           mlp_pad_multiple=_MLP_PAD.value, drop_path_rate=0.0))
+                           drop_path_rate=0.0))
   config.optimizer.name = _OPTIMIZER.value
   mesh = sharding.make_mesh(dict(data=-1))
   setup = step.make_setup(config, mesh)
@@ -212,7 +211,7 @@ def main(argv):
   batch = _BATCH.value
   print(f'# train step: {spec.name}, global batch {batch}, {_DTYPE.value}, {_STEPS.value} timed steps after '
         f'{_WARMUP.value}; jax: attention={_ATTENTION.value} remat={_REMAT.value} '
-        f'mlp_pad_multiple={_MLP_PAD.value} optimizer={_OPTIMIZER.value}; torch: AdamW'
+        f'optimizer={_OPTIMIZER.value}; torch: AdamW'
         f'{", torch.compile" if _TORCH_COMPILE.value else ""}')
   print('| framework | mask | samples/s | step ms | MFU | peak | memory GiB | memory source | compile + warm-up s '
         '| device |')

@@ -1,5 +1,6 @@
 r"""Plans per-device memory for a topology this machine does not have: the train step is compiled ahead of time, from
-abstract inputs (nothing is allocated; eva_clip_jax/training/memory.py), by the target's own compiler.
+abstract inputs (nothing is allocated), by the target's own compiler. This file holds the flags and the printing; the
+planning itself (targets, compile, estimate, batch search) is the flag-free eva_clip_jax/training/planning.py.
 
   python -m eva_clip_jax.plan --config=configs/b16.py --target=tpu --topology=v5p:4x4x4
   python -m eva_clip_jax.plan --config=configs/b16.py --target=gpu --gpu=h100 --topology=1x8x8
@@ -7,7 +8,7 @@ abstract inputs (nothing is allocated; eva_clip_jax/training/memory.py), by the 
   python -m eva_clip_jax.plan --config=configs/l14.py --target=cpu --mesh=data:64 --device_memory_gb=80
 
 --target=tpu: the TPU compiler (libtpu, from jax[tpu]) for a slice GENERATION:CHIPS (v4, v5e, v5p, v6e; HBM per
-chip from memory.TPU_HBM_GIB). --target=gpu: XLA's GPU compiler without a GPU (jax-cuda12-plugin), for --gpu
+chip from planning.TPU_HBM_GIB). --target=gpu: XLA's GPU compiler without a GPU (jax-cuda12-plugin), for --gpu
 (h100, h200, a100: XLA device descriptions in eva_clip_jax/assets/gpu_targets) on HOSTSxSLICESxGPUS. --target=cpu:
 XLA:CPU devices, the fallback when neither package is installed (`pip install -r requirements-accel.txt`); its
 buffers overstate an accelerator's (launch/README.md). For each strategy x remat policy: parameter and optimizer-state
@@ -49,9 +50,9 @@ flags.mark_flags_as_required(['config'])
 
 def _reexec_with_gpu_flags() -> None:
   """XLA reads XLA_FLAGS once, when the process starts its first backend: set the GPU flag and start again."""
-  from eva_clip_jax.training import memory
-  if memory.GPU_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {memory.GPU_XLA_FLAGS}".strip()
+  from eva_clip_jax.training import planning
+  if planning.GPU_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {planning.GPU_XLA_FLAGS}".strip()
     os.environ['JAX_PLATFORMS'] = 'cpu'
     os.execv(sys.executable, [sys.executable, '-m', 'eva_clip_jax.plan', *sys.argv[1:]])
 
@@ -62,22 +63,23 @@ def main(argv):
     _reexec_with_gpu_flags()
   import jax
 
-  from eva_clip_jax.training import memory, planning
+  from eva_clip_jax.training import planning
+  from eva_clip_jax.training.sharding import format_mesh, parse_mesh
   mesh_text = _MESH.value or ('data:8' if _TARGET.value == 'cpu' else '')
   # The host runs on XLA:CPU: accelerator targets are compiled for, never initialised (no TPU or GPU is needed).
   jax.config.update('jax_platforms', 'cpu')
   if _TARGET.value == 'cpu':  # XLA:CPU devices stand in for the accelerators: as many as the mesh names
-    jax.config.update('jax_num_cpu_devices', math.prod(memory.parse_mesh(mesh_text).values()))
-  target = memory.target_devices(_TARGET.value, _TOPOLOGY.value, _GPU.value)
-  mesh_config = memory.parse_mesh(mesh_text or f'data:{len(target.devices)}')
+    jax.config.update('jax_num_cpu_devices', math.prod(parse_mesh(mesh_text).values()))
+  target = planning.target_devices(_TARGET.value, _TOPOLOGY.value, _GPU.value)
+  mesh_config = parse_mesh(mesh_text or f'data:{len(target.devices)}')
   if math.prod(mesh_config.values()) != len(target.devices):
-    raise app.UsageError(f'--mesh={memory.format_mesh(mesh_config)} names {math.prod(mesh_config.values())} '
+    raise app.UsageError(f'--mesh={format_mesh(mesh_config)} names {math.prod(mesh_config.values())} '
                          f'devices; {target.name} has {len(target.devices)}')
   from eva_clip_jax.models import count_params, create_model
 
   config = _CONFIG.value
-  memory_gib = _MEMORY.value or (target.memory_bytes / memory.GIB if target.memory_bytes else 80.0)
-  budget = int(memory_gib * _FRACTION.value * memory.GIB)
+  memory_gib = _MEMORY.value or (target.memory_bytes / planning.GIB if target.memory_bytes else 80.0)
+  budget = int(memory_gib * _FRACTION.value * planning.GIB)
   params = count_params(create_model(config.model.name, abstract=True))
   compiler = {'tpu': f'the TPU compiler (libtpu) for {target.name}, {target.devices[0].device_kind}',
               'gpu': f'XLA:GPU without a GPU for {target.name}, {target.devices[0].device_kind} (no autotuning)',
@@ -85,8 +87,8 @@ def main(argv):
   print(f'{config.model.name}: {params / 1e6:.0f}M parameters, {config.model.dtype} compute, '
         f'{config.model.param_dtype} parameters, attention {config.model.attention}, '
         f'patch dropout {config.model.patch_dropout}, optimizer {config.optimizer.name}')
-  print(f'mesh {memory.format_mesh(mesh_config)}; budget {memory_gib:g} GiB x {_FRACTION.value:g} = '
-        f'{budget / memory.GIB:.1f} GiB per device; compiled by {compiler}, JAX {jax.__version__} '
+  print(f'mesh {format_mesh(mesh_config)}; budget {memory_gib:g} GiB x {_FRACTION.value:g} = '
+        f'{budget / planning.GIB:.1f} GiB per device; compiled by {compiler}, JAX {jax.__version__} '
         f'(GiB per device; fixed + MiB/smp x batch = total)')
   print(planning.HEADER, flush=True)
   rows = []

@@ -74,7 +74,6 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
       # The paper trained with DeepSpeed fp16 (bf16 for E/14+); see DEVIATIONS. 'float16' runs it that way.
       dtype='bfloat16', param_dtype='float32',
       attention='auto', remat='none', scan_layers=True,
-      mlp_pad_multiple=0,  # e.g. 128: vision MLP hidden size padded in-graph (L/14: 2730 -> 2816), same results
       drop_path_rate=drop_path_rate,
       patch_dropout=patch_dropout,  # FLIP-style random masking of patch tokens during training
   ))

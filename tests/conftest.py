@@ -7,7 +7,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # libtpu's host-wide lock file would let only one test worker compile for TPU (compiling opens no chip).
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 # XLA reads XLA_FLAGS once per process: deviceless GPU compiles need cuBLAS for the matmuls (untuned Triton GEMM
-# tiles may fail to compile without a GPU to autotune on; eva_clip_jax.training.memory.GPU_XLA_FLAGS).
+# tiles may fail to compile without a GPU to autotune on; eva_clip_jax.training.planning.GPU_XLA_FLAGS).
 if '--xla_gpu_enable_triton_gemm' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
 

@@ -19,9 +19,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eva_clip_jax import ops
-from eva_clip_jax.ops import mosaic_attention
+from eva_clip_jax.ops.experimental import mosaic_attention
 from eva_clip_jax.models import rope as rope_lib
-from eva_clip_jax.training import memory
+from eva_clip_jax.training import planning
 from eva_clip_jax.training import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -38,20 +38,20 @@ def _require(module: str, what: str):
 @pytest.fixture(scope='module')
 def tpu():
   _require('libtpu', 'libtpu (jax[tpu])')
-  return memory.target_devices('tpu', 'v5e:2x2')
+  return planning.target_devices('tpu', 'v5e:2x2')
 
 
 @pytest.fixture(scope='module')
 def h100():
   _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
-  return memory.target_devices('gpu', '1x1x8', 'h100')
+  return planning.target_devices('gpu', '1x1x8', 'h100')
 
 
 def _custom_calls(compiled) -> list[str]:
   return re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
 
 
-def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend='pallas', batch=2):
+def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend='pallas_flash', batch=2):
   """Forward + backward of attention over [batch, seq, 2, head_dim] bf16 inputs on one device of `target`."""
   sharding = NamedSharding(jax.sharding.Mesh(target.devices[:1], ('data',)), P())
   spec = jax.ShapeDtypeStruct((batch, seq, 2, head_dim), jnp.bfloat16, sharding=sharding)
@@ -60,33 +60,36 @@ def _kernel_step(target, head_dim, seq, *, causal=False, with_rope=True, backend
     rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(head_dim, int(round((seq - 1) ** 0.5))))
 
   def loss(q, k, v):
-    if backend == 'pallas':
-      out = ops.flash_attention(q, k, v, causal=causal, rope=rope)
-    else:
-      out = ops.dot_product_attention(q, k, v, causal=causal, backend=backend)
-    return jnp.sum(out.astype(jnp.float32))
+    return jnp.sum(ops.dot_product_attention(q, k, v, causal=causal, rope=rope, backend=backend).astype(jnp.float32))
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
 
 
 # EVA's head dims: 64 (B/16, L/14), 88 (g/14), 112 (bigE/14); ViT lengths 1 + grid^2 (B/16 at 224: 197).
-# On TPU head dim 64 gets the whole-sequence kernel (forward, backward: two calls), the others the flash kernels
-# (forward, dq, dk/dv: three); on GPU the flash kernels. None is interpreted (an interpreted kernel has no custom call).
+# The flash kernels ('pallas_flash': forward, dq, dk/dv: three calls) on TPU and GPU; on TPU head dim 64 also the
+# whole-sequence kernel ('pallas_tpu': forward, backward: two). None is interpreted (an interpreted kernel has no
+# custom call).
 @pytest.mark.parametrize('head_dim,seq', [(64, 197), (88, 257), (112, 50)])
 def test_attention_kernels_compile_for_tpu_and_sm90(tpu, h100, head_dim, seq):
-  for target, call, kernels in ((tpu, MOSAIC, 2 if head_dim == 64 else 3), (h100, TRITON, 3)):
+  cases = [(tpu, 'pallas_flash', MOSAIC, 3), (h100, 'pallas_flash', TRITON, 3)]
+  if head_dim == 64:
+    cases.append((tpu, 'pallas_tpu', MOSAIC, 2))
+  for target, backend, call, kernels in cases:
     # batch 8: the whole-sequence kernel's smallest per-device batch (its blocks' sublane dimension)
-    assert _custom_calls(_kernel_step(target, head_dim, seq, batch=8)).count(call) == kernels, target.name
+    calls = _custom_calls(_kernel_step(target, head_dim, seq, batch=8, backend=backend))
+    assert calls.count(call) == kernels, (target.name, backend)
 
 
 def test_causal_attention_kernels_compile(tpu, h100):
-  for target, call, kernels in ((tpu, MOSAIC, 2), (h100, TRITON, 3)):
-    assert _custom_calls(_kernel_step(target, 64, 77, causal=True, with_rope=False, batch=8)).count(call) == kernels
+  for target, backend, call, kernels in ((tpu, 'pallas_tpu', MOSAIC, 2), (tpu, 'pallas_flash', MOSAIC, 3),
+                                         (h100, 'pallas_flash', TRITON, 3)):
+    calls = _custom_calls(_kernel_step(target, 64, 77, causal=True, with_rope=False, batch=8, backend=backend))
+    assert calls.count(call) == kernels, (target.name, backend)
 
 
 def test_whole_sequence_tpu_kernel_compiles_per_device_on_a_slice(tpu):
   # B/16's 50%-masked vision attention (99 tokens, 12 heads of 64, per-sample RoPE tables) and L/14's 257 tokens,
-  # batch-sharded over the slice's 4 chips: the kernel runs per device in a shard_map, one call each way.
+  # batch-sharded over the slice's 4 chips: the seam runs the kernel per device in a shard_map, one call each way.
   mesh = jax.sharding.Mesh(tpu.devices, ('data',))
   for seq, heads in ((99, 12), (257, 16)):
     spec = jax.ShapeDtypeStruct((32, seq, heads, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P('data')))
@@ -95,7 +98,8 @@ def test_whole_sequence_tpu_kernel_compiles_per_device_on_a_slice(tpu):
     keep = jnp.tile(jnp.arange(seq - 1), (32, 1))
 
     def loss(q, k, v, keep=keep, cos=cos, sin=sin):
-      return jnp.sum(ops.flash_attention(q, k, v, rope=(cos[keep], sin[keep])).astype(jnp.float32))
+      out = ops.dot_product_attention(q, k, v, rope=(cos[keep], sin[keep]), backend='pallas_tpu')
+      return jnp.sum(out.astype(jnp.float32))
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
     assert _custom_calls(compiled).count(MOSAIC) == 2
@@ -118,7 +122,7 @@ def test_auto_is_cudnn_on_gpu_the_tpu_kernel_on_tpu_and_xla_elsewhere(tpu, h100)
   assert not _custom_calls(_kernel_step(tpu, 88, 197, with_rope=False, backend='auto', batch=8))  # no packing: XLA
   assert not _custom_calls(_kernel_step(tpu, 64, 197, with_rope=False, backend='auto'))  # 2 sequences: XLA
   spec = jax.ShapeDtypeStruct((2, 197, 2, 64), jnp.float32)
-  assert ops.attention.resolve_auto(jnp.zeros(spec.shape, jnp.bfloat16)) == 'xla'  # CPU
+  assert ops.attention.resolve('auto', jnp.zeros(spec.shape, jnp.bfloat16)).name == 'xla'  # CPU
   with pytest.raises(ValueError, match="compiled for 'tpu'"):
     _kernel_step(tpu, 64, 197, with_rope=False, backend='cudnn')
 
@@ -152,7 +156,7 @@ def test_mosaic_backend_errors_name_the_problem(tpu, h100):
     ops.dot_product_attention(q, q, q, backend='mosaic')
   with pytest.raises(ValueError, match="compiled for 'tpu'"):
     _kernel_step(tpu, 64, 197, with_rope=False, backend='mosaic')
-  a100 = memory.target_devices('gpu', '1x1x1', 'a100')
+  a100 = planning.target_devices('gpu', '1x1x1', 'a100')
   with pytest.raises(ValueError, match='Hopper GPUs only'):
     _kernel_step(a100, 64, 197, with_rope=False, backend='mosaic')
   sharding = NamedSharding(jax.sharding.Mesh(h100.devices[:1], ('data',)), P())
@@ -192,25 +196,26 @@ def _tiny_config(attention: str):
   return config
 
 
-@pytest.mark.parametrize('attention', ['xla', 'pallas'])
+@pytest.mark.parametrize('attention', ['xla', 'pallas_flash'])
 def test_tiny_train_step_compiles_for_a_tpu_slice(tpu, attention):
   mesh = sharding_lib.make_mesh({'data': len(tpu.devices)}, devices=tpu.devices)
-  compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
+  compiled, estimate = planning.compile_train_step(_tiny_config(attention), mesh, 4)
   assert 0 < estimate.total < 2**30
   kernels = _custom_calls(compiled).count(MOSAIC)
-  # pallas: fused-RoPE vision attention and causal text attention, forward + dq + dk/dv each, one per scan body
-  assert kernels == (6 if attention == 'pallas' else 0), kernels
+  # pallas_flash: fused-RoPE vision attention and causal text attention, forward + dq + dk/dv each, one per scan body
+  # (the tiny model's head dim 32 and 2 heads do not fill the whole-sequence kernel's 128 lanes)
+  assert kernels == (6 if attention == 'pallas_flash' else 0), kernels
 
 
-@pytest.mark.parametrize('attention', ['xla', 'pallas', 'cudnn', 'mosaic'])
+@pytest.mark.parametrize('attention', ['xla', 'pallas_flash', 'cudnn', 'mosaic'])
 def test_tiny_train_step_compiles_for_8_h100s(h100, attention):
   if attention == 'mosaic':
     _require_tokamax()
   mesh = sharding_lib.make_mesh({'data': 8}, devices=h100.devices)
-  compiled, estimate = memory.compile_train_step(_tiny_config(attention), mesh, 4)
+  compiled, estimate = planning.compile_train_step(_tiny_config(attention), mesh, 4)
   assert 0 < estimate.total < 2**30
   calls = _custom_calls(compiled)
-  assert calls.count(TRITON) == (6 if attention == 'pallas' else 0), calls
+  assert calls.count(TRITON) == (6 if attention == 'pallas_flash' else 0), calls
   assert any(c.startswith(CUDNN) for c in calls) == (attention == 'cudnn'), calls
   # mosaic: vision and causal text attention, forward + dq + dk/dv each, one per scan body
   assert calls.count(MOSAIC_GPU) == (6 if attention == 'mosaic' else 0), calls
@@ -237,23 +242,23 @@ def test_planner_command_line_compiles_for_the_target(tmp_path, target_args, kin
 
 def test_bad_targets_are_clear_errors():
   with pytest.raises(ValueError, match='GENERATION:CHIPS'):
-    memory.target_devices('tpu', 'v9:2x2')
+    planning.target_devices('tpu', 'v9:2x2')
   with pytest.raises(ValueError, match='unknown GPU'):
-    memory.gpu_spec('b200')
+    planning.gpu_spec('b200')
   with pytest.raises(ValueError, match="'tpu', 'gpu' or 'cpu'"):
-    memory.target_devices('npu')
+    planning.target_devices('npu')
 
 
 def test_a_program_over_the_chips_memory_is_refused_with_its_size(tpu):
-  """The TPU compiler stops at the chip's HBM (16 GiB on v5e): memory.exhausted_bytes reads what it needed, so the
+  """The TPU compiler stops at the chip's HBM (16 GiB on v5e): planning.exhausted_bytes reads what it needed, so the
   planner's search takes such a batch as one that does not fit (tests/test_plan.py) instead of crashing."""
   sharding = NamedSharding(jax.sharding.Mesh(tpu.devices[:1], ('x',)), P())
   x = jax.ShapeDtypeStruct((1 << 15, 1 << 15), jnp.float32, sharding=sharding)  # 4 GiB in, 5 x 4 GiB out
   with pytest.raises(Exception) as error:
     jax.jit(lambda a: [a * i + 1 for i in range(5)]).lower(x).compile()
-  needed = memory.exhausted_bytes(error.value)
+  needed = planning.exhausted_bytes(error.value)
   assert 16 * 2**30 < needed <= 25 * 2**30, str(error.value)
-  assert memory.exhausted_bytes(ValueError('bad shape')) is None
+  assert planning.exhausted_bytes(ValueError('bad shape')) is None
 
 
 def test_xla_attention_stores_16_bit_probabilities_only(h100):
@@ -282,7 +287,7 @@ def test_tpu_estimate_benchmark_runs_on_the_tiny_model():
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [line.split() for line in proc.stdout.splitlines() if line.startswith('tiny')]
   assert len(rows) == 1
-  step_ms, samples, mfu = float(rows[0][5]), float(rows[0][6]), float(rows[0][7].rstrip('%'))
+  step_ms, samples, mfu = float(rows[0][4]), float(rows[0][5]), float(rows[0][6].rstrip('%'))
   assert step_ms > 0 and samples > 0 and 0 < mfu < 100
   # --blocks: one block per tower, and the vision block without attention or MLP; leaving a part out saves time
   proc = subprocess.run([sys.executable, 'benchmarks/tpu_estimate.py', '--model=tiny', '--batch_per_chip=8',
@@ -301,7 +306,7 @@ def test_attention_benchmark_compiles_deviceless_for_h100():
   """benchmarks/attention.py --deviceless: what compiles for an H100 and its bytes, one small case."""
   _require('jax_cuda12_plugin', 'jax-cuda12-plugin')
   # This tree's package, whatever the interpreter has installed.
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': memory.GPU_XLA_FLAGS, 'PYTHONPATH': str(ROOT)}
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': planning.GPU_XLA_FLAGS, 'PYTHONPATH': str(ROOT)}
   proc = subprocess.run([sys.executable, 'benchmarks/attention.py', '--deviceless=h100', '--cases=B/16 50% masked',
                          '--batch_size=2', '--backends=cudnn,mosaic'], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600, check=False)

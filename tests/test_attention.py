@@ -1,12 +1,21 @@
-"""The attention function and its backend switch, against a plain numpy reference."""
+"""The attention seam: its function against a plain numpy reference, its registry, the RoPE it applies for
+backends that do not fuse it, and the shard_map it runs kernels in."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import toy_attention
+from configs import tiny
 from eva_clip_jax import ops
+from eva_clip_jax.models import create_model
+from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.ops import attention as attention_lib
+from eva_clip_jax.ops import xla as xla_lib
+from eva_clip_jax.ops.rope import apply_rope_after_prefix
+from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax.training import step as step_lib
 
 
 def _numpy_attention(q, k, v, causal):
@@ -71,13 +80,17 @@ def test_cudnn_off_gpu_is_a_clear_error():
     ops.dot_product_attention(q, k, v, backend='cudnn')
 
 
-def test_unknown_and_unbuilt_backends_are_clear_errors():
+def test_unknown_and_renamed_backends_are_clear_errors():
   q, k, v = _qkv(8, 1, 8)
   with pytest.raises(ValueError, match='Unknown attention backend'):
     ops.dot_product_attention(q, k, v, backend='magic')
-  if 'pallas' not in ops.available_backends():
-    with pytest.raises(ValueError, match='Pallas'):
-      ops.dot_product_attention(q, k, v, backend='pallas')
+  with pytest.raises(ValueError, match="now two backends: 'pallas_tpu'.*'pallas_flash'"):
+    ops.dot_product_attention(q, k, v, backend='pallas')
+  with pytest.raises(ValueError, match="'pallas_tpu'"):
+    create_model('tiny', attention='pallas', abstract=True)
+  # The TPU kernel chosen explicitly for inputs it cannot take (head_dim 8: not a 128-lane group) says what it needs.
+  with pytest.raises(ValueError, match='pallas_tpu.*needs .*head_dim dividing 128'):
+    ops.dot_product_attention(q, k, v, backend='pallas_tpu')
 
 
 def test_auto_runs_everywhere():
@@ -86,25 +99,60 @@ def test_auto_runs_everywhere():
                              np.asarray(ops.dot_product_attention(q, k, v)), atol=0)
 
 
-def test_registered_backend_is_used_by_the_model(monkeypatch):
-  import eva_clip_jax as ec
+@pytest.fixture
+def registry(monkeypatch):
+  """Backends registered in a test are gone after it."""
+  monkeypatch.setattr(attention_lib, '_BACKENDS', dict(attention_lib._BACKENDS))
 
+
+def _train_losses(attention, steps=3):
+  config = tiny.get_config()
+  config.batch_size, config.model.attention, config.model.patch_dropout = 8, attention, 0.5
+  mesh = sharding_lib.make_mesh(dict(data=1), devices=jax.devices()[:1])
+  setup = step_lib.make_setup(config, mesh)
+  state, train_step = step_lib.init_state(setup), step_lib.make_train_step(setup)
+  rng, losses = np.random.default_rng(0), []
+  for _ in range(steps):
+    batch = {'image': rng.normal(size=(8, 64, 64, 3)).astype(np.float32),
+             'text': rng.integers(1, 49407, (8, 32)).astype(np.int32)}
+    state, metrics = train_step(state, step_lib.device_batch(batch, mesh))
+    losses.append(float(jax.device_get(metrics['loss'])))
+  return losses
+
+
+def test_a_new_backend_is_one_module_and_one_registration_line(registry):
+  # The toy backend takes no RoPE tables: the seam rotates q and k for it (the tiny vision tower has 2D RoPE and
+  # patch dropout, so per-sample tables), and passing them would be a TypeError. The same training run as with
+  # 'xla' (whose RoPE the parity tests check against the PyTorch reference): the same losses, up to float32
+  # rounding of two ways of writing one computation.
   calls = []
-
-  def counting(q, k, v, *, causal, scale):
-    calls.append(causal)
-    return attention_lib._xla_attention(q, k, v, causal=causal, scale=scale)
-
-  monkeypatch.setitem(attention_lib._BACKENDS, 'counting', counting)
-  model = ec.create_model('tiny', attention='counting', scan_layers=False)
-  reference = ec.create_model('tiny')
-  images = jnp.ones((1, 64, 64, 3))
-  text = jnp.asarray(ec.tokenize(['a cat'], 32))
-  out = model(images, text)
-  ref = reference(images, text)
-  for a, b in zip(out, ref):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  counting = lambda q, k, v, **kw: calls.append(kw['causal']) or toy_attention.attention(q, k, v, **kw)
+  ops.register_backend('toy', counting)
+  assert 'toy' in ops.available_backends()
+  toy, xla = _train_losses('toy'), _train_losses('xla')
   assert True in calls and False in calls  # the text tower is causal, the vision tower is not
+  assert len(set(toy)) == 3  # three different steps, not one loss repeated
+  np.testing.assert_allclose(toy, xla, rtol=1e-5)
+
+
+def test_the_seam_rotates_for_backends_that_do_not_fuse_rope(registry):
+  q, k, v = _qkv(17, 2, 16)
+  rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(16, 4))  # 16 patch tokens after the CLS token
+  seen = {}
+
+  def fused(q, k, v, *, causal, scale, rope):
+    seen['rope'] = rope
+    q, k = (apply_rope_after_prefix(t, *rope) for t in (q, k))
+    return xla_lib.attention(q, k, v, causal=causal, scale=scale)
+
+  ops.register_backend('fused', fused, fuses_rope=True)
+  want = ops.dot_product_attention(*(apply_rope_after_prefix(t, *rope) if i < 2 else t for i, t in
+                                     enumerate((q, k, v))))
+  for backend in ('xla', 'fused'):
+    np.testing.assert_allclose(np.asarray(ops.dot_product_attention(q, k, v, rope=rope, backend=backend)),
+                               np.asarray(want), atol=1e-6)
+  assert seen['rope'] is rope  # handed over, not applied first
+  assert not np.allclose(np.asarray(want), np.asarray(ops.dot_product_attention(q, k, v)), atol=1e-3)
 
 
 def test_shape_errors_name_the_layout():
@@ -136,7 +184,7 @@ def test_cudnn_matches_xla_on_gpu(seq, head_dim, causal):
 
 
 def _hopper_with_tokamax() -> bool:
-  from eva_clip_jax.ops import mosaic_attention
+  from eva_clip_jax.ops.experimental import mosaic_attention
   device = jax.devices()[0]
   return (device.platform == 'gpu' and str(getattr(device, 'compute_capability', '')).startswith(('9.', '10.'))
           and mosaic_attention.tokamax_available())
@@ -150,20 +198,27 @@ def test_mosaic_matches_xla_on_gpu(seq, head_dim, causal):
   _assert_16_bit_backend_matches_xla('mosaic', seq, head_dim, causal)  # padded 197 -> 200, 77 -> 128, keys masked
 
 
-def test_shard_kernel_runs_per_device_on_a_mesh():
-  # The 'mosaic' backend's shard_map (a kernel's custom call cannot be partitioned): batch over 'data', heads over
-  # 'tensor', each device seeing only its shard, and the same result as one call over everything.
+def test_kernels_run_per_device_on_a_mesh(registry):
+  # A kernel's custom call cannot be partitioned: the seam runs a per-device backend in a shard_map, the batch over
+  # 'data', the heads over 'tensor', per-sample RoPE tables split with the batch; each device sees only its shard,
+  # and the result is that of one call over everything.
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ('data', 'tensor'))
   # Batch 4: one sample per data shard.
   q, k, v = (jax.device_put(jnp.concatenate([x, -x]), NamedSharding(mesh, P('data', None, 'tensor')))
              for x in _qkv(9, 4, 8))
+  cos, sin = (jnp.asarray(t) for t in rope_lib.rope_2d_tables(8, 4))
+  keep = jnp.stack([jnp.arange(8) + i for i in range(4)])  # per-sample tables: each sample its own 8 rows
+  rope = (cos[keep], sin[keep])
   shapes = []
 
-  def kernel(q, k, v):
-    shapes.append(q.shape)
-    return ops.dot_product_attention(q, k, v)
+  def kernel(q, k, v, *, causal, scale, rope):
+    shapes.append((q.shape, rope[0].shape))
+    q, k = (apply_rope_after_prefix(t, *rope) for t in (q, k))
+    return xla_lib.attention(q, k, v, causal=causal, scale=scale)
 
-  out = jax.jit(lambda q, k, v: ops.attention.shard_kernel(q, kernel)(q, k, v))(q, k, v)
-  assert shapes == [(1, 9, 2, 8)]
-  np.testing.assert_allclose(np.asarray(out), np.asarray(ops.dot_product_attention(q, k, v)), atol=1e-6)
+  ops.register_backend('kernel', kernel, fuses_rope=True, per_device=True)
+  out = jax.jit(lambda q, k, v: ops.dot_product_attention(q, k, v, rope=rope, backend='kernel'))(q, k, v)
+  assert shapes == [((1, 9, 2, 8), (1, 8, 8))]
+  want = ops.dot_product_attention(*(jax.device_get(t) for t in (q, k, v)), rope=rope)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-6)

@@ -1,6 +1,7 @@
 """The architecture's boundaries: models need only jax and flax; torch stays inside conversion/; a config loads without
-the checkpoint, conversion or data machinery."""
+the checkpoint, conversion or data machinery; models reach attention only through the seam."""
 
+import ast
 import pathlib
 import re
 import subprocess
@@ -36,6 +37,26 @@ def test_only_conversion_imports_torch():
   assert offenders == []
 
 
+def test_models_reach_attention_only_through_the_seam():
+  """A model imports `eva_clip_jax.ops` (its public names) or the seam `ops.attention`, never a backend's module:
+  the seam chooses the kernel, so a new backend needs no model change."""
+  seam = {'eva_clip_jax.ops', 'eva_clip_jax.ops.attention'}
+  modules = {p.stem for p in (ROOT / 'eva_clip_jax' / 'ops').iterdir()}  # ops' submodules and packages
+  offenders = []
+  for path in (ROOT / 'eva_clip_jax' / 'models').rglob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module == 'eva_clip_jax.ops':  # a module by name is a backend's
+        names = [f'eva_clip_jax.ops.{a.name}' for a in node.names if a.name in modules]
+      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('eva_clip_jax.ops'):
+        names = [node.module]
+      elif isinstance(node, ast.Import):
+        names = [a.name for a in node.names if a.name.startswith('eva_clip_jax.ops')]
+      else:
+        continue
+      offenders += [f'{path.name}: {name}' for name in names if name not in seam]
+  assert offenders == []
+
+
 _LOAD_CONFIGS = '''
 import importlib.util, pathlib, sys
 for path in sorted(pathlib.Path('configs').glob('*.py')):
@@ -67,9 +88,9 @@ for name in ('grain', 'clu', 'tensorflow', 'tensorflow_datasets'):
 sys.path.insert(0, 'benchmarks')
 sys.argv = ['gpu_check']
 import gpu_check, attention
-from eva_clip_jax.ops import mosaic_attention
+from eva_clip_jax.ops.experimental import mosaic_attention
 from eva_clip_jax.recipe import clip_recipe
-from eva_clip_jax.training import flops, memory, sharding, step
+from eva_clip_jax.training import flops, planning, sharding, step
 config = clip_recipe(model='tiny', visual_lr=2e-4, text_lr=2e-5, visual_layer_decay=0.75, text_layer_decay=0.75,
                      batch_size=8, samples_seen=8000, patch_dropout=0.5)
 setup = step.make_setup(config, sharding.make_mesh(dict(data=-1)))

@@ -1,4 +1,5 @@
-"""The Pallas flash-attention kernel (interpreted on CPU) against the 'xla' backend: outputs and gradients.
+"""The Pallas flash-attention kernel (experimental, 'pallas_flash'; interpreted on CPU) against the 'xla' backend:
+outputs and gradients.
 
 Small batches and head counts keep the interpreter fast; block sizes below the sequence length make every case
 walk several query and key blocks, with the last one partly padding.
@@ -15,6 +16,8 @@ from eva_clip_jax import ops
 from eva_clip_jax.models import create_model
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.ops import attention as attention_lib
+from eva_clip_jax.ops.experimental.flash_attention import flash_attention
+from eva_clip_jax.ops.rope import apply_rope_after_prefix
 from test_attention import _numpy_attention  # the float64 reference both attention test files use
 
 
@@ -34,7 +37,7 @@ def _out_and_grads(fn, q, k, v, cotangent):
 def _xla(causal=False, rope=None):
   def attend(q, k, v):
     if rope is not None:
-      q, k = (rope_lib.apply_rope_skip_cls(t, *rope) for t in (q, k))
+      q, k = (apply_rope_after_prefix(t, *rope) for t in (q, k))
     return ops.dot_product_attention(q, k, v, causal=causal)
   return attend
 
@@ -65,14 +68,14 @@ F32_CASES = [
 def test_float32_matches_xla_forward_and_gradients(seq, head_dim, causal, blocks):
   q, k, v, cotangent = _inputs(seq, head_dim)
   block_args = dict(zip(('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd'), blocks or ()))
-  got = _out_and_grads(lambda *a: ops.flash_attention(*a, causal=causal, **block_args), q, k, v, cotangent)
+  got = _out_and_grads(lambda *a: flash_attention(*a, causal=causal, **block_args), q, k, v, cotangent)
   _assert_close(got, _out_and_grads(_xla(causal), q, k, v, cotangent), atol=1e-5)
   np.testing.assert_allclose(got[0], _numpy_attention(q, k, v, causal), atol=1e-5)
 
 
 def test_long_sequence_forward():
   q, k, v, _ = _inputs(577, 64, heads=1)  # 336px / 14 = 24x24 patches + CLS: five 128-row blocks
-  out = jax.jit(ops.flash_attention)(q, k, v)
+  out = jax.jit(flash_attention)(q, k, v)
   np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, False), atol=1e-5)
 
 
@@ -85,7 +88,7 @@ def test_fused_rope_matches_rotating_first(seq, head_dim, per_sample):
     rope = _patch_dropout_tables(head_dim, grid=24, kept=seq - 1, batch=batch)
   else:
     rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(head_dim, int(np.sqrt(seq - 1))))
-  flash = lambda *a: ops.flash_attention(*a, rope=rope, block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64)
+  flash = lambda *a: flash_attention(*a, rope=rope, block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64)
   _assert_close(_out_and_grads(flash, q, k, v, cotangent), _out_and_grads(_xla(rope=rope), q, k, v, cotangent),
                 atol=1e-5)
 
@@ -103,7 +106,7 @@ def test_16_bit_inputs_match_float32_reference(dtype, seq, head_dim, causal, wit
   q, k, v, cotangent = _inputs(seq, head_dim, batch=2, heads=1, seed=1)
   q, k, v = (t.astype(dtype) for t in (q, k, v))
   rope = _patch_dropout_tables(head_dim, grid=16, kept=seq - 1, batch=2) if with_rope else None
-  flash = lambda *a: ops.flash_attention(*a, causal=causal, rope=rope, block_q=64, block_k=32, block_q_bwd=32,
+  flash = lambda *a: flash_attention(*a, causal=causal, rope=rope, block_q=64, block_k=32, block_q_bwd=32,
                                          block_k_bwd=64)
   assert jax.eval_shape(flash, q, k, v).dtype == dtype
   got = _out_and_grads(flash, q, k, v, cotangent)
@@ -117,15 +120,15 @@ def test_16_bit_inputs_match_float32_reference(dtype, seq, head_dim, causal, wit
 def test_tpu_kernels_in_the_tpu_interpreter(seq, head_dim, causal, with_rope):
   q, k, v, cotangent = _inputs(seq, head_dim, batch=2, heads=1)
   rope = _patch_dropout_tables(head_dim, grid=16, kept=seq - 1, batch=2) if with_rope else None
-  flash = lambda *a: ops.flash_attention(*a, causal=causal, rope=rope, target='tpu', interpret=True, block_q=32,
+  flash = lambda *a: flash_attention(*a, causal=causal, rope=rope, target='tpu', interpret=True, block_q=32,
                                          block_k=16, block_q_bwd=16, block_k_bwd=32)
   _assert_close(_out_and_grads(flash, q, k, v, cotangent), _out_and_grads(_xla(causal, rope), q, k, v, cotangent),
                 atol=1e-5)
 
 
-# Head dim 64 on TPU takes the whole-sequence kernel (ops.tpu_attention: forward, backward); elsewhere three kernels.
+# Forward, dq and dk/dv: three kernels on either target.
 @pytest.mark.parametrize('target,platform,custom_call,kernels', [('triton', 'cuda', '__gpu$xla.gpu.triton', 3),
-                                                                 ('tpu', 'tpu', 'tpu_custom_call', 2)])
+                                                                 ('tpu', 'tpu', 'tpu_custom_call', 3)])
 def test_kernels_lower_for_gpu_and_tpu(target, platform, custom_call, kernels):
   # No GPU or TPU here: lowering for one still runs the Triton / Mosaic kernel lowering, which rejects what those
   # compilers cannot take (non-power-of-two Triton blocks, unsupported ops), for the forward and both backward
@@ -134,37 +137,37 @@ def test_kernels_lower_for_gpu_and_tpu(target, platform, custom_call, kernels):
   rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(64, 14))
   for kwargs in (dict(rope=rope), dict(causal=True)):
     def loss(q, k, v):
-      out = ops.flash_attention(q, k, v, target=target, interpret=False, **kwargs)
+      out = flash_attention(q, k, v, target=target, interpret=False, **kwargs)
       return jnp.sum(out.astype(jnp.float32))
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(spec, spec, spec).lower(lowering_platforms=(platform,))
     assert re.findall(r'custom_call @([\w$.]+)', lowered.as_text()) == [custom_call] * kernels
 
 
-def test_tiny_model_with_pallas_attention_matches_xla():
+def test_tiny_model_with_pallas_flash_attention_matches_xla():
   images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
   text = jax.random.randint(jax.random.key(1), (2, 32), 1, 1000)
   outputs = {}
-  for backend in ('xla', 'pallas'):
+  for backend in ('xla', 'pallas_flash'):
     model = create_model('tiny', attention=backend)
     outputs[backend] = (np.asarray(model.encode_image(images)), np.asarray(model.encode_text(text)))
-  for a, b in zip(outputs['pallas'], outputs['xla']):
+  for a, b in zip(outputs['pallas_flash'], outputs['xla']):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_backend_registration():
-  assert 'pallas' in ops.available_backends()
+  assert 'pallas_flash' in ops.available_backends()
   q, k, v, _ = _inputs(20, 16, heads=1)
-  np.testing.assert_allclose(np.asarray(ops.dot_product_attention(q, k, v, causal=True, backend='pallas')),
+  np.testing.assert_allclose(np.asarray(ops.dot_product_attention(q, k, v, causal=True, backend='pallas_flash')),
                              np.asarray(ops.dot_product_attention(q, k, v, causal=True)), atol=1e-5)
-  # 'auto' stays on XLA until benchmarks on GPU/TPU say otherwise (and on CPU the kernel only interprets).
-  assert attention_lib._resolve('auto') is attention_lib._xla_attention
+  # Experimental: 'auto' never picks it (and on CPU the kernel only interprets).
+  assert attention_lib.resolve('auto', q).name == 'xla'
 
 
 def test_bad_arguments_are_clear_errors():
   q, k, v, _ = _inputs(17, 16, heads=1)
   with pytest.raises(ValueError, match='powers of two'):
-    ops.flash_attention(q, k, v, block_q=24)
-  with pytest.raises(ValueError, match='rope tables'):
-    ops.flash_attention(q, k, v, rope=(jnp.ones((17, 16)), jnp.ones((17, 16))))
+    flash_attention(q, k, v, block_q=24)
+  with pytest.raises(ValueError, match='rope tables'):  # more table rows than tokens
+    flash_attention(q, k, v, rope=(jnp.ones((18, 16)), jnp.ones((18, 16))))
   with pytest.raises(ValueError, match='target'):
-    ops.flash_attention(q, k, v, target='mosaic_gpu')
+    flash_attention(q, k, v, target='mosaic_gpu')

@@ -47,8 +47,8 @@ def test_gpu_check_dry_run_on_the_gpu_machines_packages(tmp_path):
   assert sections['kernels']['returncode'] == 0, sections['kernels']
   rows = sections['attention']['rows']
   timed = [r for r in rows if 'ms' in r]
-  assert {(r['backend'], r['pass']) for r in timed} == {(b, p) for b in ('xla', 'pallas') for p in ('fwd', 'fwd+bwd')}
-  assert all(r['err_vs_xla'] < 1e-5 for r in timed if r['backend'] == 'pallas'), rows  # the kernel, interpreted
+  assert {(r['backend'], r['pass']) for r in timed} == {(b, p) for b in ('xla', 'pallas_flash') for p in ('fwd', 'fwd+bwd')}
+  assert all(r['err_vs_xla'] < 1e-5 for r in timed if r['backend'] == 'pallas_flash'), rows  # the kernel, interpreted
   assert [r for r in rows if r['backend'] == 'cudnn'] == [{'case': 'tiny', 'backend': 'cudnn',
                                                            'skipped': 'cuDNN needs an NVIDIA GPU'}]
   assert [r for r in rows if r['backend'] == 'mosaic'] == [{'case': 'tiny', 'backend': 'mosaic',
@@ -62,7 +62,7 @@ def test_gpu_check_dry_run_on_the_gpu_machines_packages(tmp_path):
   assert report['environment']['ml_collections'] == '1.1.0' and report['environment']['open_clip'] == '3.3.0'
   table = (tmp_path / 'gpu_check.md').read_text()
   assert table.startswith('# gpu_check (dry run, CPU, tiny model)\n'), table  # finished: no 'partial'
-  assert '| train step | tiny | jax' in table and '| attention fwd+bwd | tiny | pallas |' in table
+  assert '| train step | tiny | jax' in table and '| attention fwd+bwd | tiny | pallas_flash |' in table
   assert '| train step | tiny | jax (mosaic) | 50% | 8 | | | | | skipped: Mosaic GPU needs' in table
 
 
@@ -100,7 +100,7 @@ def test_a_killed_check_keeps_the_rows_before_it(tmp_path):
   assert len([r for r in report['sections']['attention']['rows'] if 'ms' in r]) == 4, report
   table = (tmp_path / 'gpu_check.md').read_text()
   assert table.startswith("# gpu_check (dry run, CPU, tiny model) (partial: written while section 'train' ran)")
-  assert '| attention fwd+bwd | tiny | pallas |' in table
+  assert '| attention fwd+bwd | tiny | pallas_flash |' in table
 
 
 def test_the_import_hook_hides_what_the_image_lacks(tmp_path):

@@ -1,4 +1,4 @@
-"""The vision tower with attention='pallas' (fused RoPE, interpreted on CPU) equals attention='xla'.
+"""The vision tower with attention='pallas_flash' (fused RoPE, interpreted on CPU) equals attention='xla'.
 
 Training mode with patch dropout exercises the per-sample tables the tower gathers for the kept patches. Parameters
 are randomised first: at initialisation EVA's head is scaled by 1e-3, which would make any tolerance vacuous.
@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from eva_clip_jax.models import create_model
-from eva_clip_jax.models import vision as vision_lib
+from eva_clip_jax.ops import attention as attention_lib
 
 
 def randomize(params, seed=0):
@@ -48,12 +48,12 @@ def test_fused_rope_pallas_equals_xla(patch_dropout, monkeypatch):
   cotangent = jax.random.normal(jax.random.key(1), (2, 64))
   rng = jax.random.key(2)  # the same patch-dropout draw for both backends
   results = {}
-  for backend in ('xla', 'pallas'):
+  for backend in ('xla', 'pallas_flash'):
     model = create_model('tiny', attention=backend, patch_dropout=patch_dropout)
-    if backend == 'pallas':  # the fused path must not rotate q and k outside the kernel
-      monkeypatch.setattr(vision_lib.rope_lib, 'apply_rope_skip_cls', _fail)
+    if backend == 'pallas_flash':  # the fused path must not rotate q and k outside the kernel
+      monkeypatch.setattr(attention_lib, 'apply_rope_after_prefix', _fail)
     results[backend] = encode_and_grads(model, images, cotangent, rng)
-  (out_p, grads_p), (out_x, grads_x) = results['pallas'], results['xla']
+  (out_p, grads_p), (out_x, grads_x) = results['pallas_flash'], results['xla']
   assert np.abs(out_x).max() > 0.1  # a non-trivial function of the inputs
   # float32 rounding, relative to each array's largest magnitude (gradients reach ~25 here). Measured: output
   # <= 8e-7, gradients <= 1.4e-6 of their array's largest magnitude.
@@ -68,4 +68,4 @@ def assert_close_to_scale(got, want, rel, err_msg=''):
 
 
 def _fail(*args, **kwargs):
-  raise AssertionError("attention='pallas' should pass the RoPE tables to the kernel, not rotate q/k itself")
+  raise AssertionError("attention='pallas_flash' should pass the RoPE tables to the kernel, not rotate q/k itself")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from eva_clip_jax.models import count_params, create_model, get_model_spec
-from eva_clip_jax.training import memory, planning
+from eva_clip_jax.training import planning
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 
@@ -37,7 +37,7 @@ def test_plan_of_tiny_is_the_compiled_train_step():
   config.sharding.strategy = 'zero1'
   mesh = sharding_lib.make_mesh({'data': 8})
   live = _live_bytes()
-  _, planned = memory.compile_train_step(config, mesh, 4)
+  _, planned = planning.compile_train_step(config, mesh, 4)
   assert _live_bytes() - live < planned.params / 10  # no parameters (or anything their size) were allocated
 
   # The shard shapes of the state and batch account for every argument byte XLA assigned.
@@ -71,8 +71,8 @@ def test_fsdp_activations_stay_batch_sharded(capfd):
     config = _config('tiny')
     config.sharding.strategy = strategy
     mesh = sharding_lib.make_mesh(mesh_config)
-    small, large = (memory.compile_train_step(config, mesh, b)[1].temp for b in (8, 16))
-    per_sample[strategy, memory.format_mesh(mesh.shape)] = (large - small) / 8
+    small, large = (planning.compile_train_step(config, mesh, b)[1].temp for b in (8, 16))
+    per_sample[strategy, sharding_lib.format_mesh(mesh.shape)] = (large - small) / 8
   zero1 = per_sample['zero1', 'data:8']
   # Within 25%: the failure this guards against is the 4.6x of activations inheriting the weights' sharding. The
   # rest is XLA:CPU fusing differently per strategy: measured zero1 1.07-1.14 MB and fsdp 1.17-1.22 MB per sample
@@ -101,10 +101,10 @@ def test_search_finds_the_largest_batch_that_fits(fixed, per_sample, quadratic, 
     calls.append(batch)
     return cost(batch)
 
-  found, measured = memory.largest_batch(measure, int(budget), max_measurements=6)
+  found, measured = planning.largest_batch(measure, int(budget), max_measurements=6)
   edge = max(b for b in range(1, 1 << 16) if cost(b) <= budget)
   assert cost(found) <= budget
-  assert edge - found <= memory._granule(edge)  # pylint: disable=protected-access
+  assert edge - found <= planning._granule(edge)  # pylint: disable=protected-access
   assert len(set(calls)) == len(measured) <= 6
 
 
@@ -119,10 +119,10 @@ def test_search_needs_three_compiles_on_a_line(fixed, per_sample, budget, start)
   def cost(batch):
     return int(fixed + per_sample * batch)
 
-  found, measured = memory.largest_batch(cost, int(budget), start=start, max_measurements=3)
+  found, measured = planning.largest_batch(cost, int(budget), start=start, max_measurements=3)
   edge = max(b for b in range(1, 1 << 16) if cost(b) <= budget)
   assert len(measured) <= 3 and cost(found) <= budget
-  assert edge - found <= memory._granule(edge), measured  # pylint: disable=protected-access
+  assert edge - found <= planning._granule(edge), measured  # pylint: disable=protected-access
 
 
 def test_a_batch_the_compiler_refuses_counts_as_not_fitting(monkeypatch):
@@ -134,9 +134,9 @@ def test_a_batch_the_compiler_refuses_counts_as_not_fitting(monkeypatch):
     if total > 8 * 2**30:
       raise RuntimeError(f'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
                          f'temporaries ({total / 2**30:.2f}G) exceeds available HBM (8.00G).')
-    return None, memory.MemoryEstimate('zero1', 'full', dict(mesh.shape), batch, 0, 0, 0, 0, 0, 0, 0, total, 1.0)
+    return None, planning.MemoryEstimate('zero1', 'full', dict(mesh.shape), batch, 0, 0, 0, 0, 0, 0, 0, total, 1.0)
 
-  monkeypatch.setattr(memory, 'compile_train_step', compile_train_step)
+  monkeypatch.setattr(planning, 'compile_train_step', compile_train_step)
   row = planning.plan_row(_config('tiny'), {'data': 8}, 'zero1', 'full', budget=6 * 2**30, start=16384, max_compiles=4)
   assert row['largest'] == 5120 and row['fits'], row['measured']  # (6 GiB - 1 GiB) / 1 MiB = 5120
   assert row['measured'][16384] == 17 * 2**30 and row['compiles'] == len(row['measured'])
@@ -145,9 +145,9 @@ def test_a_batch_the_compiler_refuses_counts_as_not_fitting(monkeypatch):
 
 
 def test_search_when_nothing_fits_or_everything_does():
-  assert memory.largest_batch(lambda b: 10 + b, 5)[0] == 0
-  assert memory.largest_batch(lambda b: 1 + b, 10, start=16)[0] == 9  # halving, then up again
-  assert memory.largest_batch(lambda b: b, 10**9, limit=4096, max_measurements=8)[0] == 4096
+  assert planning.largest_batch(lambda b: 10 + b, 5)[0] == 0
+  assert planning.largest_batch(lambda b: 1 + b, 10, start=16)[0] == 9  # halving, then up again
+  assert planning.largest_batch(lambda b: b, 10**9, limit=4096, max_measurements=8)[0] == 4096
 
 
 @pytest.mark.parametrize('multiple', [3, 4, 6])
@@ -155,14 +155,14 @@ def test_search_steps_in_multiples_of_the_micro_batches(multiple):
   def cost(batch):
     return int(16e6 + 1.5e6 * batch + 150.0 * batch * batch)
 
-  found, measured = memory.largest_batch(cost, int(0.9e9), max_measurements=6, multiple=multiple)
+  found, measured = planning.largest_batch(cost, int(0.9e9), max_measurements=6, multiple=multiple)
   assert all(b % multiple == 0 for b in measured) and found % multiple == 0 and cost(found) <= 0.9e9
   edge = max(b for b in range(multiple, 1 << 16, multiple) if cost(b) <= 0.9e9)
-  assert edge - found <= multiple * memory._granule(edge // multiple)  # pylint: disable=protected-access
+  assert edge - found <= multiple * planning._granule(edge // multiple)  # pylint: disable=protected-access
   # One sample would fit, `multiple` samples do not: nothing the step can split fits.
-  found, measured = memory.largest_batch(lambda b: 10 + b, 12, multiple=4)
+  found, measured = planning.largest_batch(lambda b: 10 + b, 12, multiple=4)
   assert found == 0 and min(measured) == 4 and all(b % 4 == 0 for b in measured), measured
-  assert memory.largest_batch(lambda b: 10 + b, 12)[0] == 2
+  assert planning.largest_batch(lambda b: 10 + b, 12)[0] == 2
 
 
 def test_plan_of_an_accumulating_config_compiles_only_batches_it_can_split():
@@ -177,12 +177,12 @@ def test_plan_of_an_accumulating_config_compiles_only_batches_it_can_split():
 
 
 def test_mesh_specs():
-  assert memory.parse_mesh('data:8,fsdp:4') == {'data': 8, 'fsdp': 4, 'tensor': 1}
-  assert memory.strategy_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 'fsdp') == {'data': 1, 'fsdp': 64, 'tensor': 1}
-  assert memory.strategy_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 'zero1')['data'] == 64
-  assert memory.format_mesh({'data': 1, 'fsdp': 64, 'tensor': 1}) == 'fsdp:64'
+  assert sharding_lib.parse_mesh('data:8,fsdp:4') == {'data': 8, 'fsdp': 4, 'tensor': 1}
+  assert sharding_lib.strategy_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 'fsdp') == {'data': 1, 'fsdp': 64, 'tensor': 1}
+  assert sharding_lib.strategy_mesh({'data': 64, 'fsdp': 1, 'tensor': 1}, 'zero1')['data'] == 64
+  assert sharding_lib.format_mesh({'data': 1, 'fsdp': 64, 'tensor': 1}) == 'fsdp:64'
   with pytest.raises(ValueError, match='bad mesh entry'):
-    memory.parse_mesh('pipeline:4')
+    sharding_lib.parse_mesh('pipeline:4')
 
 
 @pytest.mark.parametrize('name,mesh,strategy,remat', [
@@ -212,7 +212,7 @@ def test_big_models_are_planned_without_being_allocated(tmp_path, name, mesh, st
   row, = json.loads(out.read_text())
   assert row['params'] + row['opt_state'] + row['other_state'] + row['batch'] == row['argument']
   n_params = count_params(create_model(_config(name).model.name, abstract=True))
-  devices = math.prod(memory.parse_mesh(mesh).values())
+  devices = math.prod(sharding_lib.parse_mesh(mesh).values())
   if strategy == 'zero1':
     assert row['params'] == 4 * n_params
   else:

@@ -1,10 +1,12 @@
-"""2D RoPE tables and rotation, against a loop-by-loop restatement of the reference's definition."""
+"""2D RoPE tables (models.rope) and rotation (ops.rope), against a loop-by-loop restatement of the reference's
+definition."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from eva_clip_jax.models import rope
+from eva_clip_jax.ops import rope as rotation
 
 
 def _reference_angles(head_dim, grid, pt_seq_len, theta=10000.0):
@@ -42,7 +44,7 @@ def test_336_grid_interpolates_the_224_positions():
 
 def test_rotate_half_rotates_interleaved_pairs():
   x = jnp.arange(8.0).reshape(1, 1, 1, 8)
-  np.testing.assert_array_equal(np.asarray(rope.rotate_half(x))[0, 0, 0], [-1, 0, -3, 2, -5, 4, -7, 6])
+  np.testing.assert_array_equal(np.asarray(rotation.rotate_half(x))[0, 0, 0], [-1, 0, -3, 2, -5, 4, -7, 6])
 
 
 def test_rotation_is_relative_and_norm_preserving():
@@ -53,7 +55,7 @@ def test_rotation_is_relative_and_norm_preserving():
   k = jnp.asarray(rng.normal(size=(16,)), jnp.float32)
 
   def rot(v, index):
-    return rope.apply_rope(v[None, None, None, :], cos[index][None], sin[index][None])[0, 0, 0]
+    return rotation.apply_rope(v[None, None, None, :], cos[index][None], sin[index][None])[0, 0, 0]
 
   def score(pq, pk):
     return float(jnp.dot(rot(q, pq[0] * 8 + pq[1]), rot(k, pk[0] * 8 + pk[1])))
@@ -66,7 +68,7 @@ def test_rotation_is_relative_and_norm_preserving():
 def test_cls_token_is_not_rotated():
   cos, sin = (jnp.asarray(t) for t in rope.rope_2d_tables(16, 2))
   x = jnp.ones((1, 5, 2, 16))
-  out = rope.apply_rope_skip_cls(x, cos, sin)
+  out = rotation.apply_rope_after_prefix(x, cos, sin)
   np.testing.assert_array_equal(np.asarray(out[:, 0]), np.ones((1, 2, 16)))
   assert not np.allclose(np.asarray(out[:, 2]), 1.0)
 

@@ -1,7 +1,7 @@
 """The whole-sequence TPU attention kernel (`ops.tpu_attention`), run by Pallas' Mosaic TPU interpreter on CPU,
 against the 'xla' backend: outputs and gradients, fused RoPE (shared and per-sample tables), causal masks, the head
-dims it packs into 128 lanes; and `flash_attention` choosing it for TPU targets. Its real compile (the TPU
-compiler, no TPU) is in tests/test_accelerator_compile.py.
+dims it packs into 128 lanes; and the attention seam running it as the 'pallas_tpu' backend. Its real compile (the
+TPU compiler, no TPU) and 'auto' choosing it for TPU targets are in tests/test_accelerator_compile.py.
 """
 
 import jax
@@ -60,26 +60,29 @@ def test_several_grid_steps():
                 _out_and_grads(_xla(rope=tables), q, k, v, cotangent), atol=1e-5)
 
 
-def test_flash_attention_uses_it_for_tpu_where_it_fits():
-  q, k, v, _ = _inputs(17, 64, batch=8, heads=2)
+def test_the_seam_runs_it_as_pallas_tpu_with_the_rope_tables():
+  # The model's call: q, k, v and the tables through `ops.dot_product_attention`; on CPU the kernel interprets.
+  q, k, v, cotangent = _inputs(17, 64, batch=8, heads=2)
   tables = _patch_dropout_tables(64, grid=4, kept=16, batch=8)
-  jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, rope=tables, target='tpu', interpret=True))(q, k, v))
+  seam = lambda q, k, v: ops.dot_product_attention(q, k, v, rope=tables, backend='pallas_tpu')
+  jaxpr = str(jax.make_jaxpr(seam)(q, k, v))
   assert 'tpu_attention_fwd' in jaxpr and 'flash_attention_fwd' not in jaxpr
-  # head_dim 88 does not pack into 128 lanes; explicit block sizes ask for the flash kernels
-  q88, k88, v88, _ = _inputs(17, 88, batch=8, heads=2)
-  jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, target='tpu', interpret=True))(q88, k88, v88))
-  assert 'flash_attention_fwd' in jaxpr and 'tpu_attention_fwd' not in jaxpr
-  jaxpr = str(jax.make_jaxpr(lambda *a: ops.flash_attention(*a, target='tpu', interpret=True, block_q=16))(q, k, v))
-  assert 'flash_attention_fwd' in jaxpr
+  _assert_close(_out_and_grads(seam, q, k, v, cotangent), _out_and_grads(_xla(rope=tables), q, k, v, cotangent),
+                atol=1e-5)
 
 
 def test_unsupported_shapes_are_clear_errors():
   q, k, v, _ = _inputs(17, 88, batch=8, heads=2)
-  assert not tpu_attention.supports(q)
+  assert not tpu_attention.supports(q.shape, q.dtype, 'tpu')
   with pytest.raises(ValueError, match='head_dim'):
     tpu_attention.tpu_attention(q, k, v, interpret=True)
-  assert not tpu_attention.supports(_inputs(17, 64, batch=8, heads=1)[0])  # 64 lanes: not a whole 128-lane group
-  assert not tpu_attention.supports(_inputs(17, 64, batch=4, heads=2)[0])  # fewer than 8 sequences per block
+  with pytest.raises(ValueError, match="'pallas_tpu' needs"):
+    ops.dot_product_attention(q, k, v, backend='pallas_tpu')
+  supports = lambda q, platform='tpu': tpu_attention.supports(q.shape, q.dtype, platform)
+  assert supports(_inputs(17, 64, batch=8, heads=2)[0]) and supports(_inputs(17, 64, batch=8, heads=2)[0], 'cpu')
+  assert not supports(_inputs(17, 64, batch=8, heads=2)[0], 'gpu')
+  assert not supports(_inputs(17, 64, batch=8, heads=1)[0])  # 64 lanes: not a whole 128-lane group
+  assert not supports(_inputs(17, 64, batch=4, heads=2)[0])  # fewer than 8 sequences per block
   q, k, v, _ = _inputs(17, 64, batch=8, heads=2)
-  with pytest.raises(ValueError, match='rope tables'):
-    tpu_attention.tpu_attention(q, k, v, rope=(jnp.ones((17, 64)), jnp.ones((17, 64))), interpret=True)
+  with pytest.raises(ValueError, match='rope tables'):  # more table rows than tokens
+    tpu_attention.tpu_attention(q, k, v, rope=(jnp.ones((18, 64)), jnp.ones((18, 64))), interpret=True)

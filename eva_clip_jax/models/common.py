@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -39,30 +40,22 @@ class ModelOptions:
   """How a model runs; none of these change the parameters' names or shapes.
 
   dtype: compute dtype of matmuls and activations. param_dtype: storage dtype of parameters.
-  attention: backend of `eva_clip_jax.ops.dot_product_attention` ('xla', 'cudnn', 'pallas', 'mosaic', 'auto').
+  attention: backend of `eva_clip_jax.ops.dot_product_attention` ('auto', 'xla', 'cudnn', 'pallas_tpu', ...).
   remat: per-block rematerialisation policy, a key of REMAT_POLICIES.
   scan_layers: run blocks with a rolled `lax.scan` (True) or fully unrolled (False).
-  mlp_pad_multiple: pad the vision MLP's hidden size to a multiple of this inside the computation (0: off), e.g.
-    L/14's 2730 -> 2816 with 128, for tile-aligned matmuls. Parameters keep their true shapes (`vision.SwiGLU`).
-  activation_sharding: a `NamedSharding` (batch axes first) of the [batch, ...] residual stream between blocks
-    (None: let XLA choose). Training sets it to batch-over-data-parallel-axes: without it, under fsdp XLA propagates the
-    weights' sharding into the activations and per-device activation memory grows with the device count.
+  No mesh: activations are sharded through logical names (`constrain_batch`), resolved where the model is traced.
   """
   dtype: Any = 'float32'
   param_dtype: Any = 'float32'
   attention: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = True
-  mlp_pad_multiple: int = 0
-  activation_sharding: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, 'dtype', as_dtype(self.dtype))
     object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'Unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}')
-    if self.mlp_pad_multiple < 0:
-      raise ValueError(f'mlp_pad_multiple must be >= 0 (0: no padding), got {self.mlp_pad_multiple}')
 
 
 # Logical axis names, declared on every parameter where it is created (the `logical_axes` metadata of its
@@ -76,6 +69,10 @@ class ModelOptions:
 # A dimension named None is never sharded.
 LOGICAL_AXES = ('embed', 'mlp', 'heads', 'vocab', 'layers', 'norm')
 AXES_METADATA = 'logical_axes'
+# The batch dimension of activations (the residual stream between blocks): mapped to mesh axes by the logical-axis
+# rules in effect where the model is traced (flax's `logical_axis_rules`, as `training.sharding.activation_sharding`
+# sets them), on the mesh in effect there (`jax.set_mesh`, or inside jit `jax.sharding.use_abstract_mesh`).
+ACTIVATION_BATCH = 'activation_batch'
 
 
 def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -127,29 +124,35 @@ def create_stacked(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rng
   return make(rngs)
 
 
-def constrain_batch(x: jax.Array, opts: ModelOptions) -> jax.Array:
-  """Pins activations to `opts.activation_sharding` when their batch divides it (evaluation batches may not)."""
-  sharding = opts.activation_sharding
-  if sharding is None:
-    return x
-  batch_axes = sharding.spec[0]
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-  if x.shape[0] % math.prod(sharding.mesh.shape[a] for a in batch_axes):
-    return x
-  return jax.lax.with_sharding_constraint(x, sharding)
+def _activation_batch_axes() -> tuple[str, ...] | None:
+  """The mesh axes of ACTIVATION_BATCH under the rules and mesh in effect; None without either."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = dict(spmd.get_logical_axis_rules()).get(ACTIVATION_BATCH)
+  if mesh.empty or not axes:
+    return None
+  return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def gathered(weight: jax.Array, opts: ModelOptions) -> jax.Array:
-  """An embedding table or position embedding, replicated where it is used when training shards activations.
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins activations' batch dimension to ACTIVATION_BATCH's mesh axes when it divides them (evaluation batches
+  may not). Without it, under fsdp XLA propagates the weights' sharding into the activations and per-device activation
+  memory grows with the device count."""
+  axes = _activation_batch_axes()
+  if axes is None or x.shape[0] % math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
+
+
+def gathered(weight: jax.Array) -> jax.Array:
+  """An embedding table or position embedding, replicated where it is used when activations are batch-sharded.
 
   Under fsdp these weights are split along the width; left alone, XLA reshards their batch-sharded cotangents to
   match (a full replication of [batch, seq, width]: "Involuntary full rematerialization"). Gathering the weight
   instead makes its gradient a local partial sum that is reduce-scattered, as for every other fsdp weight.
   """
-  if opts.activation_sharding is None:
+  if _activation_batch_axes() is None:
     return weight
-  mesh = opts.activation_sharding.mesh
-  return jax.lax.with_sharding_constraint(weight, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return jax.lax.with_sharding_constraint(weight, jax.sharding.PartitionSpec())
 
 
 def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOptions,
@@ -165,10 +168,10 @@ def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOpt
     layer_state, layer_inputs = xs
     block = nnx.merge(graphdef, layer_state)
     # The carry in is the initial x or the previous output, both pinned.
-    return constrain_batch(block(carry, **layer_inputs, **shared), opts), None
+    return constrain_batch(block(carry, **layer_inputs, **shared)), None
 
   policy = REMAT_POLICIES[opts.remat]
   if opts.remat != 'none':
     body = jax.checkpoint(body, policy=policy, prevent_cse=not opts.scan_layers)
-  x, _ = jax.lax.scan(body, constrain_batch(x, opts), (state, per_layer), unroll=1 if opts.scan_layers else True)
+  x, _ = jax.lax.scan(body, constrain_batch(x), (state, per_layer), unroll=1 if opts.scan_layers else True)
   return x

@@ -16,28 +16,23 @@ from eva_clip_jax.ops.attention import validate_backend
 
 def create_model(name: str | ModelSpec, *, seed: int = 0, dtype: Any = 'float32', param_dtype: Any = 'float32',
                  attention: str = 'xla', remat: str = 'none', scan_layers: bool = True,
-                 drop_path_rate: float = 0.0, patch_dropout: float = 0.0, mlp_pad_multiple: int = 0,
-                 activation_sharding: Any = None, abstract: bool = False) -> CLIP:
+                 drop_path_rate: float = 0.0, patch_dropout: float = 0.0, abstract: bool = False) -> CLIP:
   """Builds an EVA-CLIP model with freshly initialised parameters.
 
   Args:
     name: a name from `list_models()` (or the paper's short name), or a `ModelSpec` for custom shapes.
     seed: parameter initialisation seed.
     dtype / param_dtype: compute and storage dtypes ('float32', 'bfloat16', 'float16').
-    attention: attention backend ('xla', 'cudnn', 'auto', or a registered kernel such as 'pallas').
+    attention: attention backend ('auto', 'xla', 'cudnn', 'pallas_tpu', or another of `ops.available_backends()`).
     remat: per-block rematerialisation policy ('none', 'full', 'dots', 'dots_no_batch').
     scan_layers: run each tower's blocks with a rolled scan (fast compiles) or unrolled.
     drop_path_rate: stochastic depth, linearly increasing over the vision blocks (training only).
     patch_dropout: fraction of patch tokens dropped per sample in training (the paper's 0.5 masking).
-    mlp_pad_multiple: pad the vision MLP's hidden size to this multiple inside the computation (0: off).
-    activation_sharding: a `NamedSharding` (batch axes first) for the residual stream between blocks (training
-      sets it).
     abstract: return a model whose parameters are `jax.ShapeDtypeStruct`s (no memory), via `nnx.eval_shape`.
   """
   spec = name if isinstance(name, ModelSpec) else get_model_spec(name)
   opts = ModelOptions(dtype=dtype, param_dtype=param_dtype, attention=validate_backend(attention), remat=remat,
-                      scan_layers=scan_layers, mlp_pad_multiple=mlp_pad_multiple,
-                      activation_sharding=activation_sharding)
+                      scan_layers=scan_layers)
 
   def build() -> CLIP:
     return CLIP(spec, opts, drop_path_rate=drop_path_rate, patch_dropout=patch_dropout, rngs=nnx.Rngs(seed))

@@ -83,9 +83,9 @@ class TextTransformer(nnx.Module):
       raise ValueError(f'expected token ids [batch, <= {spec.context_length}], got {text.shape}')
     if not jnp.issubdtype(text.dtype, jnp.integer):
       raise ValueError(f'expected integer token ids, got {text.dtype}')
-    table = gathered(self.token_embedding.embedding[...], opts)
+    table = gathered(self.token_embedding.embedding[...])
     x = jnp.take(table, text, axis=0).astype(opts.dtype)
-    x = constrain_batch(x, opts) + gathered(self.positional_embedding[...], opts)[:text.shape[1]].astype(opts.dtype)
+    x = constrain_batch(x) + gathered(self.positional_embedding[...])[:text.shape[1]].astype(opts.dtype)
     x = run_stacked(self.blocks, x, {}, opts)
     x = self.ln_final(x)
     # The end-of-text token has the largest id in the vocabulary, so argmax finds it.

@@ -6,8 +6,6 @@ Parameter names follow the EVA repository (`q_proj`, `q_bias`, `inner_attn_ln`, 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,15 +15,14 @@ from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stacked, drop_path, layer_norm, linear,
                                         param, run_stacked, trunc_normal)
 from eva_clip_jax.models.registry import VisionSpec
-from eva_clip_jax.ops import dot_product_attention, flash_attention
-from eva_clip_jax.ops.attention import backend_name
+from eva_clip_jax.ops import dot_product_attention
 
 
 class EvaAttention(nnx.Module):
   """Self-attention with q and v biases but no k bias; optional sub-LN and 2D RoPE (CLS excluded).
 
-  With the 'pallas' backend the RoPE rotation is fused into the flash-attention kernels; other backends rotate
-  q and k first.
+  The RoPE tables go to the attention seam, which fuses the rotation into the kernel where the backend can (the
+  rotated q and k then never exist in memory) and rotates q and k first otherwise.
   """
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
@@ -53,113 +50,39 @@ class EvaAttention(nnx.Module):
     q = q + self.q_bias[...].astype(self.dtype)
     v = v + self.v_bias[...].astype(self.dtype)
     q, k, v = (t.reshape(batch, seq, self.num_heads, -1) for t in (q, k, v))
-    backend = backend_name(self.backend, q)
-    if rope is not None and backend == 'pallas':
-      # Fused: the kernels rotate each q/k block as they load it, so the rotated q and k (and, in training,
-      # their saved copies) never exist in memory. Tables are [seq - 1, D], or [B, kept, D] under patch dropout.
-      out = flash_attention(q, k, v, rope=rope)
-    else:
-      if rope is not None:
-        q = rope_lib.apply_rope_skip_cls(q, *rope)
-        k = rope_lib.apply_rope_skip_cls(k, *rope)
-      out = dot_product_attention(q, k, v, backend=backend)
+    # Tables for the patch tokens: [seq - 1, D], or [B, kept, D] under patch dropout; the CLS token is not rotated.
+    out = dot_product_attention(q, k, v, rope=rope, backend=self.backend)
     out = out.reshape(batch, seq, width)
     if self.inner_attn_ln is not None:
       out = self.inner_attn_ln(out)
     return self.proj(out)
 
 
-def hidden_padding(mlp_dim: int, multiple: int) -> int:
-  """Zero columns that round the MLP hidden size up to a multiple of `multiple` (0 or 1: none)."""
-  return -mlp_dim % multiple if multiple > 1 else 0
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _pad_kernel(kernel: jax.Array, pad_in: int, pad_out: int) -> jax.Array:
-  return jnp.pad(kernel, ((0, pad_in), (0, pad_out)))
-
-
-def _pad_kernel_fwd(kernel, pad_in, pad_out):
-  return _pad_kernel(kernel, pad_in, pad_out), None
-
-
-def _pad_kernel_bwd(pad_in, pad_out, _, g):
-  # The gradient is a slice of the padded one. The barrier before the slice keeps it out of the data-parallel
-  # gradient reduction: the TPU compiler (libtpu 0.0.42.1) otherwise merges it with zero1/fsdp's shard slice into
-  # a reduce-scatter fusion and fails a RET_CHECK ("The shape doesn't match when replacing 'dynamic-slice ...'
-  # with 'fusion ... all-reduce-scatter'"); tests/test_accelerator_compile.py compiles the padded MLP under both.
-  return (jax.lax.optimization_barrier(g)[:g.shape[0] - pad_in, :g.shape[1] - pad_out],)
-
-
-_pad_kernel.defvjp(_pad_kernel_fwd, _pad_kernel_bwd)
-
-
-def _dense(layer: nnx.Linear, x: jax.Array, *, pad_out: int = 0, pad_in: int = 0) -> jax.Array:
-  """layer(x) with the kernel zero-padded to [in + pad_in, out + pad_out] (and the bias to out + pad_out).
-
-  The padding is made per call from the stored (true-shape) parameters, so checkpoints never see it; its
-  gradient is a slice. Padded output columns are exactly 0; padded input rows multiply x's padding by 0.
-  """
-  if not (pad_out or pad_in):
-    return layer(x)
-  kernel = _pad_kernel(layer.kernel[...].astype(layer.dtype), pad_in, pad_out)
-  y = jnp.dot(x.astype(layer.dtype), kernel, precision=layer.precision)
-  if layer.bias is not None:
-    y = y + jnp.pad(layer.bias[...].astype(layer.dtype), (0, pad_out))
-  return y
-
-
-def _sub_ln(ln: nnx.LayerNorm | None, x: jax.Array, pad: int) -> jax.Array:
-  """The MLP's sub-LN over the true hidden features of x, whose last `pad` columns are zero padding.
-
-  A plain LayerNorm over the padded width would count the zeros in the mean and variance; here both statistics
-  are masked to the true features (as flax computes them: float32, E[x^2] - E[x]^2), and the padding stays 0
-  (zero scale and bias there), so the next layer's zero rows see zeros.
-  """
-  if ln is None or not pad:
-    return x if ln is None else ln(x)
-  # Mirrors nnx.LayerNorm's arithmetic (inputs and scale/bias in ln.dtype, statistics in float32 or wider).
-  x = x.astype(ln.dtype)
-  stats = x.astype(jnp.promote_types(ln.dtype, jnp.float32))
-  mask = jnp.arange(x.shape[-1]) < x.shape[-1] - pad
-  mean = jnp.mean(stats, axis=-1, keepdims=True, where=mask)
-  var = jnp.maximum(0.0, jnp.mean(stats * stats, axis=-1, keepdims=True, where=mask) - mean * mean)
-  scale, bias = (jnp.pad(p[...].astype(ln.dtype), (0, pad)) for p in (ln.scale, ln.bias))
-  return ((x - mean) * (jax.lax.rsqrt(var + ln.epsilon) * scale) + bias).astype(ln.dtype)
-
-
 class SwiGLU(nnx.Module):
-  """EVA-02's MLP: w3(ffn_ln(silu(w1 x) * w2 x)), optionally computed at a padded hidden size.
-
-  With `opts.mlp_pad_multiple` the hidden activations are padded with zero columns (silu(0) * 0 = 0) so the
-  three matmuls get tile-aligned shapes (L/14: 2730 -> 2816); results equal the unpadded MLP's.
-  """
+  """EVA-02's MLP: w3(ffn_ln(silu(w1 x) * w2 x))."""
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
-    self.pad = hidden_padding(spec.mlp_dim, opts.mlp_pad_multiple)
     self.w1 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
     self.w2 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
     self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
     self.w3 = linear(spec.mlp_dim, spec.width, opts, rngs, axes=('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    pad = self.pad
-    x = jax.nn.silu(_dense(self.w1, x, pad_out=pad)) * _dense(self.w2, x, pad_out=pad)
-    return _dense(self.w3, _sub_ln(self.ffn_ln, x, pad), pad_in=pad)
+    x = jax.nn.silu(self.w1(x)) * self.w2(x)
+    return self.w3(x if self.ffn_ln is None else self.ffn_ln(x))
 
 
 class GeluMlp(nnx.Module):
-  """EVA-01 / bigE MLP: fc2(gelu(fc1 x)) with the exact (erf) GELU; padded like SwiGLU (gelu(0) = 0)."""
+  """EVA-01 / bigE MLP: fc2(gelu(fc1 x)) with the exact (erf) GELU."""
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
-    self.pad = hidden_padding(spec.mlp_dim, opts.mlp_pad_multiple)
     self.fc1 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
     self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
     self.fc2 = linear(spec.mlp_dim, spec.width, opts, rngs, axes=('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jax.nn.gelu(_dense(self.fc1, x, pad_out=self.pad), approximate=False)
-    return _dense(self.fc2, _sub_ln(self.ffn_ln, x, self.pad), pad_in=self.pad)
+    x = jax.nn.gelu(self.fc1(x), approximate=False)
+    return self.fc2(x if self.ffn_ln is None else self.ffn_ln(x))
 
 
 class EvaBlock(nnx.Module):

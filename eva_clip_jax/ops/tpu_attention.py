@@ -1,6 +1,6 @@
-"""Whole-sequence attention for TPU (Mosaic), lane-dense, with fused 2D RoPE: the 'pallas' backend's TPU kernel.
+"""Whole-sequence attention for TPU (Mosaic), lane-dense, with fused 2D RoPE: the 'pallas_tpu' attention backend.
 
-Why not the flash kernel (`ops.flash_attention`) on TPU: at CLIP's lengths (77 to 577 tokens) one sequence's keys
+Why not the flash kernel (`ops.experimental.flash_attention`) on TPU: at CLIP's lengths (77 to 577 tokens) one sequence's keys
 and scores fit in VMEM, so the online softmax over key blocks buys nothing, while the flash layout does cost: it
 needs q, k, v heads-major ([batch, heads, seq, head_dim], a transposing copy each way) and pads head_dim 64 to the
 128 TPU lanes (twice the HBM bytes of every q/k/v/o block). Here the kernels read q, k, v exactly as the
@@ -18,16 +18,16 @@ is what the 128-wide MXU does for a 64-deep contraction anyway, and no lane is e
 
 Fused RoPE: the EVA-02 rotation x * cos + rotate_half(x) * sin rotates interleaved pairs (x0, x1) -> (-x1, x0);
 rotate_half is a signed permutation inside each pair, done on the MXU as x @ R with a fixed [128, 128] matrix
-(exact: one nonzero term per output). The tables carry an identity row for the CLS token (cos 1, sin 0), so
-every token is rotated the same way. Gradients: d/dx = g * cos + (g * sin) @ R^T. No gradient flows to the tables.
+(exact: one nonzero term per output). The tables carry identity rows for the tokens before them (the CLS token:
+cos 1, sin 0), so every token is rotated the same way. Gradients: d/dx = g * cos + (g * sin) @ R^T. No gradient flows to the tables.
 
 Backward, one kernel: recompute p, then dv = p^T do, ds = p * (do v^T - rowsum(o * do)), dq = scale * ds k,
 dk = scale * ds^T q (float32 softmax and accumulators; p and ds cast to the input dtype before their matmuls, as
 FlashAttention does).
 
 Constraints (`supports`): head_dim dividing 128 (EVA-02 B and L, the text towers: 64), heads * head_dim a multiple
-of 128, a per-device batch that is a multiple of 8, one
-sequence per block within VMEM (checked against a budget). Tested in the Mosaic TPU interpreter on CPU
+of 128, a per-device batch that is a multiple of 8, one sequence per block within VMEM (checked against a budget);
+on CPU the kernels run in the Mosaic TPU interpreter (tests). Tested in the Mosaic TPU interpreter on CPU
 (tests/test_tpu_attention.py) and compiled by the TPU compiler (tests/test_accelerator_compile.py); not run on a TPU.
 """
 
@@ -42,9 +42,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from eva_clip_jax.ops.common import MASK_VALUE, compile_platform
+
 LANES = 128
-# Finite rather than -inf: a fully masked row never computes inf - inf.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+NEEDS = ('a TPU (or the CPU interpreter), head_dim dividing 128, heads x head_dim a multiple of 128 and a per-device '
+         'batch that is a multiple of 8 within its VMEM budget')
 # VMEM for one grid step's blocks (double-buffered by the pipeline): well inside v4/v5e/v5p/v6e's scoped default.
 _VMEM_BUDGET = 12 * 2 ** 20
 
@@ -74,11 +76,11 @@ def batch_block(batch: int, seq: int, itemsize: int, rope: bool) -> int:
   return 0
 
 
-def supports(q) -> bool:
-  """Whether these [batch, seq, heads, head_dim] inputs fit the kernel (see the module docstring)."""
-  batch, seq, heads, head_dim = q.shape
+def supports(shape, dtype, platform: str) -> bool:
+  """Whether [batch, seq, heads, head_dim] inputs on one device fit the kernel (see the module docstring)."""
+  batch, seq, heads, head_dim = shape
   lane_ok = LANES % head_dim == 0 and (heads * head_dim) % LANES == 0
-  return lane_ok and batch_block(batch, seq, jnp.dtype(q.dtype).itemsize, True) > 0
+  return platform in ('tpu', 'cpu') and lane_ok and batch_block(batch, seq, jnp.dtype(dtype).itemsize, True) > 0
 
 
 def _rotation_matrix(dtype) -> jax.Array:
@@ -123,7 +125,7 @@ def _probabilities(q, k, mask, causal, cfg: _Config):
   """softmax(scale * q_j k^T) of head j (its lanes selected by `mask`) over the whole sequence, float32."""
   s = _dot(_masked(q, mask), k, _NT) * cfg.scale
   if causal is not None:
-    s = jnp.where(causal, s, _MASK_VALUE)
+    s = jnp.where(causal, s, MASK_VALUE)
   p = jnp.exp(s - jnp.max(s, axis=1, keepdims=True))
   return p / jnp.sum(p, axis=1, keepdims=True)
 
@@ -257,16 +259,18 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _rope_tables(cos, sin, batch: int, seq: int, head_dim: int, dtype):
-  """(cos, sin) [(batch,) seq - 1, head_dim] -> each [seq, 128] or per-sample [seq, batch, 128] (sequence-major, as
-  q): a CLS identity row first, the head dim repeated over the heads of a 128-lane group; and the rotation matrix."""
-  if cos.shape != sin.shape or cos.shape[-2:] != (seq - 1, head_dim) or cos.ndim not in (2, 3) or (
-      cos.ndim == 3 and cos.shape[0] != batch):
-    raise ValueError(f'rope tables must be [seq - 1, head_dim] or [batch, seq - 1, head_dim] = '
-                     f'[{batch}, {seq - 1}, {head_dim}], got {cos.shape} and {sin.shape}')
+  """(cos, sin) [(batch,) n, head_dim] for the last n tokens -> each [seq, 128] or per-sample [seq, batch, 128]
+  (sequence-major, as q): identity rows for the seq - n tokens before them (the CLS token) first, the head dim
+  repeated over the heads of a 128-lane group; and the rotation matrix."""
+  if (cos.shape != sin.shape or cos.ndim not in (2, 3) or cos.shape[-1] != head_dim or cos.shape[-2] > seq
+      or (cos.ndim == 3 and cos.shape[0] != batch)):
+    raise ValueError(f'rope tables must be [n, head_dim] or [batch, n, head_dim] with n <= seq, for batch {batch}, '
+                     f'seq {seq}, head_dim {head_dim}; got {cos.shape} and {sin.shape}')
+  prefix = seq - cos.shape[-2]
   out = []
   for table, first in ((cos, 1.0), (sin, 0.0)):
     table = lax.stop_gradient(table)
-    table = jnp.concatenate([jnp.full((*table.shape[:-2], 1, head_dim), first, table.dtype), table], axis=-2)
+    table = jnp.concatenate([jnp.full((*table.shape[:-2], prefix, head_dim), first, table.dtype), table], axis=-2)
     table = jnp.tile(table, (*[1] * (table.ndim - 1), LANES // head_dim)).astype(dtype)
     out.append(table.transpose(1, 0, 2) if table.ndim == 3 else table)
   return (*out, _rotation_matrix(dtype))
@@ -276,14 +280,14 @@ def tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
                   rope: tuple[jax.Array, jax.Array] | None = None, interpret: bool = False) -> jax.Array:
   """Attention over [batch, seq, heads, head_dim] inputs with the whole-sequence Mosaic TPU kernels.
 
-  rope: (cos, sin) [seq - 1, head_dim] or per-sample [batch, seq - 1, head_dim], applied to q and k of every token
-  but the first (`models.rope.apply_rope_skip_cls`). interpret: run in the Mosaic TPU interpreter (CPU tests).
-  Call it per device: the caller (`ops.flash_attention`) wraps it in a shard_map on a mesh.
+  rope: (cos, sin) [n, head_dim] or per-sample [batch, n, head_dim], applied to q and k of the last n tokens
+  (`ops.rope.apply_rope_after_prefix`). interpret: run in the Mosaic TPU interpreter (CPU tests).
+  Call it per device: the attention seam (`ops.attention`) runs it in a shard_map on a mesh.
   """
   if q.shape != k.shape or k.shape != v.shape or q.ndim != 4:
     raise ValueError(f'expected q, k, v of one shape [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, '
                      f'{v.shape}')
-  if not supports(q):
+  if not supports(q.shape, q.dtype, 'tpu'):
     raise ValueError(f'the TPU whole-sequence kernel does not support {q.shape} {q.dtype}: it needs head_dim '
                      f'dividing {LANES}, heads x head_dim a multiple of {LANES}, and a batch block within its VMEM '
                      'budget')
@@ -297,3 +301,8 @@ def tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = Fa
   # between the projections and the kernels.
   flat = [t.reshape(batch, seq, heads * head_dim).transpose(1, 0, 2) for t in (q, k, v)]
   return _attention(*flat, tables, cfg).transpose(1, 0, 2).reshape(q.shape)
+
+
+def attention(q, k, v, *, causal: bool, scale: float, rope=None) -> jax.Array:
+  """The backend's function: the TPU kernels, or their interpreter when the compile target is a CPU."""
+  return tpu_attention(q, k, v, causal=causal, scale=scale, rope=rope, interpret=compile_platform(q) == 'cpu')

@@ -9,12 +9,14 @@ parameters and of the optimizer state, and XLA inserts the collectives.
          XLA all-gathers each weight where it is used.
 The logical axes are declared by the models on each parameter (`models/common.py`, LOGICAL_AXES);
 `config.sharding.axis_rules` maps them to mesh axes.
-The batch is always sharded over the data-parallel axes ('data', 'fsdp'). A 'tensor' axis shards the `mlp`,
-`heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1).
+The batch is always sharded over the data-parallel axes ('data', 'fsdp'), and so are the activations between blocks
+(the models' `activation_batch` logical axis, resolved under `activation_sharding`). A 'tensor' axis shards the
+`mlp`, `heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Any, Mapping, Sequence
@@ -22,15 +24,17 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from eva_clip_jax.models.common import AXES_METADATA, LOGICAL_AXES
+from eva_clip_jax.models.common import ACTIVATION_BATCH, AXES_METADATA, LOGICAL_AXES
 from eva_clip_jax.models.paths import flat_paths, path_name
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
 STRATEGIES = ('dp', 'zero1', 'fsdp')
+
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh; one axis may be -1 (all remaining devices)."""
@@ -57,6 +61,29 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
   return Mesh(grid, MESH_AXES)
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data:8,fsdp:8' (the planner's --mesh) -> {'data': 8, 'fsdp': 8, 'tensor': 1}, for `make_mesh`."""
+  mesh = dict.fromkeys(MESH_AXES, 1)
+  for part in filter(None, text.replace(' ', '').split(',')):
+    axis, _, size = part.partition(':')
+    if axis not in mesh or not size.isdigit() or int(size) < 1:
+      raise ValueError(f'bad mesh entry {part!r}: expected axis:size with an axis in {MESH_AXES}')
+    mesh[axis] = int(size)
+  return mesh
+
+
+def format_mesh(mesh: Mapping[str, int]) -> str:
+  return ','.join(f'{axis}:{size}' for axis, size in mesh.items() if size > 1) or 'data:1'
+
+
+def strategy_mesh(mesh: Mapping[str, int], strategy: str) -> dict[str, int]:
+  """fsdp shards parameters over the 'fsdp' axis only; a mesh without one gets its data devices moved there."""
+  mesh = dict(mesh)
+  if strategy == 'fsdp' and mesh.get('fsdp', 1) == 1:
+    mesh['fsdp'], mesh['data'] = mesh.get('data', 1), 1
+  return mesh
+
+
 def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
@@ -67,6 +94,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+  """Where a model is traced under this, its activations' batch dimension is pinned to the data-parallel axes of
+  `mesh` (`models.common.constrain_batch`). It sets the abstract mesh, which works inside jit (`jax.set_mesh` does not;
+  outside jit, `jax.set_mesh(mesh)` with these rules does the same). One data-parallel device: nothing to pin."""
+  if data_parallel_size(mesh) == 1:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), spmd.logical_axis_rules(((ACTIVATION_BATCH, BATCH_AXES),)):
+    yield
 
 
 def logical_axes(param_state: nnx.State) -> dict[str, tuple[str | None, ...]]:

@@ -54,15 +54,12 @@ class TrainSetup:
     return '\n'.join('  '.join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
-def model_kwargs(config, mesh: Mesh | None = None) -> dict:
-  """create_model's arguments from the config; with a mesh, activations between blocks are pinned batch-sharded."""
+def model_kwargs(config) -> dict:
+  """create_model's arguments from the config (the model is mesh-free: the step pins its activations where it traces
+  it, `sharding.activation_sharding`)."""
   m = config.model
-  kwargs = dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
-                scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout,
-                mlp_pad_multiple=m.get('mlp_pad_multiple', 0))
-  if mesh is not None and sharding_lib.data_parallel_size(mesh) > 1:
-    kwargs['activation_sharding'] = sharding_lib.batch_sharding(mesh)
-  return kwargs
+  return dict(dtype=m.dtype, param_dtype=m.param_dtype, attention=m.attention, remat=m.remat,
+              scan_layers=m.scan_layers, drop_path_rate=m.drop_path_rate, patch_dropout=m.patch_dropout)
 
 
 def init_loss_scale(config) -> loss_scale_lib.LossScaleState:
@@ -70,7 +67,7 @@ def init_loss_scale(config) -> loss_scale_lib.LossScaleState:
 
 
 def make_setup(config, mesh: Mesh) -> TrainSetup:
-  abstract_model = create_model(config.model.name, seed=config.seed, abstract=True, **model_kwargs(config, mesh))
+  abstract_model = create_model(config.model.name, seed=config.seed, abstract=True, **model_kwargs(config))
   graphdef, param_template = nnx.split(abstract_model, nnx.Param)
   abstract_params = param_template.to_pure_dict()
   spec = abstract_model.spec
@@ -160,7 +157,8 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
       # uint8 from the input pipeline, normalised here (per micro-batch under accumulation: 4x fewer bytes held)
       images = transforms.normalize_images(images)
       model = setup.model(optimizer_lib.merge_trainable(state.params, view, groups))
-      return model(images, text, train=True, rng=rng)
+      with sharding_lib.activation_sharding(mesh):  # the residual stream batch-sharded, as the data
+        return model(images, text, train=True, rng=rng)
 
     def feature_loss(image_features, text_features, logit_scale):
       loss = sharded_clip_loss(image_features, text_features, logit_scale, mesh=mesh,

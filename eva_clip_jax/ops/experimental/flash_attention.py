@@ -1,4 +1,7 @@
-"""Flash attention in Pallas: forward and backward kernels, optional fused 2D RoPE.
+"""Flash attention in Pallas: forward and backward kernels, optional fused 2D RoPE. The 'pallas_flash' backend.
+
+Experimental: no GPU or TPU has measured it, and on TPU the TPU compiler's estimate puts it behind XLA's attention
+(BENCHMARKS.md), so 'auto' never picks it; select it by name.
 
 `flash_attention(q, k, v)` computes the same function as the 'xla' backend of `eva_clip_jax.ops.attention`
 (q, k, v as [batch, seq, heads, head_dim]; float32 softmax; output in v.dtype) without materialising the
@@ -25,31 +28,29 @@ dropped (and their zero cotangents contribute nothing to dk/dv). Head dims are z
 needs (a power of two for Triton, a multiple of 128 for Mosaic TPU); zero columns change no dot product.
 
 Fused RoPE. `rope=(cos, sin)` rotates q and k inside the kernels, with the semantics of
-`models.rope.apply_rope_skip_cls` (interleaved pairs, rotate_half (x0, x1) -> (-x1, x0), CLS token untouched).
+`ops.rope.apply_rope_after_prefix` (interleaved pairs, rotate_half (x0, x1) -> (-x1, x0), the tokens before the
+tables' rows, EVA's CLS token, untouched).
 The wrapper only de-interleaves the head dim into (even, odd) halves -- a permutation it folds into the
 padding/transposing copy that the sequence lengths of a ViT (1 + grid^2) require anyway -- so that rotate_half
 becomes elementwise on two half-width operands: q.k = q_even.k_even + q_odd.k_odd. The rotation of each
 loaded block, and in the backward its transpose (dq_pre = R^T dq_post), happen in the kernels; the rotated
-q and k never exist in memory. No gradient flows to the cos/sin tables. Caveats: on TPU each half is padded to
-128 lanes (head_dim 64 then costs the matmul width of 256; packing both halves into one tile is a TPU to-do),
-and the attention seam (`dot_product_attention`) takes no tables, so the vision tower calls `flash_attention`
-with its (patch-dropout-gathered) tables directly when its backend is 'pallas' (`models.vision.EvaAttention`).
+q and k never exist in memory. No gradient flows to the cos/sin tables. Caveat: on TPU each half is padded to
+128 lanes (head_dim 64 then costs the matmul width of 256; packing both halves into one tile is a TPU to-do).
 
 Numerics: softmax statistics and all accumulators are float32; probabilities and ds are cast to the input dtype
 before their matmuls (as in FlashAttention). Matmuls use the target's default precision for the input dtype,
 as the 'xla' backend does (for float32 inputs that can mean TF32 on GPUs and bfloat16 passes on TPUs).
 float16 is meant for GPUs; TPUs have no float16 matmul.
 
-Targets come from the compile target (the inputs' mesh, `ops.attention.compile_platform`), so an ahead-of-time
-compile for TPU or GPU devices on a CPU host gets the real kernel; on a mesh of several devices the kernels run per
-shard in a `shard_map` (XLA cannot partition a custom call). Each call declares its cost (`pl.CostEstimate`) so that
-XLA's cost analysis does not count it as free.
+Targets come from the compile target (the inputs' mesh, `ops.common.compile_platform`), so an ahead-of-time
+compile for TPU or GPU devices on a CPU host gets the real kernel; on a mesh of several devices the attention seam
+runs the kernels per shard in a `shard_map` (XLA cannot partition a custom call). Each call declares its cost
+(`pl.CostEstimate`) so that XLA's cost analysis does not count it as free.
 
-On TPU, self-attention whose head dim divides 128 (EVA-02 B and L, the text towers) does not reach these kernels:
-`flash_attention` hands it to the whole-sequence kernel of `ops.tpu_attention`, which reads q, k, v in the layout
-the projections write and packs two heads of 64 into the 128 lanes. The Mosaic flash kernels here remain for the
-other head dims (88, 112) and for explicit block sizes; with fused RoPE they pad each 32-wide half of head dim 64 to
-128 lanes and 197 tokens to 256 rows (10x the model's attention FLOPs), which is why XLA's attention beats them.
+On TPU the whole-sequence kernel (`ops.tpu_attention`, backend 'pallas_tpu') is the one to use where it fits: it
+reads q, k, v in the layout the projections write and packs two heads of 64 into the 128 lanes, whereas the Mosaic
+flash kernels here, with fused RoPE, pad each 32-wide half of head dim 64 to 128 lanes and 197 tokens to 256 rows
+(10x the model's attention FLOPs), which is why XLA's attention beats them.
 
 Block sizes are untuned defaults; the GPU/TPU speed of these kernels has not been measured. Tested in both
 interpreters on CPU and compiled (tests/test_accelerator_compile.py) by the TPU compiler and for sm_90; no GPU or
@@ -67,11 +68,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from eva_clip_jax.ops import tpu_attention
-from eva_clip_jax.ops.attention import compile_platform, kernel_mesh_axes, local_shape, register_backend
-
-# Finite rather than -inf, so that a row whose keys are all masked in one block never computes inf - inf.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from eva_clip_jax.ops.common import MASK_VALUE, compile_platform
 
 # (forward block_q, block_k, backward block_q, block_k) per target: untuned starting points.
 _DEFAULT_BLOCKS = {'triton': (128, 64, 64, 64), 'tpu': (128, 128, 128, 128)}
@@ -170,7 +167,7 @@ def _logits(q_parts, k_parts, q_start, k_start, cfg: _Config, shape):
   if cfg.causal:
     rows = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
     valid = cols <= rows if valid is None else valid & (cols <= rows)
-  return s if valid is None else jnp.where(valid, s, _MASK_VALUE)
+  return s if valid is None else jnp.where(valid, s, MASK_VALUE)
 
 
 def _split_refs(refs, cfg: _Config, n_in: int):
@@ -412,15 +409,16 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # -------------------------------------------------------------------------------------------------- wrapper
 
 def _rope_table(cos: jax.Array, sin: jax.Array, batch: int, seq: int, head_dim: int) -> jax.Array:
-  """(cos, sin) for tokens 1.. -> [(batch,) 4, seq, head_dim / 2]: even/odd columns, identity row for CLS."""
-  if cos.shape != sin.shape or cos.shape[-2:] != (seq - 1, head_dim) or cos.ndim not in (2, 3) or (
-      cos.ndim == 3 and cos.shape[0] != batch):
-    raise ValueError(f'rope tables must be [seq - 1, head_dim] or [batch, seq - 1, head_dim] = '
-                     f'[{batch}, {seq - 1}, {head_dim}], got {cos.shape} and {sin.shape}')
+  """(cos, sin) for the last n tokens -> [(batch,) 4, seq, head_dim / 2]: even/odd columns, identity rows for the
+  tokens before them (CLS)."""
+  if (cos.shape != sin.shape or cos.ndim not in (2, 3) or cos.shape[-1] != head_dim or cos.shape[-2] > seq
+      or (cos.ndim == 3 and cos.shape[0] != batch)):
+    raise ValueError(f'rope tables must be [n, head_dim] or [batch, n, head_dim] with n <= seq, for batch {batch}, '
+                     f'seq {seq}, head_dim {head_dim}; got {cos.shape} and {sin.shape}')
   cos, sin = (lax.stop_gradient(t).astype(jnp.float32) for t in (cos, sin))
-  lead = cos.shape[:-2]
-  cos = jnp.concatenate([jnp.ones((*lead, 1, head_dim), jnp.float32), cos], axis=-2)
-  sin = jnp.concatenate([jnp.zeros((*lead, 1, head_dim), jnp.float32), sin], axis=-2)
+  lead, prefix = cos.shape[:-2], seq - cos.shape[-2]
+  cos = jnp.concatenate([jnp.ones((*lead, prefix, head_dim), jnp.float32), cos], axis=-2)
+  sin = jnp.concatenate([jnp.zeros((*lead, prefix, head_dim), jnp.float32), sin], axis=-2)
   return jnp.stack([cos[..., 0::2], sin[..., 0::2], cos[..., 1::2], sin[..., 1::2]], axis=-3)
 
 
@@ -430,11 +428,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                     target: str | None = None, interpret: bool | None = None) -> jax.Array:
   """softmax(q k^T * scale [+ causal mask]) v over [batch, seq, heads, head_dim] inputs, as a Pallas kernel.
 
-  rope: (cos, sin) tables [seq - 1, head_dim] or per-sample [batch, seq - 1, head_dim], applied inside the
-    kernels to q and k of every token but the first (`models.rope.apply_rope_skip_cls`).
+  rope: (cos, sin) tables [n, head_dim] or per-sample [batch, n, head_dim], applied inside the kernels to q and k
+    of the last n tokens (`ops.rope.apply_rope_after_prefix`).
   block_*: query/key rows per block in the forward and backward kernels (powers of two >= 16; clamped to the
     sequence). target: 'triton' (GPU) or 'tpu' (Mosaic); interpret: run through the Pallas interpreter.
-    Both default to the compile target's platform (`ops.attention.compile_platform`; CPU: 'triton', interpreted).
+    Both default to the compile target's platform (`ops.common.compile_platform`; CPU: 'triton', interpreted).
+  Call it per device: the attention seam (`ops.attention`) runs it in a shard_map on a mesh.
   """
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f'expected q, k, v as [batch, seq, heads, head_dim], got {q.shape}, {k.shape}, {v.shape}')
@@ -449,12 +448,6 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
   interpret = default_interpret if interpret is None else interpret
   if rope is not None and (q_len != kv_len or head_dim % 2):
     raise ValueError(f'fused RoPE needs self-attention with an even head_dim, got q {q.shape} and k {k.shape}')
-
-  if (target == 'tpu' and q_len == kv_len and not any((block_q, block_k, block_q_bwd, block_k_bwd))
-      and tpu_attention.supports(local_shape(q))):
-    def kernel(q, k, v, rope):
-      return tpu_attention.tpu_attention(q, k, v, causal=causal, scale=scale, rope=rope, interpret=interpret)
-    return _per_shard(q, batch, heads, rope is not None and rope[0].ndim == 3, kernel, heads_dim=2)(q, k, v, rope)
 
   defaults = _DEFAULT_BLOCKS[target]
   bq, bk, bq_bwd, bk_bwd = (_block(b or d, n) for b, d, n in zip(
@@ -477,34 +470,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     dim = _padded_head_dim(head_dim, target)
     q_parts, k_parts = (_pad_to(q, (batch, heads, q_pad, dim)),), (_pad_to(k, (batch, heads, k_pad, dim)),)
   v = _pad_to(v, (batch, heads, k_pad, _padded_head_dim(head_dim, target)))
-  out = _per_shard(q, batch, heads, cfg.per_sample_tables, lambda *a: _attention(*a, cfg))(q_parts, k_parts, v, table)
+  out = _attention(q_parts, k_parts, v, table, cfg)
   return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
 
 
-
-
-def _per_shard(x: jax.Array, batch: int, heads: int, per_sample_tables: bool, fn, *, heads_dim: int = 1):
-  """fn(q, k, v, tables) over [batch, heads, ...] arrays (heads at `heads_dim`), run per device when `x` lives on
-  a mesh of several devices (`ops.attention.kernel_mesh_axes`)."""
-  axes = kernel_mesh_axes(x, batch, heads)
-  if axes is None:
-    return fn
-  from jax.sharding import PartitionSpec as P
-  mesh, batch_axes, head_axis = axes
-  spec = P(batch_axes, *[None] * (heads_dim - 1), head_axis)
-  table_spec = P(batch_axes) if per_sample_tables else P()
-
-  def run(q, k, v, tables):
-    # q and k may be tuples of parts (the flash kernels' RoPE halves); tables one array or a (cos, sin) pair.
-    specs = (jax.tree.map(lambda _: spec, q), jax.tree.map(lambda _: spec, k), spec,
-             jax.tree.map(lambda _: table_spec, tables))
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=spec, check_vma=False)(q, k, v, tables)
-
-  return run
-
-
-def _pallas_backend(q, k, v, *, causal: bool, scale: float):
-  return flash_attention(q, k, v, causal=causal, scale=scale)
-
-
-register_backend('pallas', _pallas_backend)
+def attention(q, k, v, *, causal: bool, scale: float, rope=None) -> jax.Array:
+  """The backend's function: default blocks, the compile target's lowering."""
+  return flash_attention(q, k, v, causal=causal, scale=scale, rope=rope)

@@ -10,14 +10,15 @@ H100 here (BENCHMARKS.md). tokamax 0.0.12 (`tokamax.dot_product_attention(..., i
 sm_90 and sm_100 kernels) takes bfloat16, a scale, key lengths and causal masks, forward and backward.
 
 tokamax is not in the requirements (issue 12: only if it beats cuDNN, which takes a GPU to show): this backend is
-always registered and says how to install tokamax when it is missing; `benchmarks/gpu_check.py` measures it where
+always registered and says how to install tokamax when it is missing; experimental (unmeasured), selected by name
+only; `benchmarks/gpu_check.py` measures it where
 tokamax is importable.
 
 Shapes. q, k, v are padded along the sequence to a multiple of 8 (the kernel's TMA copies need it: 197 -> 200), or
 of 128 when causal (the causal kernel walks the queries in tiles of 2 x 64); the padded keys are masked through the
 key lengths, the padded query rows dropped. tokamax pads the keys further to its key block (masked the same way)
-and head dims to a multiple of 64 (g/14's 88 and E/14's 112 cost 128). RoPE is applied before the kernel, as for
-'cudnn' and 'xla' (`models.vision.EvaAttention`): fusing it is the Pallas Triton kernel's feature alone.
+and head dims to a multiple of 64 (g/14's 88 and E/14's 112 cost 128). The attention seam rotates q and k for RoPE before the
+kernel, as for 'cudnn' and 'xla'.
 
 Deviceless compiles. tokamax asks jax's default device whether it is a Hopper GPU; in an ahead-of-time compile for
 GPU devices on a CPU host (the planner, tests/test_accelerator_compile.py) that is the CPU. The kernel's forward
@@ -38,7 +39,7 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
-from eva_clip_jax.ops.attention import compile_platform, register_backend, shard_kernel
+from eva_clip_jax.ops.common import compile_target
 
 TOKAMAX_VERSION = '0.0.12'  # the newest whose requirements accept jax 0.10.2
 _INSTALL = f'pip install tokamax=={TOKAMAX_VERSION}'
@@ -49,22 +50,11 @@ def tokamax_available() -> bool:
   return importlib.util.find_spec('tokamax') is not None
 
 
-def _target_kind(*arrays) -> str:
-  """The compile target's device kind: the inputs' mesh (ahead-of-time compiles) or the default device."""
-  for x in arrays:
-    device = getattr(getattr(getattr(getattr(x, 'aval', None), 'sharding', None), 'mesh', None), 'abstract_device',
-                     None)
-    if device is not None:
-      return device.device_kind
-  return jax.devices()[0].device_kind
-
-
 def _check(q) -> None:
-  platform = compile_platform(q)
+  platform, kind = compile_target(q)
   if platform != 'gpu':
     raise ValueError(f"attention backend 'mosaic' needs an NVIDIA Hopper GPU, but this computation is compiled for "
                      f"{platform!r}; use attention='xla' (or 'auto').")
-  kind = _target_kind(q)
   if jax.default_backend() == 'gpu':  # tokamax has sm_90 and sm_100 kernels and picks by the device's capability
     capability = str(getattr(jax.devices()[0], 'compute_capability', ''))
     if not capability.startswith(('9.', '10.')):
@@ -127,17 +117,12 @@ def _attention_bwd(seq, causal, scale, vjp_fn, g):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def mosaic_attention(q, k, v, *, causal: bool, scale: float):
-  """softmax(q k^T * scale [+ causal mask]) v over [batch, seq, heads, head_dim] 16-bit inputs, on Hopper GPUs."""
+def attention(q, k, v, *, causal: bool, scale: float):
+  """softmax(q k^T * scale [+ causal mask]) v over [batch, seq, heads, head_dim] 16-bit inputs, on Hopper GPUs.
+
+  Call it per device: the attention seam (`ops.attention`) runs it in a shard_map on a mesh."""
   _check(q)
   seq = q.shape[1]
   padded = -(-seq // (128 if causal else 8)) * (128 if causal else 8)
   pad = lambda t: jnp.pad(t, ((0, 0), (0, padded - seq), (0, 0), (0, 0))) if padded != seq else t
-
-  def per_device(q, k, v):
-    return _attention(pad(q), pad(k), pad(v), seq, causal, float(scale))[:, :seq]
-
-  return shard_kernel(q, per_device)(q, k, v)
-
-
-register_backend('mosaic', mosaic_attention)
+  return _attention(pad(q), pad(k), pad(v), seq, causal, float(scale))[:, :seq]
