@@ -28,7 +28,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from eva_clip_jax import cli
+from eva_clip_jax import cli, storage
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _TARGET = flags.DEFINE_enum('target', 'cpu', ['tpu', 'gpu', 'cpu'], 'whose compiler: the TPU, GPU or CPU one')
@@ -101,8 +101,7 @@ def main(argv):
       rows.append(row)
       print(planning.format_row(row), flush=True)
   if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(rows, f, indent=1)
+    storage.write_text(_JSON.value, json.dumps(rows, indent=1))
 
 
 if __name__ == '__main__':

@@ -175,3 +175,30 @@ def test_a_process_whose_share_ran_out_keeps_calling_every_encoder_with_no_rows(
   gathered.clear()
   with pytest.raises(ValueError, match='no data while others did'):
     list(features_lib.in_lockstep([], encoders))
+
+
+def test_the_towers_are_traced_in_the_callers_context():
+  """The caller's trace context (training's activation sharding) is entered when a tower is traced, once per
+  compiled shape, not per call."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.models.factory import model_from_params  # pylint: disable=g-import-not-at-top
+  entered = []
+
+  @contextlib.contextmanager
+  def context():
+    entered.append(True)
+    yield
+
+  model = ec.create_model('tiny')
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  mesh = data_mesh()
+  pure = params.to_pure_dict()
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), pure)
+  extractor = FeatureExtractor(lambda p: model_from_params(graphdef, params, p, rest), mesh, shardings, 8,
+                               trace_context=context)
+  images = np.zeros((8, 64, 64, 3), np.float32)
+  for _ in range(2):
+    extractor.encode_image(jax.device_put(pure, shardings), images)
+  assert entered == [True]

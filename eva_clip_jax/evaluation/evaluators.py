@@ -101,12 +101,14 @@ KINDS = {'zero_shot': DatasetEvaluator, 'retrieval': DatasetEvaluator, 'contrast
 
 def build_evaluators(evals_config: Mapping[str, Mapping[str, Any]], *,
                      model_fn: Callable[[Any], nnx.Module] | None = None, mesh: Mesh | None = None,
-                     param_shardings: Any = None, batch_size: int | None = None) -> list:
+                     param_shardings: Any = None, batch_size: int | None = None,
+                     trace_context: Callable[[], Any] | None = None) -> list:
   """Evaluators for the blocks of `evals_config` that name their data (the others are logged and left out, so a
   config can list evaluations whose data a machine lacks), sharing one FeatureExtractor on `mesh`, built here once.
 
   model_fn: params -> nnx.Module, pure (used inside jit); param_shardings: the parameters' NamedShardings (training's).
   batch_size: the per-process batch the towers are compiled for (default: the largest batch_size of the blocks).
+  trace_context: what the towers are traced in (FeatureExtractor's; training passes its activation sharding).
   Without model_fn, `run` takes an nnx.Module and extracts on its own replicated copy (each call compiles anew:
   for notebooks).
   """
@@ -120,5 +122,6 @@ def build_evaluators(evals_config: Mapping[str, Mapping[str, Any]], *,
   extractor = None
   if model_fn is not None and evals_config:
     sizes = [int(cfg.get('batch_size', 64)) for cfg in evals_config.values()]
-    extractor = FeatureExtractor(model_fn, mesh, param_shardings, batch_size or max(sizes))
+    extractor = FeatureExtractor(model_fn, mesh, param_shardings, batch_size or max(sizes),
+                                 **({'trace_context': trace_context} if trace_context else {}))
   return [KINDS[cfg['kind']](name, cfg, extractor, model_fn) for name, cfg in evals_config.items()]

@@ -12,6 +12,8 @@ same, so batches are padded to one fixed size.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -40,10 +42,12 @@ class FeatureExtractor:
   param_shardings: a NamedSharding per parameter leaf (the training shardings).
   batch_size: the per-process batch every call is padded to (one compiled shape per tower); None: the first
     call's size rounded up to the data-parallel width.
+  trace_context: a context the towers are traced in, from the caller (training's activation sharding, which pins
+    the activations' batch dimension to the data-parallel axes under fsdp); none by default.
   """
 
   def __init__(self, model_fn: Callable[[Any], nnx.Module], mesh: Mesh, param_shardings: Any,
-               batch_size: int | None = None):
+               batch_size: int | None = None, trace_context: Callable[[], Any] = contextlib.nullcontext):
     self.mesh, self.param_shardings = mesh, param_shardings
     axes = batch_axes(mesh)
     self.batch_sharding = NamedSharding(mesh, P(axes or None))
@@ -53,7 +57,8 @@ class FeatureExtractor:
 
     def encoder(which: str) -> Callable:
       def fn(params, x):
-        return getattr(model_fn(params), which)(x, normalize=True)
+        with trace_context():
+          return getattr(model_fn(params), which)(x, normalize=True)
       return jax.jit(fn, in_shardings=(param_shardings, self.batch_sharding), out_shardings=self.batch_sharding)
 
     self.encode_image, self.encode_text = encoder('encode_image'), encoder('encode_text')

@@ -70,6 +70,7 @@ class Checkpointer:
     self._failed_in_a_row = 0
     self._last_failure: str | None = None
     self._remove_hooks: Callable[[], None] | None = None  # set while a failed restore's late errors may arrive
+    self._keep_hooks = False
     options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=None,
                                            enable_async_checkpointing=asynchronous, create=True,
                                            cleanup_tmp_directories=True)
@@ -110,6 +111,10 @@ class Checkpointer:
   def _failed(self, step: int, cause: str) -> str:
     self._failed_in_a_row += 1
     self._last_failure = cause
+    # The failed save's other writes end later, some at exit, with the same two reports as an abandoned restore;
+    # after a failed save the hooks stay for the rest of the process (it is about to retry or to stop).
+    self._silence_closed_loop_errors()
+    self._keep_hooks = True
     self._remove_partial(step)
     steps = self.steps_on_disk()
     latest = steps[-1] if steps else None
@@ -128,9 +133,8 @@ class Checkpointer:
       try:
         for path in storage.glob(storage.join(self.directory, f'{step}.orbax-checkpoint-tmp*')):
           storage.remove(path, recursive=True)
-        step_dir = storage.join(self.directory, str(step))
-        if storage.is_url(step_dir) and not storage.exists(storage.join(step_dir, 'commit_success.txt')):
-          storage.remove(step_dir, recursive=True)
+        if step not in self.steps_on_disk():  # renamed into place, but not finished (a bucket: no commit file)
+          storage.remove(storage.join(self.directory, str(step)), recursive=True)
       except Exception as e:  # pylint: disable=broad-except  (a bucket refusing deletes too: the save's error counts)
         logging.warning('Could not remove the partial files of step %d (%s: %s); the next start ignores them.', step,
                         type(e).__name__, str(e).splitlines()[0] if str(e) else '')
@@ -182,8 +186,7 @@ class Checkpointer:
           return self.restore(step, abstract_state, iterator), step
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise many types)
         reason = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
-        if self._remove_hooks is None:
-          self._remove_hooks = _silence_closed_loop_errors()
+        self._silence_closed_loop_errors()
         aside = self._set_aside(step)
         logging.error('Checkpoint step %d cannot be restored (%s); moved it to %s and trying the previous step.',
                       step, reason, aside)
@@ -209,9 +212,13 @@ class Checkpointer:
         self._manager.close()
       except Exception as e:  # pylint: disable=broad-except  (orbax re-raises a failed save's error here, again)
         logging.warning('Closing the checkpoint manager: %s', _cause(e))
-      if self._remove_hooks is not None:
+      if self._remove_hooks is not None and not self._keep_hooks:
         self._remove_hooks()
         self._remove_hooks = None
+
+  def _silence_closed_loop_errors(self) -> None:
+    if self._remove_hooks is None:
+      self._remove_hooks = _silence_closed_loop_errors()
 
 
 def _cause(error: BaseException) -> str:
@@ -253,7 +260,8 @@ def _silence_closed_loop_errors() -> Callable[[], None]:
   awaited are reported when garbage-collected (asyncio's "Task exception was never retrieved", with the traceback).
   Both were seen in CI after "cannot be restored". Installs hooks that log those two at debug level (every other
   error is printed as before) and returns the function that removes them: the checkpointer keeps them from a failed
-  restore until it is closed, never for the whole process."""
+  restore until it is closed, and after a failed save (whose abandoned writes report as late as the process's
+  exit) for the rest of the process."""
   asyncio_logger = std_logging.getLogger('asyncio')
   asyncio_logger.addFilter(_unretrieved_task_errors)
 

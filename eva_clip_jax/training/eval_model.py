@@ -10,6 +10,7 @@ model function, mesh and shardings). Shared by `python -m eva_clip_jax.evaluate`
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -30,7 +31,8 @@ class EvalModel:
   params: Any
 
   def extractor(self, batch_size: int | None = None) -> BoundExtractor:
-    return FeatureExtractor(self.model_fn, self.mesh, self.param_shardings, batch_size).bind(self.params)
+    pinned = functools.partial(sharding_lib.activation_sharding, self.mesh)  # as the train step traces the towers
+    return FeatureExtractor(self.model_fn, self.mesh, self.param_shardings, batch_size, pinned).bind(self.params)
 
 
 def load_params(config, param_shardings) -> Any:

@@ -9,6 +9,7 @@ and checkpoint saves (orbax copies to host, then writes in the background).
 from __future__ import annotations
 
 import collections
+import functools
 import signal
 from typing import Any
 
@@ -102,7 +103,8 @@ def make_evaluators(config, setup: step_lib.TrainSetup) -> list:
   if not any(cfg.get('data') for cfg in config.evals.values()):
     return []  # no evaluation: tokenizer, PIL and friends are not even imported
   from eva_clip_jax.evaluation import build_evaluators
-  return build_evaluators(config.evals, model_fn=setup.model, mesh=setup.mesh, param_shardings=setup.shardings.params)
+  return build_evaluators(config.evals, model_fn=setup.model, mesh=setup.mesh, param_shardings=setup.shardings.params,
+                          trace_context=functools.partial(sharding_lib.activation_sharding, setup.mesh))
 
 
 class _Preemption:
