@@ -29,7 +29,17 @@ def quiet_library_logs() -> None:
   noisy = ('/orbax/', '/jax/_src/xla_bridge', '/jax/_src/cloud_tpu_init', '/jax_plugins/', '/tensorflow_datasets/')
   py_logging.getLogger('absl').addFilter(
       lambda record: record.levelno >= py_logging.WARNING or not any(n in record.pathname for n in noisy))
+  py_logging.getLogger('absl').addFilter(_orbax_errors_in_one_line)
   py_logging.getLogger('jax._src.xla_bridge').setLevel(py_logging.ERROR)  # "Unable to initialize backend 'tpu'"
+
+
+def _orbax_errors_in_one_line(record: py_logging.LogRecord) -> bool:
+  """orbax logs a failed background save from each of its threads with the whole traceback (a full disk: a dozen of
+  them); the checkpointer reports the failure itself with its cause and the latest usable step, so orbax's records
+  keep their message line and lose the traceback (EVA_CLIP_JAX_TRACEBACK=1 keeps it)."""
+  if record.exc_info and '/orbax/' in record.pathname and not os.environ.get('EVA_CLIP_JAX_TRACEBACK'):
+    record.exc_info, record.exc_text = None, None
+  return True
 
 
 def run(main: Callable[[list[str]], None]) -> None:
