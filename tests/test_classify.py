@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import eva_clip_jax as ec
-from eva_clip_jax.classify import ZeroShotClassifier, imagenet_templates, parse_templates, read_image
+from eva_clip_jax.evaluation.classifier import ZeroShotClassifier, imagenet_templates, parse_templates, read_image
 from eva_clip_jax.conversion import api
 from eva_clip_jax.data import demo
 

@@ -107,17 +107,6 @@ def test_evaluate_command_on_the_demo_set(demo_root):
   assert 'demo_zero_shot/top1' in result.stdout  # the table
 
 
-def test_zero_shot_notebook_runs(demo_root, monkeypatch):
-  notebook = json.load(open(os.path.join(ROOT, 'colabs', 'zero_shot_eval.ipynb')))
-  monkeypatch.chdir(demo_root)
-  scope = {}
-  for cell in notebook['cells']:
-    if cell['cell_type'] == 'code':
-      exec(compile(''.join(cell['source']), 'zero_shot_eval.ipynb', 'exec'), scope)  # pylint: disable=exec-used
-  assert 0.0 <= scope['results']['demo/top1'] <= 1.0 and 'demo_retrieval/text_to_image_R@1' in scope['results']
-  assert scope['probs'].shape == (4, 3)
-
-
 def test_retrieval_from_shards(demo_root):
   """Retrieval straight from shards (one caption per image): the plumbing, on the tiny model. The arithmetic of
   Recall@K is checked by hand in test_recall_at_k_by_hand."""
