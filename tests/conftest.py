@@ -45,6 +45,16 @@ def tiny_spec():
   return get_model_spec('tiny')
 
 
+@pytest.fixture(scope='module')
+def initial_params():
+  """The tiny model's initial parameters (helpers.train_config), made once per test module (random initialisation
+  compiles slowly on CPU) and placed onto each test's mesh by `init_state`."""
+  from eva_clip_jax.training import step as step_lib
+  from helpers import single_device_mesh, train_config
+  setup = step_lib.make_setup(train_config(), single_device_mesh())
+  return jax.device_get(step_lib.init_state(setup).params)
+
+
 @pytest.fixture(scope='session')
 def gcs_server(tmp_path_factory):
   """A local GCS server (fake-gcs-server) for the session; yields its URL, with STORAGE_EMULATOR_HOST set to it,

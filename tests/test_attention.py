@@ -16,16 +16,7 @@ from eva_clip_jax.ops import xla as xla_lib
 from eva_clip_jax.ops.rope import apply_rope_after_prefix
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
-
-
-def _numpy_attention(q, k, v, causal):
-  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  if causal:
-    logits = np.where(np.tril(np.ones(logits.shape[-2:], bool)), logits, -np.inf)
-  weights = np.exp(logits - logits.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  return np.einsum('bhqk,bkhd->bqhd', weights, v)
+from helpers import numpy_attention
 
 
 def _qkv(seq, heads, head_dim, dtype=jnp.float32, seed=0):
@@ -39,7 +30,7 @@ def test_xla_matches_reference(seq, head_dim, causal):
   q, k, v = _qkv(seq, 2, head_dim)
   with jax.default_matmul_precision('highest'):  # GPUs default to TF32 for float32 matmuls (~1e-3)
     out = ops.dot_product_attention(q, k, v, causal=causal)
-  np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, causal), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, causal), atol=1e-5)
 
 
 def test_causal_mask_hides_the_future():

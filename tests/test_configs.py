@@ -1,28 +1,15 @@
 """Every config loads, names a registered model, carries the paper's recipe, and takes command-line overrides."""
 
-import pathlib
-
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 import eva_clip_jax as ec
+from helpers import CONFIG_DIR, load_config
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 EXPECTED = {
     'b16': 'EVA02-CLIP-B-16', 'l14': 'EVA02-CLIP-L-14', 'l14_336': 'EVA02-CLIP-L-14-336',
     'g14': 'EVA01-CLIP-g-14', 'g14_plus': 'EVA01-CLIP-g-14-plus', 'e14': 'EVA02-CLIP-bigE-14',
     'e14_plus': 'EVA02-CLIP-bigE-14-plus', 'tiny': 'tiny',
 }
-
-
-def _load(argv):
-  argv = ['prog', *argv]
-  values = flags.FlagValues()
-  # sys_argv: override flags (--config.x=y) are discovered from the argument list, as absl.app would pass it.
-  config_flags.DEFINE_config_file('config', flag_values=values, sys_argv=argv)
-  values(argv)
-  return values.config
 
 
 def test_one_config_per_model():
@@ -31,7 +18,7 @@ def test_one_config_per_model():
 
 @pytest.mark.parametrize('stem', sorted(EXPECTED))
 def test_config_names_its_model_and_recipe(stem):
-  config = _load([f'--config={CONFIG_DIR / stem}.py'])
+  config = load_config([f'--config={CONFIG_DIR / stem}.py'])
   assert config.model.name == EXPECTED[stem]
   model = ec.create_model(abstract=True, **config.model.to_dict())  # every model field is a create_model knob
   assert model.spec.name == EXPECTED[stem]
@@ -42,27 +29,27 @@ def test_config_names_its_model_and_recipe(stem):
 
 
 def test_paper_rows():
-  b16 = _load([f'--config={CONFIG_DIR}/b16.py'])
+  b16 = load_config([f'--config={CONFIG_DIR}/b16.py'])
   assert (b16.lr.visual, b16.lr.text, b16.layer_decay.visual, b16.batch_size, b16.total_steps) == (
       2e-4, 2e-5, 0.75, 131_072, 64_000)
-  e14 = _load([f'--config={CONFIG_DIR}/e14.py'])
+  e14 = load_config([f'--config={CONFIG_DIR}/e14.py'])
   assert (e14.model.patch_dropout, e14.layer_decay.visual, e14.batch_size) == (0.5, 0.9, 115_200)
-  g14 = _load([f'--config={CONFIG_DIR}/g14.py'])
+  g14 = load_config([f'--config={CONFIG_DIR}/g14.py'])
   assert (g14.optimizer.name, g14.model.drop_path_rate, g14.data.name) == ('adamw', 0.0, 'LAION-400M')
 
 
 def test_overrides_and_runlocal():
-  config = _load([f'--config={CONFIG_DIR}/l14.py:runlocal', '--config.batch_size=16',
+  config = load_config([f'--config={CONFIG_DIR}/l14.py:runlocal', '--config.batch_size=16',
                   '--config.model.patch_dropout=0.5', '--config.lr.visual=1e-3'])
   assert config.batch_size == 16 and config.model.patch_dropout == 0.5 and config.lr.visual == 1e-3
   assert config.total_steps == 10 and config.model.dtype == 'float32'
   with pytest.raises(Exception, match='unknown config argument'):
-    _load([f'--config={CONFIG_DIR}/l14.py:fast'])
+    load_config([f'--config={CONFIG_DIR}/l14.py:fast'])
 
 
 def test_training_features_are_one_flag_each():
   """Locked towers, accumulation, fine-tuning, mixing and resampling are fields the command line reaches."""
-  config = _load([f'--config={CONFIG_DIR}/b16.py', '--config.lock_towers.visual=True',
+  config = load_config([f'--config={CONFIG_DIR}/b16.py', '--config.lock_towers.visual=True',
                   '--config.lock_towers.text_unlocked_groups=2', '--config.accum_steps=4',
                   '--config.init.full=EVA02_CLIP_B_psz16_s8B.pt', '--config.data.mixing=batch',
                   '--config.data.resampled=False'])

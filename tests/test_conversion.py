@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 import eva_clip_jax as ec
 from eva_clip_jax.conversion import api, model_params, torch_io
 from eva_clip_jax.recipe import clip_recipe
+from helpers import mim_state
 
 SKIP_ON_INIT = tuple(clip_recipe(model='tiny', visual_lr=0, text_lr=0, visual_layer_decay=1, text_layer_decay=1,
                                  batch_size=1, samples_seen=1).init.skip)
@@ -49,7 +50,7 @@ def eva_native_state_dict(open_clip_state, spec):
   return out
 
 
-def _inputs(spec, batch=2):
+def attention_inputs(spec, batch=2):
   size = spec.vision.image_size
   images = np.random.default_rng(5).normal(size=(batch, size, size, 3)).astype(np.float32)
   text = ec.get_tokenizer(context_length=spec.text.context_length)(['a cat on a mat', 'two dogs'][:batch])
@@ -74,7 +75,7 @@ def _specs():
 @pytest.mark.parametrize('spec', _specs())
 def test_both_pytorch_layouts_convert_to_matching_models(spec, tmp_path):
   ref = open_clip_model(spec, seed=3)
-  images, text = _inputs(spec)
+  images, text = attention_inputs(spec)
   expected = torch_features(ref, images, text)
   state = ref.state_dict()
   save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / 'open_clip_model.safetensors'))
@@ -116,7 +117,7 @@ def test_exported_open_clip_state_dict_loads_strictly_and_reproduces(spec, tmp_p
   api.export_file(model, path, spec, 'open_clip')
   from safetensors.torch import load_file
   randomized.load_state_dict(load_file(path), strict=True)
-  images, text = _inputs(spec)
+  images, text = attention_inputs(spec)
   _assert_matches(model, torch_features(randomized, images, text), images, text)
 
 
@@ -210,22 +211,10 @@ def test_failed_conversion_leaves_no_directory(tmp_path, monkeypatch):
   assert list(tmp_path.iterdir()) == []
 
 
-def _mim_state(patch, image_size, width=64, depth=2):
-  """A bare timm EVA-02 MIM-layout vision state dict (no `visual.` prefix, no inner-attention LN, no head)."""
-  trunk = timm_vision_trunk(ec.models.replace_spec(
-      ec.get_model_spec('tiny'), embed_dim=8, vision__patch_size=patch, vision__image_size=image_size,
-      vision__width=width, vision__depth=depth))
-  trunk.head = torch.nn.Identity()
-  for block in trunk.blocks:
-    block.attn.norm = torch.nn.Identity()  # timm's MIM models have no sub-LN in attention
-  randomize_(trunk, seed=2)
-  return {k: v for k, v in trunk.state_dict().items()}
-
-
 def test_mim_checkpoint_initialises_a_patch16_tower(tmp_path):
   spec = ec.models.replace_spec(ec.get_model_spec('tiny'), name='b16-shaped', vision__image_size=224,
                                 vision__patch_size=16)
-  mim = _mim_state(patch=14, image_size=224)  # a 16x16 grid of 14px patches, as EVA02_B_psz14
+  mim = mim_state(patch=14, image_size=224)  # a 16x16 grid of 14px patches, as EVA02_B_psz14
   mim['lm_head.weight'] = torch.zeros(3, 3)  # MIM extras are ignored
   torch.save(mim, tmp_path / 'mim.pt')
   model = ec.models.create_model(spec)
@@ -329,7 +318,7 @@ def test_config_init_block_drives_tower_init(tmp_path):
   config.init.visual = 'mim/EVA02_B_psz14to16.pt'
   with pytest.raises(FileNotFoundError, match='--config.init.visual=/path/to/EVA02_B_psz14to16'):
     api.init_from_config(model, config.init)
-  torch.save(_mim_state(patch=8, image_size=64), tmp_path / 'mim.pt')
+  torch.save(mim_state(patch=8, image_size=64), tmp_path / 'mim.pt')
   config.init.visual, config.init.text = str(tmp_path / 'mim.pt'), ''
   report = api.init_from_config(model, config.init)
   assert 'visual/blocks/norm1/scale' in report['loaded'] and 'logit_scale' in report['fresh']

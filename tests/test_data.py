@@ -16,20 +16,7 @@ from eva_clip_jax import data, transforms
 from eva_clip_jax.data import decode, demo, pipeline
 from eva_clip_jax.data.pipeline import SKIP_REASONS
 from eva_clip_jax.tokenizer import tokenize
-
-
-def _jpeg(seed, size=(40, 30)):
-  rng = np.random.default_rng(seed)
-  buffer = io.BytesIO()
-  Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, 'JPEG')
-  return buffer.getvalue()
-
-
-def _write(directory, count, per_shard, start=0, prefix=''):
-  with data.ShardWriter(str(directory), per_shard, prefix=prefix) as writer:
-    for i in range(start, start + count):
-      writer.write(f'{i:06d}', _jpeg(i), 'jpg', f'caption number {i}', label=i)
-  return writer.shards
+from helpers import random_jpeg, write_shards
 
 
 def _collect(ds, limit=None):
@@ -48,7 +35,7 @@ def _collect(ds, limit=None):
 
 def test_brace_patterns_and_missing_paths(tmp_path):
   assert data.expand_braces('d/{00008..00011}.tar') == [f'd/{i:05d}.tar' for i in range(8, 12)]
-  _write(tmp_path, 6, 2)
+  write_shards(tmp_path, 6, 2)
   assert len(data.list_shards(f'{tmp_path}/{{00000..00002}}.tar')) == 3
   assert len(data.list_shards(str(tmp_path))) == 3 and len(data.list_shards(f'{tmp_path}/*.tar')) == 3
   with pytest.raises(FileNotFoundError, match='no shard matches'):
@@ -56,7 +43,7 @@ def test_brace_patterns_and_missing_paths(tmp_path):
 
 
 def test_eval_pass_reads_every_sample_once_in_order(tmp_path):
-  _write(tmp_path, 10, 4)
+  write_shards(tmp_path, 10, 4)
   batches, _ = _collect(data.make_dataset(str(tmp_path), batch_size=4, image_size=16, context_length=16,
                                           is_train=False))
   assert [b['image'].shape for b in batches] == [(4, 16, 16, 3), (4, 16, 16, 3), (2, 16, 16, 3)]
@@ -67,7 +54,7 @@ def test_eval_pass_reads_every_sample_once_in_order(tmp_path):
 
 
 def test_training_batches_resume_exactly(tmp_path):
-  _write(tmp_path, 40, 5)
+  write_shards(tmp_path, 40, 5)
   ds = data.make_dataset(str(tmp_path), batch_size=4, image_size=16, context_length=16, seed=3, shuffle_buffer=8)
   it = iter(ds)
   for _ in range(3):
@@ -84,7 +71,7 @@ def test_training_batches_resume_exactly(tmp_path):
 
 
 def test_resume_with_worker_processes(tmp_path):
-  _write(tmp_path, 24, 3)
+  write_shards(tmp_path, 24, 3)
   ds = data.make_dataset(str(tmp_path), batch_size=4, image_size=16, context_length=16, seed=1, shuffle_buffer=4,
                          num_workers=2)
   it = iter(ds)
@@ -102,7 +89,7 @@ def test_resume_with_worker_processes(tmp_path):
 
 
 def test_two_hosts_read_disjoint_shares_that_cover_the_data(tmp_path):
-  _write(tmp_path, 30, 5)
+  write_shards(tmp_path, 30, 5)
   seen = []
   for host in range(2):
     batches, _ = _collect(data.make_dataset(str(tmp_path), batch_size=5, image_size=16, is_train=False,
@@ -115,7 +102,7 @@ def test_two_hosts_read_disjoint_shares_that_cover_the_data(tmp_path):
 
 
 def test_epochs_reshuffle_shard_order(tmp_path):
-  _write(tmp_path, 24, 2)
+  write_shards(tmp_path, 24, 2)
   ds = data.make_dataset(str(tmp_path), batch_size=2, image_size=16, seed=5, shuffle_buffer=1, cycle_length=1,
                          num_epochs=2)
   batches, _ = _collect(ds)
@@ -130,24 +117,24 @@ def test_epochs_reshuffle_shard_order(tmp_path):
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
   good = tmp_path / 'good'
-  _write(good, 6, 6)
+  write_shards(good, 6, 6)
   bad = tmp_path / 'bad'
   with data.ShardWriter(str(bad), 100) as writer:
-    writer.write('000100', _jpeg(100), 'jpg', 'fine', label=100)
-    writer.write('000101', _jpeg(101)[:200], 'jpg', 'a corrupt jpeg', label=101)
-    writer.write('000102', _jpeg(102), 'jpg', '   ', label=102)
+    writer.write('000100', random_jpeg(100), 'jpg', 'fine', label=100)
+    writer.write('000101', random_jpeg(101)[:200], 'jpg', 'a corrupt jpeg', label=101)
+    writer.write('000102', random_jpeg(102), 'jpg', '   ', label=102)
     writer.write('000103', b'not an image at all', 'jpg', 'garbage bytes', label=103)
-    writer.write('000104', _jpeg(104), 'jpg', 'fine too', label=104)
+    writer.write('000104', random_jpeg(104), 'jpg', 'fine too', label=104)
   # A caption that is not UTF-8, and a sample without an image.
   with tarfile.open(bad / '00001.tar', 'w') as tar:
-    for name, payload in (('000105.jpg', _jpeg(105)), ('000105.txt', b'\xff\xfe caption'),
-                          ('000106.txt', b'no image'), ('000107.jpg', _jpeg(107)), ('000107.txt', b'ok'),
+    for name, payload in (('000105.jpg', random_jpeg(105)), ('000105.txt', b'\xff\xfe caption'),
+                          ('000106.txt', b'no image'), ('000107.jpg', random_jpeg(107)), ('000107.txt', b'ok'),
                           ('000107.cls', b'107')):
       info = tarfile.TarInfo(name)
       info.size = len(payload)
       tar.addfile(info, io.BytesIO(payload))
   # A truncated tar: its first two samples survive.
-  _write(tmp_path / 'src', 4, 4, start=200)
+  write_shards(tmp_path / 'src', 4, 4, start=200)
   raw = (tmp_path / 'src' / '00000.tar').read_bytes()
   (bad / '00002.tar').write_bytes(raw[:len(raw) // 2 + 700])
   ds = data.make_dataset([str(good), str(bad)], batch_size=2, image_size=16, is_train=False)
@@ -165,8 +152,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
 
 
 def test_mixture_follows_the_weights(tmp_path):
-  _write(tmp_path / 'a', 40, 10, start=0)
-  _write(tmp_path / 'b', 40, 10, start=1000)
+  write_shards(tmp_path / 'a', 40, 10, start=0)
+  write_shards(tmp_path / 'b', 40, 10, start=1000)
   ds = data.make_dataset([(str(tmp_path / 'a'), 0.8), (str(tmp_path / 'b'), 0.2)], batch_size=10, image_size=16,
                          shuffle_buffer=4)
   batches, it = _collect(ds, limit=20)
@@ -180,9 +167,9 @@ def test_writer_from_folder_and_csv(tmp_path):
   src = tmp_path / 'photos'
   src.mkdir()
   for i in range(3):
-    (src / f'p{i}.jpg').write_bytes(_jpeg(i))
+    (src / f'p{i}.jpg').write_bytes(random_jpeg(i))
     (src / f'p{i}.txt').write_text(f'photo {i}\n')
-  (src / 'orphan.jpg').write_bytes(_jpeg(9))  # no caption: not written
+  (src / 'orphan.jpg').write_bytes(random_jpeg(9))  # no caption: not written
   shards = data.write_from_folder(str(src), str(tmp_path / 'from_folder'), samples_per_shard=2)
   assert len(shards) == 2
   (tmp_path / 'pairs.csv').write_text('path,caption,label\nphotos/p0.jpg,zero,0\nphotos/p2.jpg,two,2\n')
@@ -199,7 +186,7 @@ def test_interrupted_writer_leaves_no_partial_shard(tmp_path):
   with pytest.raises(RuntimeError):
     with data.ShardWriter(str(tmp_path), 2) as writer:
       for i in range(3):
-        writer.write(f'{i}', _jpeg(i), 'jpg', 'c')
+        writer.write(f'{i}', random_jpeg(i), 'jpg', 'c')
       raise RuntimeError('interrupted')
   assert sorted(os.listdir(tmp_path)) == ['00000.tar']
 
@@ -232,7 +219,7 @@ def test_synthetic_input():
 def test_iterator_state_is_json_and_config_sources(tmp_path):
   import json
   import ml_collections
-  _write(tmp_path / 'a', 8, 4)
+  write_shards(tmp_path / 'a', 8, 4)
   config = ml_collections.ConfigDict(dict(sources=((str(tmp_path / 'a'), 1.0),), shuffle_buffer=4, cycle_length=2,
                                           num_workers=0))
   ds = data.make_dataset_from_config(config, batch_size=2, image_size=16, context_length=8, seed=0)
@@ -287,7 +274,7 @@ def test_exact_training_crop_is_the_train_transform_and_png_is_decoded_in_full()
 
 
 def test_training_images_are_uint8_and_the_old_path_stays_selectable(tmp_path):
-  _write(tmp_path, 8, 4)
+  write_shards(tmp_path, 8, 4)
   kwargs = dict(batch_size=4, image_size=16, context_length=16, seed=2, shuffle_buffer=1)
   new, it = _collect(data.make_dataset(str(tmp_path), **kwargs), limit=1)
   old, it2 = _collect(data.make_dataset(str(tmp_path), reduced_decode=False, uint8_images=False, **kwargs), limit=1)

@@ -4,7 +4,7 @@
 import numpy as np
 
 from eva_clip_jax import data
-from test_data import _write
+from helpers import write_shards
 
 STEPS = 20
 
@@ -22,8 +22,8 @@ def _dataset(tmp_path, process_index=0, process_count=1, **options):
 
 
 def test_global_batches_alternate_between_sources_and_resume_exactly(tmp_path):
-  _write(tmp_path / 'a', 24, 4, start=0)
-  _write(tmp_path / 'b', 24, 4, start=1000)
+  write_shards(tmp_path / 'a', 24, 4, start=0)
+  write_shards(tmp_path / 'b', 24, 4, start=1000)
   for resampled in (False, True):
     # Two processes, each with its share of every global batch: every share of step i is from the same source.
     shares = []
@@ -45,8 +45,8 @@ def test_global_batches_alternate_between_sources_and_resume_exactly(tmp_path):
 
 
 def test_sample_mixing_puts_both_sources_in_a_batch(tmp_path):
-  _write(tmp_path / 'a', 24, 4, start=0)
-  _write(tmp_path / 'b', 24, 4, start=1000)
+  write_shards(tmp_path / 'a', 24, 4, start=0)
+  write_shards(tmp_path / 'b', 24, 4, start=1000)
   it = iter(_dataset(tmp_path))
   assert -1 in [_source_of(next(it)) for _ in range(6)]
 
@@ -54,7 +54,7 @@ def test_sample_mixing_puts_both_sources_in_a_batch(tmp_path):
 def test_resampled_shards_are_drawn_with_replacement(tmp_path):
   """Within one pass's worth of shards, resampling repeats some shards and skips others; without it, a process
   reads each of its shards once per epoch."""
-  _write(tmp_path / 'a', 40, 2, start=0)  # 20 shards of 2 samples
+  write_shards(tmp_path / 'a', 40, 2, start=0)  # 20 shards of 2 samples
   def shard_ids(resampled):
     ds = data.make_dataset(str(tmp_path / 'a'), batch_size=2, image_size=16, context_length=16, seed=5,
                            shuffle_buffer=0, cycle_length=1, resampled=resampled)

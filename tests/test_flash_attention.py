@@ -17,41 +17,7 @@ from eva_clip_jax.models import create_model
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.ops import attention as attention_lib
 from eva_clip_jax.ops.experimental.flash_attention import flash_attention
-from eva_clip_jax.ops.rope import apply_rope_after_prefix
-from test_attention import _numpy_attention  # the float64 reference both attention test files use
-
-
-def _inputs(seq, head_dim, *, batch=1, heads=2, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 4)
-  return [jax.random.normal(key, (batch, seq, heads, head_dim), jnp.float32) for key in keys]  # q, k, v, cotangent
-
-
-def _out_and_grads(fn, q, k, v, cotangent):
-  """fn's output and the gradients of sum(cotangent * output) w.r.t. q, k, v, in one compiled call."""
-  def run(q, k, v, cotangent):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return (out, *vjp(cotangent.astype(out.dtype)))
-  return [np.asarray(x, np.float32) for x in jax.jit(run)(q, k, v, cotangent)]
-
-
-def _xla(causal=False, rope=None):
-  def attend(q, k, v):
-    if rope is not None:
-      q, k = (apply_rope_after_prefix(t, *rope) for t in (q, k))
-    return ops.dot_product_attention(q, k, v, causal=causal)
-  return attend
-
-
-def _assert_close(got, want, atol, names=('out', 'dq', 'dk', 'dv')):
-  for name, a, b in zip(names, got, want):
-    np.testing.assert_allclose(a, b, atol=atol, rtol=0, err_msg=name)
-
-
-def _patch_dropout_tables(head_dim, grid, kept, batch):
-  """Per-sample tables as the vision tower builds them under patch dropout: each sample's kept patches' rows."""
-  cos, sin = (jnp.asarray(t) for t in rope_lib.rope_2d_tables(head_dim, grid))
-  keep = jnp.stack([jnp.sort(jax.random.permutation(jax.random.key(i), grid * grid)[:kept]) for i in range(batch)])
-  return cos[keep], sin[keep]
+from helpers import assert_close, attention_inputs, numpy_attention, out_and_grads, patch_dropout_tables, xla_attention
 
 
 # seq, head_dim, causal, (block_q, block_k, block_q_bwd, block_k_bwd); None = the target's defaults.
@@ -66,30 +32,30 @@ F32_CASES = [
 
 @pytest.mark.parametrize('seq,head_dim,causal,blocks', F32_CASES)
 def test_float32_matches_xla_forward_and_gradients(seq, head_dim, causal, blocks):
-  q, k, v, cotangent = _inputs(seq, head_dim)
+  q, k, v, cotangent = attention_inputs(seq, head_dim)
   block_args = dict(zip(('block_q', 'block_k', 'block_q_bwd', 'block_k_bwd'), blocks or ()))
-  got = _out_and_grads(lambda *a: flash_attention(*a, causal=causal, **block_args), q, k, v, cotangent)
-  _assert_close(got, _out_and_grads(_xla(causal), q, k, v, cotangent), atol=1e-5)
-  np.testing.assert_allclose(got[0], _numpy_attention(q, k, v, causal), atol=1e-5)
+  got = out_and_grads(lambda *a: flash_attention(*a, causal=causal, **block_args), q, k, v, cotangent)
+  assert_close(got, out_and_grads(xla_attention(causal), q, k, v, cotangent), atol=1e-5)
+  np.testing.assert_allclose(got[0], numpy_attention(q, k, v, causal), atol=1e-5)
 
 
 def test_long_sequence_forward():
-  q, k, v, _ = _inputs(577, 64, heads=1)  # 336px / 14 = 24x24 patches + CLS: five 128-row blocks
+  q, k, v, _ = attention_inputs(577, 64, heads=1)  # 336px / 14 = 24x24 patches + CLS: five 128-row blocks
   out = jax.jit(flash_attention)(q, k, v)
-  np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, False), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, False), atol=1e-5)
 
 
 # Fused RoPE: shared tables for full sequences (1 + grid^2), per-sample tables for patch-dropout sequences.
 @pytest.mark.parametrize('seq,head_dim,per_sample', [(50, 64, False), (289, 64, True)])
 def test_fused_rope_matches_rotating_first(seq, head_dim, per_sample):
   batch = 2
-  q, k, v, cotangent = _inputs(seq, head_dim, batch=batch, heads=1)
+  q, k, v, cotangent = attention_inputs(seq, head_dim, batch=batch, heads=1)
   if per_sample:
-    rope = _patch_dropout_tables(head_dim, grid=24, kept=seq - 1, batch=batch)
+    rope = patch_dropout_tables(head_dim, grid=24, kept=seq - 1, batch=batch)
   else:
     rope = tuple(jnp.asarray(t) for t in rope_lib.rope_2d_tables(head_dim, int(np.sqrt(seq - 1))))
   flash = lambda *a: flash_attention(*a, rope=rope, block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=64)
-  _assert_close(_out_and_grads(flash, q, k, v, cotangent), _out_and_grads(_xla(rope=rope), q, k, v, cotangent),
+  assert_close(out_and_grads(flash, q, k, v, cotangent), out_and_grads(xla_attention(rope=rope), q, k, v, cotangent),
                 atol=1e-5)
 
 
@@ -103,14 +69,14 @@ def test_fused_rope_matches_rotating_first(seq, head_dim, per_sample):
                                                                 (jnp.float16, 99, 112, False, True)])
 def test_16_bit_inputs_match_float32_reference(dtype, seq, head_dim, causal, with_rope):
   rel_tol = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}[dtype]
-  q, k, v, cotangent = _inputs(seq, head_dim, batch=2, heads=1, seed=1)
+  q, k, v, cotangent = attention_inputs(seq, head_dim, batch=2, heads=1, seed=1)
   q, k, v = (t.astype(dtype) for t in (q, k, v))
-  rope = _patch_dropout_tables(head_dim, grid=16, kept=seq - 1, batch=2) if with_rope else None
+  rope = patch_dropout_tables(head_dim, grid=16, kept=seq - 1, batch=2) if with_rope else None
   flash = lambda *a: flash_attention(*a, causal=causal, rope=rope, block_q=64, block_k=32, block_q_bwd=32,
                                          block_k_bwd=64)
   assert jax.eval_shape(flash, q, k, v).dtype == dtype
-  got = _out_and_grads(flash, q, k, v, cotangent)
-  want = _out_and_grads(_xla(causal, rope), *(t.astype(jnp.float32) for t in (q, k, v)), cotangent)
+  got = out_and_grads(flash, q, k, v, cotangent)
+  want = out_and_grads(xla_attention(causal, rope), *(t.astype(jnp.float32) for t in (q, k, v)), cotangent)
   for name, a, b in zip(('out', 'dq', 'dk', 'dv'), got, want):
     assert np.abs(a - b).max() <= rel_tol * np.abs(b).max(), name
 
@@ -118,11 +84,11 @@ def test_16_bit_inputs_match_float32_reference(dtype, seq, head_dim, causal, wit
 # Mosaic TPU lowering, run by the TPU interpreter of Pallas (`pltpu.InterpretParams`): padding, causal, RoPE.
 @pytest.mark.parametrize('seq,head_dim,causal,with_rope', [(65, 88, False, True), (77, 32, True, False)])
 def test_tpu_kernels_in_the_tpu_interpreter(seq, head_dim, causal, with_rope):
-  q, k, v, cotangent = _inputs(seq, head_dim, batch=2, heads=1)
-  rope = _patch_dropout_tables(head_dim, grid=16, kept=seq - 1, batch=2) if with_rope else None
+  q, k, v, cotangent = attention_inputs(seq, head_dim, batch=2, heads=1)
+  rope = patch_dropout_tables(head_dim, grid=16, kept=seq - 1, batch=2) if with_rope else None
   flash = lambda *a: flash_attention(*a, causal=causal, rope=rope, target='tpu', interpret=True, block_q=32,
                                          block_k=16, block_q_bwd=16, block_k_bwd=32)
-  _assert_close(_out_and_grads(flash, q, k, v, cotangent), _out_and_grads(_xla(causal, rope), q, k, v, cotangent),
+  assert_close(out_and_grads(flash, q, k, v, cotangent), out_and_grads(xla_attention(causal, rope), q, k, v, cotangent),
                 atol=1e-5)
 
 
@@ -156,7 +122,7 @@ def test_tiny_model_with_pallas_flash_attention_matches_xla():
 
 def test_backend_registration():
   assert 'pallas_flash' in ops.available_backends()
-  q, k, v, _ = _inputs(20, 16, heads=1)
+  q, k, v, _ = attention_inputs(20, 16, heads=1)
   np.testing.assert_allclose(np.asarray(ops.dot_product_attention(q, k, v, causal=True, backend='pallas_flash')),
                              np.asarray(ops.dot_product_attention(q, k, v, causal=True)), atol=1e-5)
   # Experimental: 'auto' never picks it (and on CPU the kernel only interprets).
@@ -164,7 +130,7 @@ def test_backend_registration():
 
 
 def test_bad_arguments_are_clear_errors():
-  q, k, v, _ = _inputs(17, 16, heads=1)
+  q, k, v, _ = attention_inputs(17, 16, heads=1)
   with pytest.raises(ValueError, match='powers of two'):
     flash_attention(q, k, v, block_q=24)
   with pytest.raises(ValueError, match='rope tables'):  # more table rows than tokens

@@ -7,21 +7,21 @@ import numpy as np
 from eva_clip_jax.models.paths import flatten
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
-from test_train_step import _batch, _config, initial_params  # noqa: F401  (a fixture)
+from helpers import train_batch, train_config
 
 
-def test_locked_image_tower_and_partly_locked_text_tower(initial_params):  # noqa: F811
+def test_locked_image_tower_and_partly_locked_text_tower(initial_params):
   # LiT-style: the image tower locked whole; the text tower locked but for its last two groups (the final norm and
   # projection, and the last block). On 8 devices under zero1, so the moments' shardings are exercised too.
   # With two accumulation micro-batches: the re-run differentiates the trainable view only.
-  config = _config(accum_steps=2, **{'lock_towers.visual': True, 'lock_towers.text': True,
+  config = train_config(accum_steps=2, **{'lock_towers.visual': True, 'lock_towers.text': True,
                                      'lock_towers.text_unlocked_groups': 2, 'sharding.strategy': 'zero1'})
   mesh = sharding_lib.make_mesh(dict(data=8))
   setup = step_lib.make_setup(config, mesh)
   state = step_lib.init_state(setup, initial_params)
   train_step = step_lib.make_train_step(setup)
   for i in range(3):
-    state, metrics = train_step(state, step_lib.device_batch(_batch(config, seed=i), mesh))
+    state, metrics = train_step(state, step_lib.device_batch(train_batch(config, seed=i), mesh))
   assert np.isfinite(float(metrics['loss'])) and int(metrics['skipped_steps']) == 0
   start, end = flatten(jax.device_get(initial_params)), flatten(jax.device_get(state.params))
   mu, nu = flatten(jax.device_get(state.opt_state.mu)), flatten(jax.device_get(state.opt_state.nu))
@@ -47,11 +47,11 @@ def test_locked_image_tower_and_partly_locked_text_tower(initial_params):  # noq
   assert 'locked' in table and f'layers < {text_depth - 1} locked' in table
 
 
-def test_locking_frees_the_optimizer_state(initial_params):  # noqa: F811
+def test_locking_frees_the_optimizer_state(initial_params):
   """The abstract state (what the memory planner and the checkpointer see) has no moments for a locked tower."""
   mesh = sharding_lib.make_mesh(dict(data=1), devices=jax.devices()[:1])
-  full = step_lib.make_setup(_config(), mesh).abstract_state.opt_state
-  lit = step_lib.make_setup(_config(**{'lock_towers.visual': True}), mesh).abstract_state.opt_state
+  full = step_lib.make_setup(train_config(), mesh).abstract_state.opt_state
+  lit = step_lib.make_setup(train_config(**{'lock_towers.visual': True}), mesh).abstract_state.opt_state
   size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
   visual = sum(x.size for x in jax.tree.leaves(initial_params['visual']))
   assert size(full.mu) - size(lit.mu) == visual

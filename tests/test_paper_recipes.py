@@ -11,7 +11,7 @@ import pytest
 from eva_clip_jax import recipe
 from eva_clip_jax.data import pipeline
 from eva_clip_jax.models import get_model_spec
-from test_configs import CONFIG_DIR, _load
+from helpers import CONFIG_DIR, load_config
 
 TABLES = json.loads((pathlib.Path(__file__).parent / 'data' / 'paper_recipes.json').read_text())['rows']
 
@@ -59,7 +59,7 @@ def _expected(row: dict) -> dict:
 
 @pytest.mark.parametrize('name', sorted(TABLES))
 def test_config_equals_its_table_row(name):
-  config = _load([f'--config={CONFIG_DIR / name}.py'])
+  config = load_config([f'--config={CONFIG_DIR / name}.py'])
   ours, want = _ours(config), _expected(TABLES[name])
   for field in ours:
     if (name, field) in recipe.DEVIATIONS:
@@ -81,24 +81,24 @@ def test_every_paper_config_has_a_row():
 def test_steps_follow_the_reference_derivation():
   """B/16's released command: 2048 x 64 per step, 200 epochs of --train-num-samples 40M split over two sources,
   each rounded up to whole batches and to a multiple of 8 workers: 64,000 steps, 8.39B samples."""
-  b16 = _load([f'--config={CONFIG_DIR}/b16.py'])
+  b16 = load_config([f'--config={CONFIG_DIR}/b16.py'])
   assert (b16.total_steps, b16.samples_seen) == (64_000, 8_388_608_000)
   assert recipe.reference_steps(epochs=100, batch_size=115_200, num_sources=1) == 35_200  # E/14's command
   assert recipe.reference_steps(epochs=1, batch_size=10, num_sources=2, virtual_epoch=100, workers=4) == 2 * 8
 
 
 def test_reference_betas_are_one_flag_away():
-  paper = _load([f'--config={CONFIG_DIR}/l14.py'])
-  released = _load([f'--config={CONFIG_DIR}/l14.py:reference_betas'])
+  paper = load_config([f'--config={CONFIG_DIR}/l14.py'])
+  released = load_config([f'--config={CONFIG_DIR}/l14.py:reference_betas'])
   assert (paper.optimizer.b1, paper.optimizer.b2, paper.optimizer.eps) == (0.9, 0.98, 1e-6)
   assert (released.optimizer.b1, released.optimizer.b2, released.optimizer.eps) == (0.9, 0.999, 1e-8)
-  both = _load([f'--config={CONFIG_DIR}/l14.py:runlocal,reference_betas'])
+  both = load_config([f'--config={CONFIG_DIR}/l14.py:runlocal,reference_betas'])
   assert both.optimizer.b2 == 0.999 and both.total_steps == 10
 
 
 def test_reference_loader_variant_alternates_whole_batches():
-  paper = _load([f'--config={CONFIG_DIR}/b16.py'])
-  released = _load([f'--config={CONFIG_DIR}/b16.py:reference_loader'])
+  paper = load_config([f'--config={CONFIG_DIR}/b16.py'])
+  released = load_config([f'--config={CONFIG_DIR}/b16.py:reference_loader'])
   assert (paper.data.mixing, [w for _, w in paper.data.sources]) == ('sample', [0.8, 0.2])
   assert (released.data.mixing, [w for _, w in released.data.sources]) == ('batch', [0.5, 0.5])
   assert paper.data.resampled and released.data.resampled  # --dataset-resampled in every released command

@@ -8,11 +8,11 @@ from configs import tiny
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from eva_clip_jax.training.loop import initial_params
-from test_conversion import _mim_state
+from helpers import mim_state
 
 
 def test_mim_init_lands_in_the_sharded_state(tmp_path):
-  state_dict = _mim_state(patch=8, image_size=64)
+  state_dict = mim_state(patch=8, image_size=64)
   torch.save(state_dict, tmp_path / 'mim.pt')
   config = tiny.get_config()
   config.init.visual = str(tmp_path / 'mim.pt')
@@ -38,13 +38,13 @@ def test_fine_tuning_starts_from_a_whole_open_clip_layout_model(tmp_path):
   the whole starting state, heads and logit scale included: its embeddings before the first step are the file's."""
   from eva_clip_jax.conversion.torch_reference import open_clip_model, torch_features
   from eva_clip_jax.models import get_model_spec
-  from test_conversion import TOLERANCE, _inputs
+  from test_conversion import TOLERANCE, attention_inputs
 
   spec = get_model_spec('tiny')
   reference = open_clip_model(spec, seed=11)
   with torch.no_grad():
     reference.logit_scale.fill_(np.log(42.0))  # not the fresh value ln(1 / 0.07): it must come from the file
-  images, text = _inputs(spec)
+  images, text = attention_inputs(spec)
   want_image, want_text, want_logits = torch_features(reference, images, text)
   torch.save(reference.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
   config = tiny.get_config()
@@ -73,13 +73,13 @@ def test_readme_fine_tuning_command_parses():
   import re
   import shlex
 
-  from test_configs import _load
+  from test_configs import load_config
   root = pathlib.Path(__file__).resolve().parents[1]
   block = re.search(r'```bash\n\s*(python -m eva_clip_jax.train --config=configs/b16.py --workdir=/ckpt/b16_ft.*?)```',
                     (root / 'README.md').read_text(), re.S).group(1)
   args = [a for a in shlex.split(block.replace('\\\n', ' ')) if a.startswith('--config')]
   args = [a.replace('configs/b16.py', str(root / 'configs' / 'b16.py')) for a in args]
-  config = _load(args)
+  config = load_config(args)
   assert config.init.full == 'EVA02_CLIP_B_psz16_s8B.pt'
   assert config.data.sources == (('my_shards/{00000..00099}.tar', 1.0),)
   assert config.total_steps == 2000 and config.lr.visual == 2e-5

@@ -5,44 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
-
-
-def _config(**changes):
-  config = tiny.get_config()
-  config.batch_size = 16
-  config.total_steps = 10
-  config.schedule.warmup_steps = 2
-  config.layer_decay.visual = 0.8  # exercise per-layer scales
-  config.label_smoothing = 0.1
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
-def _batch(config, seed=0, *, poisoned=False):
-  """Random images and tokens; `poisoned` puts an inf pixel in one image (a corrupt sample that slipped through)."""
-  rng = np.random.default_rng(seed)
-  size = 64
-  images = rng.normal(size=(config.batch_size, size, size, 3)).astype(np.float32)
-  if poisoned:
-    images[3, 10, 20, 1] = np.inf
-  return {'image': images, 'text': rng.integers(1, 49407, (config.batch_size, 32)).astype(np.int32)}
-
-
-@pytest.fixture(scope='module')
-def initial_params():
-  """The tiny model's initial parameters, made once (random initialisation compiles slowly on CPU) and placed
-  onto each test's mesh by `init_state`."""
-  config = _config()
-  setup = step_lib.make_setup(config, _single_device_mesh())
-  return jax.device_get(step_lib.init_state(setup).params)
+from helpers import single_device_mesh, train_batch, train_config
 
 
 def _run(config, mesh, params, steps=1):
@@ -51,19 +16,15 @@ def _run(config, mesh, params, steps=1):
   train_step = step_lib.make_train_step(setup)
   history = []
   for i in range(steps):
-    state, metrics = train_step(state, step_lib.device_batch(_batch(config, seed=i), mesh))
+    state, metrics = train_step(state, step_lib.device_batch(train_batch(config, seed=i), mesh))
     history.append(jax.device_get(metrics))
   return setup, state, history
 
 
-def _single_device_mesh():
-  return sharding_lib.make_mesh(dict(data=1), devices=jax.devices()[:1])
-
-
 @pytest.fixture(scope='module')
 def reference(initial_params):
-  config = _config()
-  _, state, history = _run(config, _single_device_mesh(), initial_params)
+  config = train_config()
+  _, state, history = _run(config, single_device_mesh(), initial_params)
   return jax.device_get(state), history
 
 
@@ -71,7 +32,7 @@ def reference(initial_params):
                                                  ('fsdp', dict(data=2, fsdp=4))])
 def test_sharded_step_equals_single_device(reference, initial_params, strategy, mesh_shape):
   expected_state, expected_history = reference
-  config = _config(**{'sharding.strategy': strategy})
+  config = train_config(**{'sharding.strategy': strategy})
   _, state, history = _run(config, sharding_lib.make_mesh(mesh_shape), initial_params)
   np.testing.assert_allclose(history[0]['loss'], expected_history[0]['loss'], rtol=1e-6)
   np.testing.assert_allclose(history[0]['grad_norm'], expected_history[0]['grad_norm'], rtol=1e-5)
@@ -87,7 +48,7 @@ def test_sharded_step_equals_single_device(reference, initial_params, strategy, 
 
 
 def test_zero1_shards_the_optimizer_state_eight_ways(initial_params):
-  config = _config(**{'sharding.strategy': 'zero1'})
+  config = train_config(**{'sharding.strategy': 'zero1'})
   mesh = sharding_lib.make_mesh(dict(data=8))
   setup = step_lib.make_setup(config, mesh)
   state = step_lib.init_state(setup, initial_params)
@@ -110,14 +71,14 @@ def test_float16_skips_non_finite_steps_and_backs_off_the_scale(initial_params):
   data: steps 1 and 2 get a batch with an inf pixel."""
   # The tiny model's own float16 gradients overflow at the reference's 2^16 (its random-init head gradient is ~1.6e3),
   # which the scaler would work down from; 2^4 keeps them finite so that only the poisoned steps overflow.
-  config = _config(**{'model.dtype': 'float16', 'loss_scale.initial_power': 4})
-  mesh = _single_device_mesh()
+  config = train_config(**{'model.dtype': 'float16', 'loss_scale.initial_power': 4})
+  mesh = single_device_mesh()
   setup = step_lib.make_setup(config, mesh)
   state = step_lib.init_state(setup, initial_params)
   train_step = step_lib.make_train_step(setup)
   states, history = [], []
   for i in range(4):
-    batch = _batch(config, seed=i, poisoned=i in (1, 2))
+    batch = train_batch(config, seed=i, poisoned=i in (1, 2))
     state, metrics = train_step(state, step_lib.device_batch(batch, mesh))
     states.append(jax.device_get(state))
     history.append(jax.device_get(metrics))

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import sys
-import time
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -19,38 +18,19 @@ from eva_clip_jax.evaluation import datasets, generic, suite
 from eva_clip_jax.evaluation.retrieval import retrieval_recall, score_retrieval
 from eva_clip_jax.evaluation.tasks import PairedRetrieval, Retrieval
 from eva_clip_jax.evaluation.zero_shot import score_zero_shot, zero_shot_classifier
+from eva_clip_jax.progress import Progress
 
 
-class Progress:
-  """'name  1234/50000  2%  310 img/s': rewritten in place on a terminal, a line per 10% elsewhere; process 0 only."""
+def _image_progress(name: str, total: int | None) -> Progress:
+  """'name  1234/50000 images  2%  310 img/s' on stderr: rewritten in place on a terminal, a line per 10%
+  elsewhere; process 0 only. Called with each batch's image count."""
 
-  def __init__(self, name: str, total: int | None, stream=None):
-    self.name, self.total, self.done = name, total, 0
-    self.stream = stream or sys.stderr
-    self.tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
-    self.start, self._last_decile = time.perf_counter(), -1
-    self.quiet = jax.process_index() != 0
+  def describe(progress: Progress) -> str:
+    of = f'/{total}' if total else ''
+    pct = f' {100 * progress.done / total:3.0f}%' if total else ''
+    return f'{name}  {progress.done}{of} images{pct}  {progress.rate:.0f} img/s'
 
-  def __call__(self, n: int) -> None:
-    self.done += n
-    if self.quiet:
-      return
-    rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-    of = f'/{self.total}' if self.total else ''
-    pct = f' {100 * self.done / self.total:3.0f}%' if self.total else ''
-    line = f'{self.name}  {self.done}{of} images{pct}  {rate:.0f} img/s'
-    if self.tty:
-      self.stream.write('\r' + line)
-      self.stream.flush()
-    else:
-      decile = int(10 * self.done / self.total) if self.total else self.done // 10000
-      if decile != self._last_decile:
-        self._last_decile = decile
-        self.stream.write(line + '\n')
-
-  def close(self) -> None:
-    if self.tty and not self.quiet:
-      self.stream.write('\n')
+  return Progress(total, stream=sys.stderr, tenths=True, describe=describe)
 
 
 class _DiskCachedClassifiers(dict):
@@ -108,13 +88,13 @@ def evaluate_dataset(bound, tokenizer, key: str, data: str, image_size: int, bat
     result = retrieval_recall(image_features, text_features, np.arange(image_features.shape[0]))
     result.update(num_images=image_features.shape[0], num_captions=text_features.shape[0])
   elif isinstance(task, Retrieval):
-    progress = Progress(key, len(task.images)) if show_progress else None
+    progress = _image_progress(key, len(task.images)) if show_progress else None
     batches = datasets.image_batches(task.images, image_size, batch_size, num_workers)
     result = score_retrieval(bound, tokenizer, batches, task.captions, task.text_to_image, progress=progress)
     result.update(num_images=len(task.images), num_captions=len(task.captions))
   else:
     zero_shot_classifier(bound, tokenizer, task.classnames, task.templates)  # before the progress line starts
-    progress = Progress(key, task.size) if show_progress else None
+    progress = _image_progress(key, task.size) if show_progress else None
     result = score_zero_shot(bound, tokenizer, task.batches, task.classnames, task.templates, subset=task.subset,
                              progress=progress)
     result['num_classes'] = len(task.subset) if task.subset is not None else len(task.classnames)

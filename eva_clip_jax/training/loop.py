@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from eva_clip_jax import storage
 from eva_clip_jax.data import pipeline
 from eva_clip_jax.models import create_model, get_model_spec
+from eva_clip_jax.progress import Progress
 from eva_clip_jax.training import flops
 from eva_clip_jax.training import metrics as metrics_lib
 from eva_clip_jax.training import sharding as sharding_lib
@@ -172,7 +173,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
   preemption = _Preemption()
   writer = metrics_lib.Writer(workdir)
   total, log_every = int(config.total_steps), int(config.log_every_steps)
-  progress = metrics_lib.ProgressLine(total)
+  progress = Progress(max(total, 1), bar=True)
   resources = []  # closed in the finally block, before the iterator
   try:
     restored = checkpointer.restore_latest(setup.abstract_state, iterator)
@@ -203,7 +204,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
         summary.update(throughput.measure(step))
         summary.update({k: float(v) for k, v in skipped_data.items()})
         writer.write_scalars(step, summary)
-        progress.update(step, summary)
+        progress.update(step, metrics_lib.progress_text(step, progress.total, summary))
         last_metrics.update(summary)
         history.clear()
       due = [e for e in evaluators if (e.every_steps and step % e.every_steps == 0) or step == total]

@@ -1,5 +1,5 @@
-"""Metrics: every scalar to TensorBoard event files and `metrics.jsonl`, one progress line to the console, and
-throughput bookkeeping.
+"""Metrics: every scalar to TensorBoard event files and `metrics.jsonl`, the text of the console's progress line
+(eva_clip_jax.progress draws it), and throughput bookkeeping.
 
 clu imports TensorFlow for its TensorBoard writer, so it is imported here, lazily, and never by the model code.
 Only process 0 writes; the others log nothing.
@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -86,51 +85,17 @@ def _duration(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-class ProgressLine:
-  """The console's view of a run: step / total, loss, samples/s and ETA. On a terminal one line is redrawn with a
-  progress bar; elsewhere (logs, CI) each update is its own line. Process 0 only."""
-
-  def __init__(self, total_steps: int, stream: TextIO | None = None):
-    self.total = max(int(total_steps), 1)
-    self.stream = stream or sys.stdout
-    self.enabled = jax.process_index() == 0
-    self.terminal = self.enabled and hasattr(self.stream, 'isatty') and self.stream.isatty()
-    self._open_line = False
-
-  def update(self, step: int, metrics: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    parts = [f'step {step}/{self.total}']
-    if 'loss' in metrics:
-      parts.append(f'loss {metrics["loss"]:.4f}')
-    if 'perf/samples_per_s' in metrics:
-      parts.append(f'{metrics["perf/samples_per_s"]:,.0f} samples/s')
-    if 'perf/eta_hours' in metrics:
-      parts.append(f'ETA {_duration(metrics["perf/eta_hours"] * 3600)}')
-    text = ' | '.join(parts)
-    if self.terminal:
-      done = int(30 * min(step / self.total, 1.0))
-      self.stream.write(f'\r[{"#" * done}{"." * (30 - done)}] {text}\x1b[K')
-      self._open_line = True
-    else:
-      self.stream.write(text + '\n')
-    self.stream.flush()
-
-  def message(self, text: str) -> None:
-    """A line of its own (an evaluation result, a notice), without breaking the progress bar."""
-    if not self.enabled:
-      return
-    if self._open_line:
-      self.stream.write('\n')
-      self._open_line = False
-    self.stream.write(text + '\n')
-    self.stream.flush()
-
-  def close(self) -> None:
-    if self._open_line:
-      self.stream.write('\n')
-      self.stream.flush()
-      self._open_line = False
+def progress_text(step: int, total: int, metrics: Mapping[str, float]) -> str:
+  """Training's progress line: 'step 120/500 | loss 3.2100 | 1,234 samples/s | ETA 1:30:00', from what the
+  summary has (drawn by eva_clip_jax.progress.Progress)."""
+  parts = [f'step {step}/{total}']
+  if 'loss' in metrics:
+    parts.append(f'loss {metrics["loss"]:.4f}')
+  if 'perf/samples_per_s' in metrics:
+    parts.append(f'{metrics["perf/samples_per_s"]:,.0f} samples/s')
+  if 'perf/eta_hours' in metrics:
+    parts.append(f'ETA {_duration(metrics["perf/eta_hours"] * 3600)}')
+  return ' | '.join(parts)
 
 
 class Throughput:
