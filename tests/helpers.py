@@ -13,7 +13,7 @@ from PIL import Image
 
 import eva_clip_jax as ec
 from configs import tiny
-from eva_clip_jax import data, ops
+from eva_clip_jax import ops
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.ops.rope import apply_rope_after_prefix
 from eva_clip_jax.training import sharding as sharding_lib
@@ -63,6 +63,7 @@ def random_jpeg(seed, size=(40, 30)):
 
 
 def write_shards(directory, count, per_shard, start=0, prefix=''):
+  from eva_clip_jax import data  # pylint: disable=g-import-not-at-top  (grain: not on the GPU machine's image)
   with data.ShardWriter(str(directory), per_shard, prefix=prefix) as writer:
     for i in range(start, start + count):
       writer.write(f'{i:06d}', random_jpeg(i), 'jpg', f'caption number {i}', label=i)
