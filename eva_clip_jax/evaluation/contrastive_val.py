@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from eva_clip_jax.evaluation.features import paired_features
+
 ROW_CHUNK = 1024  # rows of the [N, N] similarity matrix held at once
 
 
@@ -70,14 +72,7 @@ def clip_metrics(image_features: np.ndarray, text_features: np.ndarray, ks=(1, 5
 
 def score_contrastive_val(bound, batches, logit_scale: float, batch_size: int) -> dict[str, float]:
   """Loss and ranks of the valid pairs of `batches` (every process reads the whole set)."""
-  images, texts = [], []
-  for batch in batches:
-    keep = np.asarray(batch['valid'], bool)
-    images.append(bound.images(batch['image'])[keep])
-    texts.append(bound.texts(batch['text'])[keep])
-  if not images:
-    raise ValueError('the validation data yielded no batches')
-  image_features, text_features = np.concatenate(images), np.concatenate(texts)
+  image_features, text_features = paired_features(bound, batches)
   result = {'val_loss': validation_loss(image_features, text_features, logit_scale, batch_size)}
   result.update(clip_metrics(image_features, text_features))
   result['num_samples'] = int(image_features.shape[0])

@@ -169,3 +169,15 @@ class BoundExtractor:
     if not features:
       raise ValueError('the evaluation data yielded no batches')
     return np.concatenate(features), others
+
+
+def paired_features(bound, batches) -> tuple[np.ndarray, np.ndarray]:
+  """(image features, text features) of the valid pairs of `batches`."""
+  images, texts = [], []
+  for batch in batches:
+    keep = np.asarray(batch['valid'], bool)
+    images.append(bound.images(batch['image'])[keep])
+    texts.append(bound.texts(batch['text'])[keep])
+  if not images:
+    raise ValueError('the evaluation data yielded no batches')
+  return np.concatenate(images), np.concatenate(texts)

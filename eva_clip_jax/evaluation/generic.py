@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
-
 from eva_clip_jax.evaluation import datasets
 from eva_clip_jax.evaluation.tasks import Classification, PairedRetrieval, Retrieval
 from eva_clip_jax.evaluation.zero_shot import imagenet_metadata, read_lines
@@ -79,15 +77,3 @@ def caption_shards(spec, data, image_size, batch_size, num_workers, context_leng
   del spec
   return PairedRetrieval(datasets.shard_batches(data, image_size, batch_size, context_length, num_workers,
                                                 shard_by_process=False))
-
-
-def paired_features(bound, batches) -> tuple[np.ndarray, np.ndarray]:
-  """(image features, text features) of the valid pairs of `batches`."""
-  images, texts = [], []
-  for batch in batches:
-    keep = np.asarray(batch['valid'], bool)
-    images.append(bound.images(batch['image'])[keep])
-    texts.append(bound.texts(batch['text'])[keep])
-  if not images:
-    raise ValueError('the evaluation data yielded no batches')
-  return np.concatenate(images), np.concatenate(texts)

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from eva_clip_jax import storage
-from eva_clip_jax.evaluation import datasets, generic, suite
+from eva_clip_jax.evaluation import datasets, suite
+from eva_clip_jax.evaluation.features import paired_features
 from eva_clip_jax.evaluation.retrieval import retrieval_recall, score_retrieval
 from eva_clip_jax.evaluation.tasks import PairedRetrieval, Retrieval
 from eva_clip_jax.evaluation.zero_shot import score_zero_shot, zero_shot_classifier
@@ -84,7 +85,7 @@ def evaluate_dataset(bound, tokenizer, key: str, data: str, image_size: int, bat
   task = spec.load(spec, data, image_size, batch_size, num_workers, **options)
   progress = None
   if isinstance(task, PairedRetrieval):
-    image_features, text_features = generic.paired_features(bound, task.batches)
+    image_features, text_features = paired_features(bound, task.batches)
     result = retrieval_recall(image_features, text_features, np.arange(image_features.shape[0]))
     result.update(num_images=image_features.shape[0], num_captions=text_features.shape[0])
   elif isinstance(task, Retrieval):
