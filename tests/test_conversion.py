@@ -205,7 +205,15 @@ def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
 def test_failed_conversion_leaves_no_directory(tmp_path, monkeypatch):
   from eva_clip_jax.conversion import orbax_io
   model = ec.create_model('tiny')
-  monkeypatch.setattr(orbax_io.json, 'dumps', lambda *a, **k: (_ for _ in ()).throw(OSError('interrupted')))
+  write_text = orbax_io.storage.write_text
+
+  def interrupted_marker(path, text):  # the arrays are written; the run dies before model.json marks them complete
+    if path.endswith('model.json'):
+      raise OSError('interrupted')
+    write_text(path, text)
+
+  # Not json.dumps: orbax's own background threads call it too, and a failure there races our clean-up.
+  monkeypatch.setattr(orbax_io.storage, 'write_text', interrupted_marker)
   with pytest.raises(OSError, match='interrupted'):
     orbax_io.save_params(model_params(model), str(tmp_path / 'out'), model_name='tiny')
   assert list(tmp_path.iterdir()) == []
