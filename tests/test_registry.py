@@ -16,10 +16,14 @@ REFERENCE_COUNTS = {
     'EVA02-CLIP-L-14-336': (428.08, 304_432_832, 123_650_304),
     'EVA02-CLIP-bigE-14': (4704.59, 4350_556_928, 354_032_640),
     'EVA02-CLIP-bigE-14-plus': (5044.89, 4350_556_928, 694_332_160),
+    # EVA-CLIP-18B/shinji's CLIP on the meta device (xattn off: xformers only changes the kernel).
+    'EVA-CLIP-8B': (8220.75, 7526_088_704, 694_659_840),
+    'EVA-CLIP-8B-plus': (8223.89, 7529_234_432, 694_659_840),
+    'EVA-CLIP-18B': (18325.48, 17630_494_720, 694_987_520),
 }
 
 
-def test_all_seven_reference_models_and_tiny_are_registered():
+def test_all_reference_models_and_tiny_are_registered():
   assert set(REFERENCE_COUNTS) | {'tiny'} == set(ec.list_models())
 
 

@@ -37,37 +37,39 @@ def _linear(ours, theirs, bias=True, depth=0):
     yield Entry(ours + ('bias',), f'{theirs}.bias', 'copy', depth)
 
 
-def _norm(ours, theirs, depth=0):
+def _norm(ours, theirs, depth=0, bias=True):
   yield Entry(ours + ('scale',), f'{theirs}.weight', 'copy', depth)
-  yield Entry(ours + ('bias',), f'{theirs}.bias', 'copy', depth)
+  if bias:
+    yield Entry(ours + ('bias',), f'{theirs}.bias', 'copy', depth)
 
 
 def vision_entries(spec: VisionSpec, layout: str, prefix: str) -> Iterator[Entry]:
   """The vision tower; `prefix` is 'visual.' (eva), 'visual.trunk.' (open_clip) or '' (bare towers)."""
   p, d, v = prefix, spec.depth, ('visual',)
+  norm_bias = spec.norm == 'layernorm'  # RMSNorm has no bias
   yield Entry(v + ('patch_embed', 'kernel'), f'{p}patch_embed.proj.weight', 'conv')
   yield Entry(v + ('patch_embed', 'bias'), f'{p}patch_embed.proj.bias')
   yield Entry(v + ('cls_token',), f'{p}cls_token')
   yield Entry(v + ('pos_embed',), f'{p}pos_embed')
   b, blk = v + ('blocks',), f'{p}blocks.{{i}}'
-  yield from _norm(b + ('norm1',), f'{blk}.norm1', d)
-  yield from _norm(b + ('norm2',), f'{blk}.norm2', d)
+  yield from _norm(b + ('norm1',), f'{blk}.norm1', d, norm_bias)
+  yield from _norm(b + ('norm2',), f'{blk}.norm2', d, norm_bias)
   a = b + ('attn',)
   if spec.qkv == 'separate':
     for name in ('q_proj', 'k_proj', 'v_proj'):
       yield from _linear(a + (name,), f'{blk}.attn.{name}', bias=False, depth=d)
-    if layout == 'eva':
-      yield Entry(a + ('q_bias',), f'{blk}.attn.q_bias', depth=d)
-      yield Entry(a + ('v_bias',), f'{blk}.attn.v_bias', depth=d)
-    else:  # timm keeps the q and v biases as the projections' own biases
-      yield Entry(a + ('q_bias',), f'{blk}.attn.q_proj.bias', depth=d)
-      yield Entry(a + ('v_bias',), f'{blk}.attn.v_proj.bias', depth=d)
+    # timm keeps the q and v biases as the projections' own biases
+    theirs = ('q_bias', 'v_bias') if layout == 'eva' else ('q_proj.bias', 'v_proj.bias')
+    for ours, key in zip(('q_bias', 'v_bias'), theirs if spec.qkv_bias else ()):
+      yield Entry(a + (ours,), f'{blk}.attn.{key}', depth=d)
   else:
     yield from _linear(a + ('qkv',), f'{blk}.attn.qkv', bias=False, depth=d)
-    yield Entry(a + ('q_bias',), f'{blk}.attn.q_bias', depth=d)
-    yield Entry(a + ('v_bias',), f'{blk}.attn.v_bias', depth=d)
+    if spec.qkv_bias:
+      yield Entry(a + ('q_bias',), f'{blk}.attn.q_bias', depth=d)
+      yield Entry(a + ('v_bias',), f'{blk}.attn.v_bias', depth=d)
   if spec.subln:
-    yield from _norm(a + ('inner_attn_ln',), f'{blk}.attn.{"inner_attn_ln" if layout == "eva" else "norm"}', d)
+    inner = 'inner_attn_ln' if layout == 'eva' else 'norm'
+    yield from _norm(a + ('inner_attn_ln',), f'{blk}.attn.{inner}', d, norm_bias)
   yield from _linear(a + ('proj',), f'{blk}.attn.proj', depth=d)
   m = b + ('mlp',)
   if spec.mlp == 'swiglu':
@@ -78,12 +80,12 @@ def vision_entries(spec: VisionSpec, layout: str, prefix: str) -> Iterator[Entry
     yield from _linear(m + ('fc1',), f'{blk}.mlp.fc1', depth=d)
     yield from _linear(m + ('fc2',), f'{blk}.mlp.fc2', depth=d)
   if spec.subln:
-    yield from _norm(m + ('ffn_ln',), f'{blk}.mlp.{"ffn_ln" if layout == "eva" else "norm"}', d)
+    yield from _norm(m + ('ffn_ln',), f'{blk}.mlp.{"ffn_ln" if layout == "eva" else "norm"}', d, norm_bias)
   if spec.layer_scale_init:
     yield Entry(b + ('gamma_1',), f'{blk}.gamma_1', depth=d)
     yield Entry(b + ('gamma_2',), f'{blk}.gamma_2', depth=d)
-  yield from _norm(v + ('norm',), f'{p}norm')
-  yield from _linear(v + ('head',), f'{p}head')
+  yield from _norm(v + ('norm',), f'{p}norm', bias=norm_bias)
+  yield from _linear(v + ('head',), f'{p}head', bias=spec.qkv_bias)
 
 
 def text_entries(spec: ModelSpec, prefix: str) -> Iterator[Entry]:

@@ -103,6 +103,17 @@ def layer_norm(features: int, eps: float, opts: ModelOptions, rngs: nnx.Rngs) ->
                        rngs=rngs)
 
 
+def rms_norm(features: int, eps: float, opts: ModelOptions, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  # T5-style, as EVA-CLIP-8B/18B: x * rsqrt(mean(x^2) + eps) * scale, no mean subtracted, no bias; flax computes
+  # the statistic in float32, as the reference does for 16-bit inputs.
+  return nnx.RMSNorm(features, epsilon=eps, dtype=opts.dtype, param_dtype=opts.param_dtype,
+                     scale_metadata={AXES_METADATA: ('norm',)}, rngs=rngs)
+
+
+def norm_layer(kind: str, features: int, eps: float, opts: ModelOptions, rngs: nnx.Rngs) -> nnx.Module:
+  return rms_norm(features, eps, opts, rngs) if kind == 'rmsnorm' else layer_norm(features, eps, opts, rngs)
+
+
 def drop_path(x: jax.Array, rate: jax.Array | float, key: jax.Array | None) -> jax.Array:
   """Stochastic depth: drops the whole residual branch per sample, scaling survivors by 1/keep."""
   if key is None:

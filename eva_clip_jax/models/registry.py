@@ -21,7 +21,10 @@ class VisionSpec:
     mlp: 'swiglu' (`w3(ffn_ln(silu(w1 x) * w2 x))`) or 'gelu' (`fc2(gelu(fc1 x))`).
     rope: 2D rotary position embedding on q and k (CLS excluded), frequencies interpolated from
       `pt_seq_len` to the actual grid.
-    postnorm: `x + norm(f(x))` instead of `x + f(norm(x))` (bigE).
+    postnorm: `x + norm(f(x))` instead of `x + f(norm(x))` (bigE, EVA-CLIP-18B).
+    norm: 'layernorm', or 'rmsnorm' (EVA-CLIP-8B/18B: T5-style, no mean, no bias, statistics in float32).
+    qkv_bias: the attention's q and v biases, and the head's bias: the reference builds its head with
+      `bias=qkv_bias` (EVA-CLIP-18B/shinji), so one switch removes all three.
   """
   image_size: int
   patch_size: int
@@ -37,6 +40,8 @@ class VisionSpec:
   pt_seq_len: int = 16
   layer_scale_init: float | None = None
   norm_eps: float = 1e-6
+  norm: Literal['layernorm', 'rmsnorm'] = 'layernorm'
+  qkv_bias: bool = True
 
   @property
   def grid_size(self) -> int:
@@ -61,6 +66,8 @@ class VisionSpec:
       raise ValueError(f"qkv must be 'separate' or 'fused', got {self.qkv!r}")
     if self.mlp not in ('swiglu', 'gelu'):
       raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+    if self.norm not in ('layernorm', 'rmsnorm'):
+      raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +112,14 @@ def _eva01(width, depth, num_heads, mlp_dim, postnorm=False):
                     mlp_dim=mlp_dim, qkv='fused', subln=False, mlp='gelu', rope=False, postnorm=postnorm)
 
 
+def _eva_clip_xb(image_size, width, depth, postnorm=False):
+  # EVA-CLIP-8B/18B (EVA-CLIP-18B/shinji `eva-clip-*-14-x`): EVA-01 blocks (fused qkv, exact-GELU MLP, no RoPE, no
+  # sub-LN) with RMSNorm everywhere, no q/v or head bias, head dim 128 and MLP ratio 5 (int(width * 5), exact).
+  return VisionSpec(image_size=image_size, patch_size=14, width=width, depth=depth, num_heads=width // 128,
+                    mlp_dim=5 * width, qkv='fused', subln=False, mlp='gelu', rope=False, postnorm=postnorm,
+                    norm='rmsnorm', qkv_bias=False)
+
+
 # EVA-02 MLP hidden sizes are int(width * 2.6667): 2048 (B), 2730 (L). EVA-01 g: int(1408 * 4.3637) = 6144;
 # bigE: 1792 * 8.5714 = 15360. Stored as integers so no float rounding can change a shape.
 _MODELS = (
@@ -117,6 +132,11 @@ _MODELS = (
               TextSpec(1024, 24, 16)),
     ModelSpec('EVA02-CLIP-bigE-14-plus', 1024, _eva01(1792, 64, 16, 15360, postnorm=True),
               TextSpec(1280, 32, 20)),
+    # EVA-CLIP-18B/shinji's configs EVA-CLIP-8B.json, EVA-CLIP-8B-plus.json (448 px), EVA-CLIP-18B.json; the text
+    # tower is EVA02-CLIP-E/14+'s.
+    ModelSpec('EVA-CLIP-8B', 1280, _eva_clip_xb(224, 4096, 32), TextSpec(1280, 32, 20)),
+    ModelSpec('EVA-CLIP-8B-plus', 1280, _eva_clip_xb(448, 4096, 32), TextSpec(1280, 32, 20)),
+    ModelSpec('EVA-CLIP-18B', 1536, _eva_clip_xb(224, 5120, 48, postnorm=True), TextSpec(1280, 32, 20)),
     # A few-second model for tests and the demo: EVA-02 blocks (RoPE, sub-LN, SwiGLU) at toy size.
     ModelSpec('tiny', 64,
               VisionSpec(image_size=64, patch_size=8, width=64, depth=2, num_heads=2, mlp_dim=170),
@@ -131,6 +151,7 @@ ALIASES = {
     'EVA02-CLIP-B/16': 'EVA02-CLIP-B-16', 'EVA02-CLIP-L/14': 'EVA02-CLIP-L-14',
     'EVA02-CLIP-L/14+': 'EVA02-CLIP-L-14-336', 'EVA02-CLIP-E/14': 'EVA02-CLIP-bigE-14',
     'EVA02-CLIP-E/14+': 'EVA02-CLIP-bigE-14-plus',
+    'EVA-CLIP-8B-448': 'EVA-CLIP-8B-plus',  # the Hugging Face repository's name (BAAI/EVA-CLIP-8B-448)
 }
 
 

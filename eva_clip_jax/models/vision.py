@@ -1,4 +1,4 @@
-"""The EVA vision transformer: EVA-01 (g), EVA-02 (B, L) and bigE blocks, patch dropout, CLS pooling.
+"""The EVA vision transformer: EVA-01 (g), EVA-02 (B, L), bigE and EVA-CLIP-8B/18B blocks, patch dropout, CLS pooling.
 
 Parameter names follow the EVA repository (`q_proj`, `q_bias`, `inner_attn_ln`, `mlp.w1/w2/ffn_ln/w3`,
 `mlp.fc1/fc2`, `norm1/norm2`, `gamma_1/gamma_2`) so the checkpoint mappings stay one-to-one. Images are NHWC.
@@ -12,14 +12,15 @@ import numpy as np
 from flax import nnx
 
 from eva_clip_jax.models import rope as rope_lib
-from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stacked, drop_path, layer_norm, linear,
+from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stacked, drop_path, linear, norm_layer,
                                         param, run_stacked, trunc_normal)
 from eva_clip_jax.models.registry import VisionSpec
 from eva_clip_jax.ops import dot_product_attention
 
 
 class EvaAttention(nnx.Module):
-  """Self-attention with q and v biases but no k bias; optional sub-LN and 2D RoPE (CLS excluded).
+  """Self-attention with q and v biases (none for EVA-CLIP-8B/18B) but no k bias; optional sub-LN and 2D RoPE (CLS
+  excluded).
 
   The RoPE tables go to the attention seam, which fuses the rotation into the kernel where the backend can (the
   rotated q and k then never exist in memory) and rotates q and k first otherwise.
@@ -36,9 +37,12 @@ class EvaAttention(nnx.Module):
       self.v_proj = linear(width, width, opts, rngs, axes=('embed', 'heads'), use_bias=False)
     else:
       self.qkv = linear(width, 3 * width, opts, rngs, axes=('embed', 'heads'), use_bias=False)
-    self.q_bias = param(jnp.zeros((width,), opts.param_dtype), ('norm',))
-    self.v_bias = param(jnp.zeros((width,), opts.param_dtype), ('norm',))
-    self.inner_attn_ln = layer_norm(width, spec.norm_eps, opts, rngs) if spec.subln else None
+    if spec.qkv_bias:
+      self.q_bias = param(jnp.zeros((width,), opts.param_dtype), ('norm',))
+      self.v_bias = param(jnp.zeros((width,), opts.param_dtype), ('norm',))
+    else:
+      self.q_bias = self.v_bias = None
+    self.inner_attn_ln = norm_layer(spec.norm, width, spec.norm_eps, opts, rngs) if spec.subln else None
     self.proj = linear(width, width, opts, rngs, axes=('heads', 'embed'))
 
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
@@ -47,8 +51,9 @@ class EvaAttention(nnx.Module):
       q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
     else:
       q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-    q = q + self.q_bias[...].astype(self.dtype)
-    v = v + self.v_bias[...].astype(self.dtype)
+    if self.q_bias is not None:
+      q = q + self.q_bias[...].astype(self.dtype)
+      v = v + self.v_bias[...].astype(self.dtype)
     q, k, v = (t.reshape(batch, seq, self.num_heads, -1) for t in (q, k, v))
     # Tables for the patch tokens: [seq - 1, D], or [B, kept, D] under patch dropout; the CLS token is not rotated.
     out = dot_product_attention(q, k, v, rope=rope, backend=self.backend)
@@ -64,7 +69,7 @@ class SwiGLU(nnx.Module):
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
     self.w1 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
     self.w2 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
-    self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
+    self.ffn_ln = norm_layer(spec.norm, spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
     self.w3 = linear(spec.mlp_dim, spec.width, opts, rngs, axes=('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,7 +82,7 @@ class GeluMlp(nnx.Module):
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
     self.fc1 = linear(spec.width, spec.mlp_dim, opts, rngs, axes=('embed', 'mlp'))
-    self.ffn_ln = layer_norm(spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
+    self.ffn_ln = norm_layer(spec.norm, spec.mlp_dim, spec.norm_eps, opts, rngs) if spec.subln else None
     self.fc2 = linear(spec.mlp_dim, spec.width, opts, rngs, axes=('mlp', 'embed'))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,9 +95,9 @@ class EvaBlock(nnx.Module):
 
   def __init__(self, spec: VisionSpec, opts: ModelOptions, *, rngs: nnx.Rngs):
     self.postnorm = spec.postnorm
-    self.norm1 = layer_norm(spec.width, spec.norm_eps, opts, rngs)
+    self.norm1 = norm_layer(spec.norm, spec.width, spec.norm_eps, opts, rngs)
     self.attn = EvaAttention(spec, opts, rngs=rngs)
-    self.norm2 = layer_norm(spec.width, spec.norm_eps, opts, rngs)
+    self.norm2 = norm_layer(spec.norm, spec.width, spec.norm_eps, opts, rngs)
     self.mlp = SwiGLU(spec, opts, rngs=rngs) if spec.mlp == 'swiglu' else GeluMlp(spec, opts, rngs=rngs)
     if spec.layer_scale_init:
       self.gamma_1 = param(jnp.full((spec.width,), spec.layer_scale_init, opts.param_dtype), ('norm',))
@@ -146,9 +151,9 @@ class VisionTransformer(nnx.Module):
                            (None, None, 'embed'))
     self.blocks = create_stacked(lambda r: EvaBlock(spec, opts, rngs=r), spec.depth, rngs)
     self._rescale_residual_outputs()
-    self.norm = layer_norm(width, spec.norm_eps, opts, rngs)
+    self.norm = norm_layer(spec.norm, width, spec.norm_eps, opts, rngs)
     # EVA initialises the head at 1e-3 of the usual scale.
-    self.head = linear(width, embed_dim, opts, rngs, axes=('embed', 'mlp'), std=0.02 * 1e-3)
+    self.head = linear(width, embed_dim, opts, rngs, axes=('embed', 'mlp'), std=0.02 * 1e-3, use_bias=spec.qkv_bias)
 
   def _rescale_residual_outputs(self):
     # EVA's fix_init_weight: the outputs of block i (1-based) start scaled by 1/sqrt(2 i).
