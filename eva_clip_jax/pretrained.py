@@ -76,8 +76,12 @@ def register_pretrained(entry: Pretrained) -> None:
   _TABLE[(model, entry.tag)] = dataclasses.replace(entry, model=model)
 
 
-def _eva(model: str, filename: str, kind: str = 'clip') -> Pretrained:
-  return Pretrained(model, filename[:-len('.pt')], EVA_REPO, filename, kind=kind, layout='eva')
+def _file_stem(name: str) -> str:
+  return name.removesuffix('.pt').removesuffix('.bin')
+
+
+def _eva(model: str, filename: str, kind: str = 'clip', repo: str = EVA_REPO) -> Pretrained:
+  return Pretrained(model, _file_stem(filename), repo, filename, kind=kind, layout='eva')
 
 
 def _timm(model: str, tag: str, timm_name: str) -> Pretrained:
@@ -108,6 +112,13 @@ for _entry in (
     _eva('EVA02-CLIP-bigE-14-plus', 'EVA02_E_psz14.pt', 'mim'),
     _eva('EVA01-CLIP-g-14', 'EVA01_g_psz14.pt', 'mim'),
     _eva('EVA01-CLIP-g-14-plus', 'EVA01_g_psz14.pt', 'mim'),
+    # EVA-CLIP-8B / 8B-448 / 18B (EVA-CLIP-18B/README.md): BAAI's own hub repositories, EVA's layout; open_clip has no
+    # tags for them. 18B's files are float16.
+    _eva('EVA-CLIP-8B', 'EVA_CLIP_8B_psz14_s9B.pt', repo='BAAI/EVA-CLIP-8B'),
+    _eva('EVA-CLIP-8B-plus', 'EVA_CLIP_8B_psz14_plus_s0.6B.pt', repo='BAAI/EVA-CLIP-8B-448'),
+    _eva('EVA-CLIP-18B', 'EVA_CLIP_18B_psz14_s6B.fp16.pt', repo='BAAI/EVA-CLIP-18B'),
+    _eva('EVA-CLIP-8B', 'EVA_8B_psz14.bin', 'mim', repo='BAAI/EVA-CLIP-8B'),
+    _eva('EVA-CLIP-18B', 'EVA_18B_psz14.fp16.bin', 'mim', repo='BAAI/EVA-CLIP-18B'),
 ):
   register_pretrained(_entry)
 
@@ -118,23 +129,28 @@ def list_pretrained(kind: str | None = 'clip') -> list[tuple[str, str]]:
 
 
 def get_pretrained(model: str, tag: str) -> Pretrained | None:
-  """The entry for `tag` (or the EVA file name it stands for, '.pt' included) of `model`, else None."""
+  """The entry for `tag` (or the EVA file name it stands for, '.pt' or '.bin' included) of `model`, else None."""
   model = get_model_spec(model).name
   entry = _TABLE.get((model, tag))
-  if entry is None and tag.endswith('.pt'):
-    entry = _TABLE.get((model, tag[:-len('.pt')]))
+  if entry is None and tag.endswith(('.pt', '.bin')):
+    entry = _TABLE.get((model, _file_stem(tag)))
   return entry
 
 
+
 def _looks_like_tag(source: str) -> bool:
-  """A bare name with no directory part and no file suffix other than .pt: a tag, not a path."""
-  return os.sep not in source and '/' not in source and os.path.splitext(source)[1] in ('', '.pt')
+  """A bare name with no directory part and no file suffix other than .pt, or a known tag (some hold dots:
+  `EVA_CLIP_8B_psz14_plus_s0.6B`, `EVA_CLIP_18B_psz14_s6B.fp16`): a tag, not a path."""
+  if os.sep in source or '/' in source:
+    return False
+  known = {tag for _, tag in _TABLE}
+  return _file_stem(source) in known or os.path.splitext(source)[1] in ('', '.pt')
 
 
 def _unknown_tag(model: str, tag: str, purpose: str) -> ValueError:
   kinds = ('mim', 'clip') if purpose == 'visual' else ('clip',)
   ours = [t for (m, t), e in _TABLE.items() if m == model and e.kind in kinds]
-  elsewhere = sorted({m for (m, t), e in _TABLE.items() if t in (tag, tag.removesuffix('.pt')) and m != model})
+  elsewhere = sorted({m for (m, t), e in _TABLE.items() if t in (tag, _file_stem(tag)) and m != model})
   if elsewhere:
     hint = f'it is a tag of {", ".join(elsewhere)}'
   else:
@@ -160,7 +176,7 @@ def resolve(source: str, model: str, *, purpose: Literal['model', 'visual', 'tex
   except ValueError:
     raise ValueError(f'{source!r} is not a file, and {model} (not a registered model) has no released tags') from None
   entry = get_pretrained(model, source)
-  if entry is None and source.endswith('.pt'):
+  if entry is None and source.endswith(('.pt', '.bin')):
     return source  # a file name that is not a released one: the loader says the file is missing
   if entry is None:
     raise _unknown_tag(model, source, purpose)

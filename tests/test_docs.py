@@ -42,6 +42,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
 
 def test_readme_released_models_table_is_the_tags_and_the_papers_numbers():
   import eva_clip_jax as ec  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax import pretrained  # pylint: disable=g-import-not-at-top
   readme = (ROOT / 'README.md').read_text()
   section = readme[readme.index('## Released models'):readme.index('## Training\n')]
   rows = [[c.strip() for c in line.strip('|').split('|')] for line in section.splitlines()
@@ -49,7 +50,14 @@ def test_readme_released_models_table_is_the_tags_and_the_papers_numbers():
   paper = json.loads((ROOT / 'eva_clip_jax' / 'assets' / 'paper_tables.json').read_text())
   names = {v: k for k, v in paper['models'].items()}
   assert [r[0] for r in rows] == [m for m in ec.list_models() if m != 'tiny']
-  for row in rows:
+  successors = paper['successors']['rows']
+  for row in [r for r in rows if r[0] in successors]:  # their own table: tag, repository, the README's averages
+    entry = pretrained.get_pretrained(row[0], [t for m, t in ec.list_pretrained() if m == row[0]][0])
+    assert row[1] == f'`{entry.tag}` (`{entry.repo}`)'
+    published = successors[row[0]]
+    assert [float(x) for x in row[5:8]] == [published['classification/avg'], published['video/avg'],
+                                            published['retrieval/mean_recall']]
+  for row in [r for r in rows if r[0] not in successors]:
     model = row[0]
     tags = [t for m, t in ec.list_pretrained() if m == model]
     assert row[1] == f'`{tags[0]}` / `{tags[1]}`'

@@ -1,5 +1,6 @@
 """Released checkpoints by tag: the table, downloads through a local hub (cache, hash check, offline), conversion."""
 
+import dataclasses
 import os
 
 import jax
@@ -74,7 +75,8 @@ def test_every_tag_names_a_registered_model_and_every_released_model_has_tags():
   for model, _ in pretrained.list_pretrained(kind=None):
     assert ec.get_model_spec(model).name == model
   assert {m for m, _ in ec.list_pretrained()} == released
-  assert {m for m, _ in ec.list_pretrained(kind='mim')} == released
+  # EVA-CLIP-8B-448 starts from EVA-CLIP-8B as a whole, not from a MIM tower.
+  assert {m for m, _ in ec.list_pretrained(kind='mim')} == released - {'EVA-CLIP-8B-plus'}
   files = {pretrained.get_pretrained(m, t).filename for m, t in ec.list_pretrained(kind=None)}
   assert set(EVA_FILES) | set(MIM_FILES) <= files
   for model, tag in ec.list_pretrained():
@@ -108,6 +110,18 @@ def test_a_tag_downloads_once_then_loads_from_the_cache_like_the_local_file(layo
   assert len(hub.requests) == asked  # the cache answered; the server was not contacted at all
   for a, c in zip(leaves(again), expected):
     np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize('tag', ['EVA_CLIP_18B_psz14_s6B.fp16', 'EVA_CLIP_8B_psz14_plus_s0.6B.pt'])
+def test_tags_with_dots_are_tags_not_paths(tag, hub, tiny_files):
+  """EVA-CLIP-8B-448's and 18B's file names hold dots; they resolve to BAAI's repositories like any other tag."""
+  expected, paths = tiny_files
+  real = pretrained.get_pretrained('EVA-CLIP-18B' if '18B' in tag else 'EVA-CLIP-8B-448', tag)
+  assert real.repo.startswith('BAAI/EVA-CLIP-') and real.layout == 'eva'
+  serve(hub, dataclasses.replace(real, model='tiny'), paths['eva'])  # the tiny model stands in for the 8B/18B
+  for a, c in zip(leaves(ec.create_model('tiny', pretrained=tag)), expected):
+    np.testing.assert_array_equal(a, c)
+  assert [path for _, path in hub.file_requests][-1].endswith(f'/{real.repo}/resolve/main/{real.filename}')
 
 
 def test_a_corrupted_download_is_refused_and_leaves_nothing_in_the_cache(hub, tiny_files, tmp_path):

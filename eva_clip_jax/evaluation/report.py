@@ -28,12 +28,29 @@ def paper_model_name(model: str) -> str | None:
 
 
 def paper_numbers(table: str, model: str) -> dict[str, float]:
-  """{column: the paper's percentage} for `model` in one table; {} when the paper has no row for it."""
+  """{column: the paper's percentage} for `model` in one table; {} when the paper has no row for it.
+
+  EVA-CLIP-8B, 8B-448 and 18B came after the paper: their README publishes only each table's average ('avg', and
+  'mean_recall' for retrieval), which is what this returns for them."""
   row = paper_model_name(model)
   data = paper_tables()['tables'][table]
-  if row is None or row not in data['rows']:
-    return {}
-  return dict(zip(data['columns'], data['rows'][row]))
+  if row is not None and row in data['rows']:
+    return dict(zip(data['columns'], data['rows'][row]))
+  return {key.split('/', 1)[1]: value for key, value in _successor_row(model).items() if key.startswith(table + '/')}
+
+
+def _successor_row(model: str) -> dict[str, float]:
+  from eva_clip_jax.models.registry import ALIASES  # pylint: disable=g-import-not-at-top
+  return paper_tables()['successors']['rows'].get(ALIASES.get(model, model), {})
+
+
+def _who(model: str) -> str:
+  who = paper_model_name(model)
+  if who:
+    return f' (the paper\'s {who})'
+  if _successor_row(model):
+    return ' (published: the EVA-CLIP-18B README\'s averages only)'
+  return ' (not in the paper: no paper column)'
 
 
 def headline(key: str, result: Mapping) -> float | None:
@@ -55,8 +72,7 @@ def format_table(table: str, results: Mapping[str, Mapping], model: str) -> str:
   """One table: a row per dataset in the paper's order (ours, the paper's), then the table's averages."""
   paper = paper_numbers(table, model)
   caption = paper_tables()['tables'][table]['caption']
-  who = paper_model_name(model)
-  lines = [caption, f'model {model}' + (f' (the paper\'s {who})' if who else ' (not in the paper: no paper column)')]
+  lines = [caption, f'model {model}' + _who(model)]
   if table == 'retrieval':
     return '\n'.join(lines + _retrieval_rows(results, paper)) + '\n'
   keys = SUITES[table] if table != 'video' else SUITES['video']
@@ -89,6 +105,13 @@ def _retrieval_rows(results: Mapping[str, Mapping], paper: Mapping[str, float]) 
         value = result.get(metric) if isinstance(result, Mapping) else None
         cells += f'{_pct(value):>8s}{_paper(paper.get(f"{key}/{metric}")):>7s}'
       lines.append(f'{DATASETS[key].title:12s}{label:>16s}{cells}')
+  # Mean recall (the EVA-CLIP-18B paper's MR): the mean of the twelve recalls above.
+  metrics = [f'{direction}_R@{k}' for direction in ('image_to_text', 'text_to_image') for k in (1, 5, 10)]
+  ours = [results.get(key, {}).get(m) for key in SUITES['retrieval'] for m in metrics]
+  theirs = [paper.get(f'{key}/{m}') for key in SUITES['retrieval'] for m in metrics]
+  mean = lambda values: None if None in values else sum(values) / len(values)
+  published = paper.get('mean_recall', mean(theirs))
+  lines.append(f'{"mean recall":28s}{_pct(mean(ours)):>8s}{_paper(published):>7s}')
   return lines
 
 
