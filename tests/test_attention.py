@@ -18,6 +18,8 @@ from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from helpers import numpy_attention
 
+pytestmark = pytest.mark.usefixtures('float32_matmuls')  # float32 tolerances: no TF32 on GPUs
+
 
 def _qkv(seq, heads, head_dim, dtype=jnp.float32, seed=0):
   keys = jax.random.split(jax.random.key(seed), 3)

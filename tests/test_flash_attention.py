@@ -19,6 +19,8 @@ from eva_clip_jax.ops import attention as attention_lib
 from eva_clip_jax.ops.experimental.flash_attention import flash_attention
 from helpers import assert_close, attention_inputs, numpy_attention, out_and_grads, patch_dropout_tables, xla_attention
 
+pytestmark = pytest.mark.usefixtures('float32_matmuls')  # float32 tolerances: no TF32 on GPUs
+
 
 # seq, head_dim, causal, (block_q, block_k, block_q_bwd, block_k_bwd); None = the target's defaults.
 F32_CASES = [

@@ -13,6 +13,8 @@ from flax import nnx
 from eva_clip_jax.models import create_model
 from eva_clip_jax.ops import attention as attention_lib
 
+pytestmark = pytest.mark.usefixtures('float32_matmuls')  # float32 tolerances: no TF32 on GPUs
+
 
 def randomize(params, seed=0):
   """Random parameters of a useful scale: LayerNorm scales near 1, everything else ~0.05 (NumPy: no compiles)."""
