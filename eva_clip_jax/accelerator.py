@@ -14,12 +14,14 @@ import pathlib
 import re
 import shutil
 
+from eva_clip_jax.errors import InputError
+
 JAX_VERSION = '0.10.2'  # requirements.txt's pin; the accelerator builds must match it
 INSTALL = {'gpu': f'pip install "jax[cuda12]=={JAX_VERSION}"', 'tpu': f'pip install "jax[tpu]=={JAX_VERSION}"'}
 
 
-class AcceleratorUnused(RuntimeError):
-  """The system shows an accelerator that JAX does not use."""
+class AcceleratorUnused(InputError):
+  """The system shows an accelerator that JAX does not use: the install does not fit the host."""
 
 
 def visible_accelerators(dev: str | os.PathLike = '/dev', path: str | None = None) -> dict[str, list[str]]:

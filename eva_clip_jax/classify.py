@@ -19,6 +19,7 @@ import jax
 from absl import app, flags
 
 from eva_clip_jax import cli, storage
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.evaluation.classifier import (ZeroShotClassifier, auto_dtype, image_paths, parse_templates,
                                                 read_image, write_csv)
 
@@ -41,7 +42,7 @@ def parse_labels(value: str) -> list[str]:
     lines = value.split(',')
   labels = [label.strip() for label in lines if label.strip()]
   if not labels:
-    raise ValueError(f'no labels in --labels={value!r}')
+    raise InputError(f'no labels in --labels={value!r}')
   return labels
 
 

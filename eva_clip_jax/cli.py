@@ -3,6 +3,13 @@
 A user's mistake (a config file that does not exist, a model name that is not registered, a data path with nothing
 in it) ends the command with `error: <what is wrong>` on stderr and exit status 2, not a traceback through JAX or
 orbax. Set EVA_CLIP_JAX_TRACEBACK=1 to see the traceback anyway.
+
+Two kinds of error end in that line. `errors.InputError`, which the package raises where it checks what the user
+gave (AcceleratorUnused is one); a ValueError or KeyError of its own invariants or from a library underneath is a bug
+and keeps its traceback. And every OSError: a missing or unreadable path, a damaged shard, a full disk or an
+unreachable bucket is the machine's state, not a bug, and the message names the path (the package's own
+CheckpointSaveError, PretrainedUnavailable and MissingDataset are OSErrors); the cost is that an OSError from a bug
+is reported in one line too, which EVA_CLIP_JAX_TRACEBACK=1 undoes. Plus absl's UsageError for a bad command line.
 """
 
 from __future__ import annotations
@@ -14,11 +21,9 @@ from typing import Callable
 
 from absl import app
 
-from eva_clip_jax.accelerator import AcceleratorUnused
+from eva_clip_jax.errors import InputError
 
-# The errors that mean "the input is wrong" (OSError: a path that is missing, unreadable or not a config file;
-# AcceleratorUnused: a GPU or TPU that the installed JAX cannot use); anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, app.UsageError, AcceleratorUnused)
+USER_ERRORS = (InputError, OSError, app.UsageError)  # see the module docstring; anything else keeps its traceback
 
 
 def quiet_library_logs() -> None:
@@ -52,7 +57,7 @@ def run(main: Callable[[list[str]], None]) -> None:
     except USER_ERRORS as e:
       if os.environ.get('EVA_CLIP_JAX_TRACEBACK'):
         raise
-      message = str(e.args[0] if isinstance(e, KeyError) and e.args else e).strip() or type(e).__name__
+      message = str(e).strip() or type(e).__name__
       sys.stderr.write('error: ' + ' '.join(line.strip() for line in message.splitlines()) + '\n')
       sys.exit(2)
 

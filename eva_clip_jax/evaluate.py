@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from eva_clip_jax import accelerator, cli, storage
+from eva_clip_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'a configs/*.py file', lock_config=False)
 _OUTPUT = flags.DEFINE_string('output', 'eval_results.json', 'without --suite: where to write the results as JSON')
@@ -66,7 +67,7 @@ def evaluate_suite(config, suite_name: str, data_dir: str, output_dir: str, *, d
   if datasets:
     unknown = sorted(set(datasets) - set(keys))
     if unknown:
-      raise ValueError(f'--datasets {unknown} are not in suite {suite_name!r}: {", ".join(keys)}')
+      raise InputError(f'--datasets {unknown} are not in suite {suite_name!r}: {", ".join(keys)}')
     keys = [k for k in keys if k in datasets]
   bound = _prepare(config).extractor(batch_size)
   spec = get_model_spec(config.model.name)

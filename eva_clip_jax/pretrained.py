@@ -29,6 +29,7 @@ import os
 import re
 from typing import Literal
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.registry import get_model_spec
 
 EVA_REPO = 'QuanSun/EVA-CLIP'
@@ -147,7 +148,7 @@ def _looks_like_tag(source: str) -> bool:
   return _file_stem(source) in known or os.path.splitext(source)[1] in ('', '.pt')
 
 
-def _unknown_tag(model: str, tag: str, purpose: str) -> ValueError:
+def _unknown_tag(model: str, tag: str, purpose: str) -> InputError:
   kinds = ('mim', 'clip') if purpose == 'visual' else ('clip',)
   ours = [t for (m, t), e in _TABLE.items() if m == model and e.kind in kinds]
   elsewhere = sorted({m for (m, t), e in _TABLE.items() if t in (tag, _file_stem(tag)) and m != model})
@@ -156,7 +157,7 @@ def _unknown_tag(model: str, tag: str, purpose: str) -> ValueError:
   else:
     close = difflib.get_close_matches(tag, [t for _, t in _TABLE], n=3, cutoff=0.5)
     hint = f'close matches: {", ".join(close)}' if close else 'no close match'
-  return ValueError(f'{tag!r} is neither a file nor a known pretrained tag of {model} ({hint}); its tags: '
+  return InputError(f'{tag!r} is neither a file nor a known pretrained tag of {model} ({hint}); its tags: '
                     f'{", ".join(ours) or "none"} (eva_clip_jax.list_pretrained() lists them all)')
 
 
@@ -174,14 +175,14 @@ def resolve(source: str, model: str, *, purpose: Literal['model', 'visual', 'tex
   try:
     model = get_model_spec(model).name
   except ValueError:
-    raise ValueError(f'{source!r} is not a file, and {model} (not a registered model) has no released tags') from None
+    raise InputError(f'{source!r} is not a file, and {model} (not a registered model) has no released tags') from None
   entry = get_pretrained(model, source)
   if entry is None and source.endswith(('.pt', '.bin')):
     return source  # a file name that is not a released one: the loader says the file is missing
   if entry is None:
     raise _unknown_tag(model, source, purpose)
   if entry.kind == 'mim' and purpose != 'visual':
-    raise ValueError(f'{source!r} is an EVA MIM image tower, not a whole CLIP model: use it as the image-tower '
+    raise InputError(f'{source!r} is an EVA MIM image tower, not a whole CLIP model: use it as the image-tower '
                      f'initialisation (--config.init.visual={source}); CLIP tags of {model}: '
                      + ', '.join(t for (m, t), e in _TABLE.items() if m == model and e.kind == 'clip'))
   return download(entry)

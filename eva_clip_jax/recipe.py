@@ -13,6 +13,8 @@ import math
 
 import ml_collections
 
+from eva_clip_jax.errors import InputError
+
 # The paper's image-text data sets -> (source name, sampling weight) per source. The shard patterns are the user's
 # copies (`--config.data.sources`). Merged-2B is 1.6B LAION-2B + 0.4B COYO-700M samples, hence 0.8 / 0.2.
 DATASETS = {
@@ -63,9 +65,9 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   `virtual_epoch` samples over the sources of `data` (a `DATASETS` name); or, for tests and benchmarks,
   `samples_seen` // `batch_size`."""
   if (epochs is None) == (samples_seen is None):
-    raise ValueError('give the recipe either epochs (the reference derivation) or samples_seen')
+    raise InputError('give the recipe either epochs (the reference derivation) or samples_seen')
   if data not in DATASETS:
-    raise ValueError(f'unknown data set {data!r}; the recipes know {sorted(DATASETS)}')
+    raise InputError(f'unknown data set {data!r}; the recipes know {sorted(DATASETS)}')
   config = ml_collections.ConfigDict()
   config.seed = 4096  # the reference scripts' seed
 
@@ -198,6 +200,6 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
     if not name:
       continue
     if name not in VARIANTS:
-      raise ValueError(f'unknown config argument {name!r}; the variants are {sorted(VARIANTS)}')
+      raise InputError(f'unknown config argument {name!r}; the variants are {sorted(VARIANTS)}')
     VARIANTS[name](config)
   return config

@@ -1,10 +1,15 @@
-"""Every command reports a bad config, path or model name as one `error:` line and exit status 2, no traceback."""
+"""Every command reports a bad config, path or model name as one `error:` line and exit status 2, no traceback; a
+ValueError or KeyError that is not the project's InputError is a bug and keeps its traceback."""
 
+import ast
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
+
+from eva_clip_jax.errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,15 +31,80 @@ CASES = {
 }
 
 
+def _run(args):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('EVA_CLIP_JAX_TRACEBACK', None)
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
 @pytest.mark.parametrize('case', sorted(CASES))
 def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
   args, expected = CASES[case]
-  args = [a.format(tmp=tmp_path) for a in args]
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
-  env.pop('EVA_CLIP_JAX_TRACEBACK', None)
-  proc = subprocess.run([sys.executable, '-m', *args], capture_output=True, text=True, cwd=ROOT, env=env,
-                        timeout=300)
+  proc = _run(['-m', *(a.format(tmp=tmp_path) for a in args)])
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
+
+
+# A command whose main raises what the argument names: an InputError, a ValueError from inside jax (a shape jnp.split
+# refuses), a bare KeyError.
+_MAIN = '''
+import sys
+import jax.numpy as jnp
+from eva_clip_jax import cli
+from eva_clip_jax.errors import InputError
+RAISE = {'input': lambda: InputError('no such thing\\nas that'), 'jax': lambda: jnp.split(jnp.ones(5), 2),
+         'key': lambda: {}['missing']}
+def main(argv):
+  raise RAISE[argv[1]]()
+cli.run(main)
+'''
+
+
+def test_an_input_error_is_one_line_and_exit_2():
+  proc = _run(['-c', _MAIN, 'input'])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == ['error: no such thing as that']
+
+
+@pytest.mark.parametrize('kind', ['jax', 'key'])
+def test_a_library_value_error_or_key_error_keeps_its_traceback(kind):
+  proc = _run(['-c', _MAIN, kind])
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' in proc.stderr and not any(line.startswith('error: ') for line in proc.stderr.splitlines())
+  assert proc.stderr.strip().splitlines()[-1].startswith('ValueError' if kind == 'jax' else 'KeyError')
+
+
+def test_checks_of_what_the_user_gives_raise_input_error():
+  """The scheme of `eva_clip_jax.cli`: a check of the user's input raises InputError, a ValueError (callers that catch
+  ValueError still do); cli reports InputError, OSError and UsageError in one line, and no ValueError or KeyError."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax import accelerator, cli, models, recipe  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.ops import attention  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  mistakes = {'model name': lambda: models.get_model_spec('EVA02-CLIP-Q-99'),
+              'config argument': lambda: recipe.apply_variant(ml_collections.ConfigDict(), 'nope'),
+              'attention backend': lambda: attention.validate_backend('nope'),
+              'mesh flag': lambda: sharding.parse_mesh('model:8')}
+  for what, mistake in mistakes.items():
+    with pytest.raises(InputError):
+      mistake()
+      pytest.fail(f'no error for a bad {what}')
+  assert issubclass(InputError, ValueError) and issubclass(accelerator.AcceleratorUnused, InputError)
+  assert set(cli.USER_ERRORS) == {InputError, OSError, app.UsageError}
+
+
+def test_entry_points_raise_no_bare_value_error():
+  """An entry point's own checks are of its flags and config: they raise InputError (or app.UsageError), never a
+  ValueError or KeyError that the command would print as a traceback."""
+  entry_points = [p for p in (pathlib.Path(ROOT) / 'eva_clip_jax').rglob('*.py') if 'cli.run(' in p.read_text()]
+  assert len(entry_points) >= 8
+  offenders = []
+  for path in entry_points:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name)
+          and node.exc.func.id in ('ValueError', 'KeyError')):
+        offenders.append(f'{path.name}:{node.lineno}')
+  assert offenders == []

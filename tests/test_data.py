@@ -15,6 +15,7 @@ from PIL import Image
 from eva_clip_jax import data, transforms
 from eva_clip_jax.data import decode, demo, pipeline
 from eva_clip_jax.data.pipeline import SKIP_REASONS
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.tokenizer import tokenize
 from helpers import random_jpeg, write_shards
 
@@ -180,6 +181,9 @@ def test_writer_from_folder_and_csv(tmp_path):
   np.testing.assert_array_equal(batches[0]['text'][1], tokenize(['two'], 8)[0])
   with pytest.raises(FileNotFoundError, match='no image with a same-named'):
     data.write_from_folder(str(tmp_path / 'from_csv'), str(tmp_path / 'x'))
+  (tmp_path / 'named.csv').write_text('path,caption,label\nphotos/p0.jpg,zero,cat\n')
+  with pytest.raises(InputError, match="named.csv: the label 'cat' of photos/p0.jpg is not an integer"):
+    data.write_from_csv(str(tmp_path / 'named.csv'), str(tmp_path / 'y'))
 
 
 def test_interrupted_writer_leaves_no_partial_shard(tmp_path):

@@ -21,6 +21,7 @@ from flax import nnx
 from eva_clip_jax import storage
 from eva_clip_jax.conversion import layouts, orbax_io, resize
 from eva_clip_jax.conversion.params import assign_params, model_params
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.paths import flatten, unflatten
 from eva_clip_jax.models.registry import ModelSpec, get_model_spec
 from eva_clip_jax.models.rope import rope_2d_tables
@@ -59,7 +60,7 @@ def detect_vision_layout(state: Mapping[str, Any]) -> tuple[str, str] | None:
 def detect_layout(state: Mapping[str, Any]) -> str:
   vision = detect_vision_layout(state)
   if vision is None:
-    raise ValueError('cannot tell the checkpoint layout: no vision tower (no *patch_embed.proj.weight key)')
+    raise InputError('cannot tell the checkpoint layout: no vision tower (no *patch_embed.proj.weight key)')
   return vision[0]
 
 
@@ -77,7 +78,7 @@ def _table_for(state: Mapping[str, Any], spec: ModelSpec, layout: str | None) ->
   vision = detect_vision_layout(state)
   naming, vision_prefix = vision if vision else (layout or 'eva', 'visual.')
   if layout is not None and vision is not None and layout != naming:
-    raise ValueError(f'the checkpoint looks like the {naming!r} layout, not {layout!r}')
+    raise InputError(f'the checkpoint looks like the {naming!r} layout, not {layout!r}')
   text_prefix = _find_prefix(state, 'token_embedding.weight')
   return layouts.entries(spec, naming, vision_prefix=vision_prefix,
                          text_prefix='text.' if text_prefix is None else text_prefix)
@@ -94,10 +95,10 @@ def state_dict_to_params(state: Mapping[str, Any], spec: ModelSpec, *, layout: s
   try:
     params, unused = layouts.table_to_params(state, table, allow_missing=allow_missing)
   except KeyError as e:
-    raise ValueError(f'checkpoint does not fit {spec.name}: {e.args[0]}') from None
+    raise InputError(f'checkpoint does not fit {spec.name}: {e.args[0]}') from None
   unexpected = [k for k in unused if not _is_ignored(k)]
   if unexpected:
-    raise ValueError(f'checkpoint does not fit {spec.name}: {len(unexpected)} unexpected keys: '
+    raise InputError(f'checkpoint does not fit {spec.name}: {len(unexpected)} unexpected keys: '
                      + ', '.join(unexpected[:40]))
   _adapt_vision(params, spec)
   return params
@@ -120,7 +121,7 @@ def read_params(source: str, spec: ModelSpec, *, layout: str | None = None,
   if storage.isdir(path):
     params, meta = orbax_io.load_params(path)
     if meta.get('model') not in (None, spec.name):
-      raise ValueError(f'{path} holds {meta["model"]} parameters, not {spec.name}')
+      raise InputError(f'{path} holds {meta["model"]} parameters, not {spec.name}')
     _adapt_vision(params, spec)
     return params
   from eva_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top
@@ -181,7 +182,7 @@ def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | Non
     table = [e for e in _table_for(state, spec, None) if e.ours[0] == tower]
     loaded, _ = layouts.table_to_params(state, table, allow_missing=True)
     if tower not in loaded:
-      raise ValueError(f'{source} holds no {tower} tower parameters that fit {spec.name}')
+      raise InputError(f'{source} holds no {tower} tower parameters that fit {spec.name}')
     params.update(loaded)
   _adapt_vision(params, spec)
   flat = flatten(params)

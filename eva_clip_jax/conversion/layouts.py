@@ -17,6 +17,7 @@ from typing import Any, Iterator, Literal, Mapping
 
 import numpy as np
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.registry import ModelSpec, VisionSpec
 
 Kind = Literal['copy', 'linear', 'conv']
@@ -112,7 +113,7 @@ def entries(spec: ModelSpec, layout: str, *, vision_prefix: str | None = None,
             text_prefix: str | None = None) -> list[Entry]:
   """The full table of a layout. Prefixes default to the layout's own; bare towers pass ''."""
   if layout not in LAYOUTS:
-    raise ValueError(f'unknown checkpoint layout {layout!r}; use one of {LAYOUTS}')
+    raise InputError(f'unknown checkpoint layout {layout!r}; use one of {LAYOUTS}')
   default_vision, default_text = PREFIXES[layout]
   vision_prefix = default_vision if vision_prefix is None else vision_prefix
   text_prefix = default_text if text_prefix is None else text_prefix

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.paths import flatten, path_name
 
 
@@ -39,7 +40,7 @@ def assign_params(model: nnx.Module, params: Mapping[str, Any], *, allow_missing
   if mis_shaped:
     problems.append(f'wrong shape ({len(mis_shaped)}): {"; ".join(mis_shaped)}')
   if problems:
-    raise ValueError('parameters do not fit the model:\n  ' + '\n  '.join(problems))
+    raise InputError('parameters do not fit the model:\n  ' + '\n  '.join(problems))
 
   def pick(path, old):
     key = path_name(path)

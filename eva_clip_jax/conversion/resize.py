@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from eva_clip_jax.errors import InputError
+
 _A = -0.75
 
 
@@ -47,7 +49,7 @@ def resize_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
   cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
   old = int(round(math.sqrt(patches.shape[1])))
   if old * old != patches.shape[1]:
-    raise ValueError(f'position embedding has {patches.shape[1]} patch rows, not a square grid')
+    raise InputError(f'position embedding has {patches.shape[1]} patch rows, not a square grid')
   if old == grid:
     return pos_embed
   dim = patches.shape[-1]

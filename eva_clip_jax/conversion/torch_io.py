@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from eva_clip_jax import storage
+from eva_clip_jax.errors import InputError
 
 WRAPPER_KEYS = ('state_dict', 'model', 'module')
 KEY_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel / DeepSpeed, torch.compile
@@ -32,7 +33,7 @@ def _unwrap(obj: Any) -> Mapping[str, Any]:
     if inner is None:
       return obj
     obj = inner
-  raise ValueError(f'expected a state dict (a mapping of names to tensors), found {type(obj).__name__}')
+  raise InputError(f'expected a state dict (a mapping of names to tensors), found {type(obj).__name__}')
 
 
 def _strip_prefixes(key: str) -> str:
@@ -58,7 +59,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
       try:
         raw = torch.load(local, map_location='cpu', weights_only=True, mmap=False)
       except pickle.UnpicklingError as e:
-        raise ValueError(f'refusing to load {path}: it holds Python objects other than tensors, and loading them '
+        raise InputError(f'refusing to load {path}: it holds Python objects other than tensors, and loading them '
                          f'could run code (torch.load weights_only=True said: {str(e).splitlines()[0]})') from e
   state = _unwrap(raw)
   out = {}
@@ -68,7 +69,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     tensor = value.detach().cpu()
     out[_strip_prefixes(key)] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
   if not out:
-    raise ValueError(f'{path} contains no tensors')
+    raise InputError(f'{path} contains no tensors')
   return out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from eva_clip_jax import transforms
 from eva_clip_jax.data import decode, workers
 from eva_clip_jax.data.shards import ERROR_KEY, RETRIES_KEY, TarShardIterDataset, list_shards
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.tokenizer import get_tokenizer
 
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
@@ -217,9 +218,9 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
   if isinstance(sources, str) or (sources and isinstance(sources[0], str)):
     sources = [(sources, 1.0)]  # one source, however many patterns
   if not is_train and len(sources) > 1:
-    raise ValueError('a weighted mixture of sources is for training; evaluate each source on its own')
+    raise InputError('a weighted mixture of sources is for training; evaluate each source on its own')
   if mixing not in MIXING:
-    raise ValueError(f'unknown mixing {mixing!r}; use one of {MIXING}')
+    raise InputError(f'unknown mixing {mixing!r}; use one of {MIXING}')
   if num_epochs is None:
     num_epochs = 100_000 if is_train else 1
   datasets, weights = [], []
@@ -229,7 +230,7 @@ def make_dataset(sources: str | Sequence[str] | Sequence[tuple[str, float]], *, 
     if is_train and resampled:
       shard_paths = _ResampledShards(shards, seed + 1000 * index, process_index, len(mine) * num_epochs)
     elif len(shards) < process_count:  # checked on every process, so all of them fail alike
-      raise ValueError(f'{pattern!r} has {len(shards)} shards, fewer than the {process_count} processes reading '
+      raise InputError(f'{pattern!r} has {len(shards)} shards, fewer than the {process_count} processes reading '
                        'it: write more, smaller shards (or resample them: resampled=True)')
     else:
       shard_paths = _EpochShuffledShards(mine, seed + 1000 * index, num_epochs, shuffle=is_train)
@@ -270,7 +271,7 @@ def resolve_num_workers(num_workers: int) -> int:
   if num_workers >= 0:
     return num_workers
   if num_workers != -1:
-    raise ValueError(f'num_workers must be >= 0, or -1 for all cores but the trainer\'s; got {num_workers}')
+    raise InputError(f'num_workers must be >= 0, or -1 for all cores but the trainer\'s; got {num_workers}')
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
   return max(cores - TRAINER_CORES, 0)
 
@@ -282,7 +283,7 @@ def make_dataset_from_config(data_config, *, batch_size: int, image_size: int, c
   sources = [(pattern, float(weight)) for pattern, weight in data_config.sources]
   empty = [i for i, (pattern, _) in enumerate(sources) if not pattern]
   if empty:
-    raise ValueError(f'config.data.sources has no shard pattern for source(s) {empty}: set them, e.g. '
+    raise InputError(f'config.data.sources has no shard pattern for source(s) {empty}: set them, e.g. '
                      "--config.data.sources=\"(('/data/laion/{00000..00999}.tar', 1.0),)\"")
   return make_dataset(sources, batch_size=batch_size, image_size=image_size, context_length=context_length,
                       is_train=True, seed=seed, process_index=process_index, process_count=process_count,

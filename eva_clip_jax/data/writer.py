@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image
 
 from eva_clip_jax import storage
+from eva_clip_jax.errors import InputError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')
 _FORMATS = {'jpg': 'JPEG', 'jpeg': 'JPEG', 'png': 'PNG', 'webp': 'WEBP'}
@@ -66,11 +67,11 @@ class ShardWriter:
   def __init__(self, directory: str, samples_per_shard: int = 1000, prefix: str = '', *, max_size: int | None = None,
                quality: int = 95):
     if samples_per_shard < 1:
-      raise ValueError(f'samples_per_shard must be positive, got {samples_per_shard}')
+      raise InputError(f'samples_per_shard must be positive, got {samples_per_shard}')
     if max_size is not None and max_size < 1:
-      raise ValueError(f'max_size must be positive (or None to keep sizes), got {max_size}')
+      raise InputError(f'max_size must be positive (or None to keep sizes), got {max_size}')
     if not 1 <= quality <= 100:
-      raise ValueError(f'quality must be in 1..100, got {quality}')
+      raise InputError(f'quality must be in 1..100, got {quality}')
     self.directory, self.samples_per_shard, self.prefix = directory, samples_per_shard, prefix
     self.max_size, self.quality, self.resized = max_size, quality, 0
     storage.makedirs(directory)
@@ -147,11 +148,15 @@ def write_from_csv(src: str, dst: str, samples_per_shard: int = 1000, **writer_o
   base = storage.dirname(src)
   rows = list(csv.DictReader(io.StringIO(storage.read_text(src), newline='')))
   if not rows or not {'path', 'caption'} <= set(rows[0]):
-    raise ValueError(f'{src} needs a header with columns path and caption (and optionally label)')
+    raise InputError(f'{src} needs a header with columns path and caption (and optionally label)')
   with ShardWriter(dst, samples_per_shard, **writer_options) as writer:
     for index, row in enumerate(rows):
       path = storage.join(base, row['path'])
-      label = int(row['label']) if row.get('label') not in (None, '') else None
+      label = row.get('label')
+      try:
+        label = int(label) if label not in (None, '') else None
+      except ValueError:
+        raise InputError(f'{src}: the label {label!r} of {row["path"]} is not an integer') from None
       writer.write(f'{index:09d}', storage.read_bytes(path), storage.splitext(path)[1], row['caption'], label=label)
   return writer.shards
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from eva_clip_jax import storage
+from eva_clip_jax.errors import InputError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
 
@@ -42,7 +43,7 @@ def parse_templates(value: str) -> list[str]:
     templates = [t.strip() for t in value.split('|') if t.strip()]
   bad = [t for t in templates if '{}' not in t]
   if not templates or bad:
-    raise ValueError(f'every template needs {{}} where the label goes: {bad or value!r}')
+    raise InputError(f'every template needs {{}} where the label goes: {bad or value!r}')
   return templates
 
 
@@ -53,7 +54,7 @@ def image_paths(inputs: Iterable[str]) -> list[str]:
     if storage.isdir(item):
       found = [p for p in storage.walk_files(item) if storage.splitext(p)[1].lower() in IMAGE_SUFFIXES]
       if not found:
-        raise ValueError(f'no images ({", ".join(IMAGE_SUFFIXES)}) under {item}')
+        raise InputError(f'no images ({", ".join(IMAGE_SUFFIXES)}) under {item}')
       paths.extend(found)
     elif storage.isfile(item):
       paths.append(item)
@@ -73,7 +74,7 @@ class ZeroShotClassifier:
     from eva_clip_jax.tokenizer import get_tokenizer  # pylint: disable=g-import-not-at-top
     from eva_clip_jax.transforms import image_transform  # pylint: disable=g-import-not-at-top
     if not labels:
-      raise ValueError('no labels to classify against')
+      raise InputError('no labels to classify against')
     self.labels, self.batch_size = list(labels), batch_size
     self.preprocess = image_transform(model.spec.vision.image_size, is_train=False)
     graphdef, state = nnx.split(model)
@@ -116,7 +117,7 @@ def read_image(path: str):
   try:
     return Image.open(io.BytesIO(storage.read_bytes(path))).convert('RGB')
   except OSError as e:
-    raise ValueError(f'cannot read {path} as an image: {e}') from None
+    raise InputError(f'cannot read {path} as an image: {e}') from None
 
 
 def write_csv(path: str, results: Sequence[tuple[str, list[tuple[str, float]]]]) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from eva_clip_jax import storage, transforms
 from eva_clip_jax.data.pipeline import make_dataset
+from eva_clip_jax.errors import InputError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.ppm')
 
@@ -83,9 +84,9 @@ def _read_csv(path: str, columns: tuple[str, ...]) -> tuple[str, list[dict[str, 
     rows = list(reader)
   missing = [c for c in columns if c not in (reader.fieldnames or ())]
   if missing:
-    raise ValueError(f'{path} needs a header with columns {", ".join(columns)}; missing {", ".join(missing)}')
+    raise InputError(f'{path} needs a header with columns {", ".join(columns)}; missing {", ".join(missing)}')
   if not rows:
-    raise ValueError(f'{path} has a header but no rows')
+    raise InputError(f'{path} has a header but no rows')
   return storage.dirname(path), rows
 
 
@@ -102,7 +103,7 @@ def labelled_csv(path: str, classnames: list[str] | None = None) -> list[tuple[s
     elif label in index:
       items.append((storage.join(base, row['path']), index[label]))
     else:
-      raise ValueError(f'{path}: label {label!r} is neither an integer nor a known class name')
+      raise InputError(f'{path}: label {label!r} is neither an integer nor a known class name')
   return items
 
 

@@ -26,6 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.evaluation import datasets, runner, suite
 from eva_clip_jax.evaluation.contrastive_val import score_contrastive_val
 from eva_clip_jax.evaluation.features import BoundExtractor, FeatureExtractor
@@ -66,10 +67,10 @@ class DatasetEvaluator(_Evaluator):
     super().__init__(name, cfg, extractor, model_fn)
     key = self.cfg.get('dataset')
     if key not in suite.DATASETS:
-      raise ValueError(f'evals.{name}: dataset must be one of {", ".join(suite.DATASETS)}; got {key!r}')
+      raise InputError(f'evals.{name}: dataset must be one of {", ".join(suite.DATASETS)}; got {key!r}')
     task = suite.DATASETS[key].task
     if self.TASKS[self.cfg['kind']] != task:
-      raise ValueError(f"evals.{name}: dataset {key!r} is a {task} dataset, not kind={self.cfg['kind']!r}")
+      raise InputError(f"evals.{name}: dataset {key!r} is a {task} dataset, not kind={self.cfg['kind']!r}")
     self.dataset = key
     self.options = {k: v for k, v in self.cfg.items() if k not in _COMMON}
 
@@ -114,7 +115,7 @@ def build_evaluators(evals_config: Mapping[str, Mapping[str, Any]], *,
   """
   for name, cfg in evals_config.items():
     if cfg.get('kind') not in KINDS:
-      raise ValueError(f'evals.{name}: kind must be one of {sorted(KINDS)}, got {cfg.get("kind")!r}')
+      raise InputError(f'evals.{name}: kind must be one of {sorted(KINDS)}, got {cfg.get("kind")!r}')
   skipped = sorted(name for name, cfg in evals_config.items() if not cfg.get('data'))
   if skipped:
     logging.info('Evaluations without data, skipped: %s', ', '.join(skipped))

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.factory import model_from_params
 
 BATCH_AXES = ('data', 'fsdp')  # the training mesh's data-parallel axes (training/sharding.py)
@@ -132,7 +133,7 @@ def in_lockstep(batches: Iterable[dict], encoders: Mapping[str, Callable[[np.nda
         return
       if batch is None:
         if rows is None:
-          raise ValueError('this process had no data while others did (fewer examples or shards than processes)')
+          raise InputError('this process had no data while others did (fewer examples or shards than processes)')
         for key, encode in encoders.items():
           encode(rows[key])
         continue
@@ -167,7 +168,7 @@ class BoundExtractor:
       if progress:
         progress(len(batch[key]))
     if not features:
-      raise ValueError('the evaluation data yielded no batches')
+      raise InputError('the evaluation data yielded no batches')
     return np.concatenate(features), others
 
 
@@ -179,5 +180,5 @@ def paired_features(bound, batches) -> tuple[np.ndarray, np.ndarray]:
     images.append(bound.images(batch['image'])[keep])
     texts.append(bound.texts(batch['text'])[keep])
   if not images:
-    raise ValueError('the evaluation data yielded no batches')
+    raise InputError('the evaluation data yielded no batches')
   return np.concatenate(images), np.concatenate(texts)

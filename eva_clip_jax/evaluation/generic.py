@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.evaluation import datasets
 from eva_clip_jax.evaluation.tasks import Classification, PairedRetrieval, Retrieval
 from eva_clip_jax.evaluation.zero_shot import imagenet_metadata, read_lines
@@ -23,7 +24,7 @@ def class_names(classnames: str | Sequence[str], folder_classes: Sequence[str] |
     return list(imagenet_metadata()[0])
   if classnames == 'folder':
     if folder_classes is None:
-      raise ValueError("classnames='folder' names the classes by their directories: only for an image folder")
+      raise InputError("classnames='folder' names the classes by their directories: only for an image folder")
     return [c.replace('_', ' ') for c in folder_classes]
   return read_lines(classnames) if isinstance(classnames, str) else list(classnames)
 
@@ -61,7 +62,7 @@ def tfds(spec, data, image_size, batch_size, num_workers, name=None, split='vali
   """`name`: the tfds builder ('imagenet2012'); `data`: tfds' data_dir (local or gs://, read by tfds itself)."""
   del spec, num_workers
   if not name:
-    raise ValueError("dataset='tfds' needs name=<the tensorflow-datasets builder>, e.g. name='imagenet2012'")
+    raise InputError("dataset='tfds' needs name=<the tensorflow-datasets builder>, e.g. name='imagenet2012'")
   return Classification(datasets.tfds_batches(name, image_size, batch_size, split, data or None),
                         class_names(classnames), prompt_templates(templates))
 

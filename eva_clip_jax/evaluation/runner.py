@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from eva_clip_jax import storage
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.evaluation import datasets, suite
 from eva_clip_jax.evaluation.features import paired_features
 from eva_clip_jax.evaluation.retrieval import retrieval_recall, score_retrieval
@@ -81,7 +82,7 @@ def evaluate_dataset(bound, tokenizer, key: str, data: str, image_size: int, bat
   options = dict(options or {})
   unknown = sorted(set(options) - set(spec.options))
   if unknown:
-    raise ValueError(f'dataset {key!r} takes no option {", ".join(unknown)} (it takes: {", ".join(spec.options)})')
+    raise InputError(f'dataset {key!r} takes no option {", ".join(unknown)} (it takes: {", ".join(spec.options)})')
   task = spec.load(spec, data, image_size, batch_size, num_workers, **options)
   progress = None
   if isinstance(task, PairedRetrieval):
@@ -112,7 +113,7 @@ def run_suite(bound, tokenizer, keys: Sequence[str], *, data_dir: str, image_siz
   embeddings cached under <output_dir>/text_embeddings/ are reused only for the same model_id)."""
   unknown = [k for k in keys if k not in suite.DATASETS]
   if unknown:
-    raise ValueError(f'unknown datasets {unknown}; known: {", ".join(suite.DATASETS)}')
+    raise InputError(f'unknown datasets {unknown}; known: {", ".join(suite.DATASETS)}')
   per_dataset = storage.join(output_dir, 'datasets')
   disk = _DiskCachedClassifiers(bound.classifiers, storage.join(output_dir, 'text_embeddings'), model_id)
   cached = _CachedExtractor(bound, disk)

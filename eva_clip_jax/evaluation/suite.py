@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from eva_clip_jax import storage
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.evaluation import datasets, generic
 from eva_clip_jax.evaluation.tasks import Classification, DatasetSpec, Retrieval
 from eva_clip_jax.evaluation.zero_shot import (benchmark_classnames, benchmark_templates, class_subset,
@@ -50,7 +51,7 @@ def _imagenet_names() -> list[str]:
 
 def _check_classes(key: str, found: int, names: list[str]) -> None:
   if found != len(names):
-    raise ValueError(f'{key}: the data has {found} classes but the class-name list has {len(names)}')
+    raise InputError(f'{key}: the data has {found} classes but the class-name list has {len(names)}')
 
 
 # -------------------------------------------------------------------------------------------------- loaders
@@ -104,7 +105,7 @@ def _imagenet_folder_labels(key: str, classes: list[str]) -> dict[int, int]:
   wnids = {w: i for i, w in enumerate(imagenet_wnids()['imagenet_wordnet_ids'])}
   unknown = [c for c in classes if c not in wnids]
   if unknown:
-    raise ValueError(f'{key}: class folders must be ImageNet WordNet ids or numbers; e.g. {unknown[0]!r} is neither')
+    raise InputError(f'{key}: class folders must be ImageNet WordNet ids or numbers; e.g. {unknown[0]!r} is neither')
   return {i: wnids[c] for i, c in enumerate(classes)}
 
 
@@ -163,7 +164,7 @@ def _folder(subdir: str = 'test', classnames: str = 'folder', templates: str | N
       if names is None:  # the classes are named by the CSV's labels themselves
         names = sorted(set(_csv_labels(csv_path)))
         if all(n.isdigit() for n in names):
-          raise ValueError(f'{csv_path}: {spec.key} has no class-name list, so its labels must be class names')
+          raise InputError(f'{csv_path}: {spec.key} has no class-name list, so its labels must be class names')
       items = datasets.labelled_csv(csv_path, names)
     else:
       folder = storage.join(root, subdir)
@@ -204,7 +205,7 @@ def _sun397_folder(spec, data_dir, image_size, batch_size, num_workers):
     if name.startswith('sun_') and name.endswith('.jpg'):
       folder = storage.dirname(path)[len(root.rstrip('/')) + 1:].split('/', 1)[-1]  # below the letter
       if folder not in index:
-        raise ValueError(f'{path}: its folder {folder!r} is not a class of {class_file}')
+        raise InputError(f'{path}: its folder {folder!r} is not a class of {class_file}')
       items.append((path, index[folder]))
   names = [c.replace('_', ' ').replace('/', ' ') for c in classes]
   return Classification(datasets.labelled_batches(items, image_size, batch_size, num_workers), names,
@@ -263,7 +264,7 @@ def _flickr30k(spec, data_dir, image_size, batch_size, num_workers):
   paths, captions, text_to_image = datasets.caption_pairs(csv_path)
   per_image = np.bincount(text_to_image, minlength=len(paths))
   if len(paths) != FLICKR30K_IMAGES or (per_image != FLICKR30K_CAPTIONS_PER_IMAGE).any():
-    raise ValueError(f'{csv_path}: Flickr30K is scored on the {FLICKR30K_IMAGES} Karpathy test images with '
+    raise InputError(f'{csv_path}: Flickr30K is scored on the {FLICKR30K_IMAGES} Karpathy test images with '
                      f'{FLICKR30K_CAPTIONS_PER_IMAGE} captions each; this file has {len(paths)} images with '
                      f'{per_image.min()} to {per_image.max()} captions')
   return Retrieval(paths, captions, text_to_image)

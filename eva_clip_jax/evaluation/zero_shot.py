@@ -17,7 +17,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from eva_clip_jax import storage
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.evaluation.features import in_lockstep
+
 
 def _asset(name: str):
   return json.loads(importlib.resources.files('eva_clip_jax').joinpath('assets', name).read_text(encoding='utf-8'))
@@ -33,7 +35,7 @@ def benchmark_classnames(key: str) -> list[str]:
   """CLIP_benchmark's class names for a dataset (assets/clip_benchmark_en_classnames.json)."""
   names = _asset('clip_benchmark_en_classnames.json')
   if key not in names:
-    raise KeyError(f'no CLIP_benchmark class names for {key!r}; known: {", ".join(sorted(names))}')
+    raise InputError(f'no CLIP_benchmark class names for {key!r}; known: {", ".join(sorted(names))}')
   return names[key]
 
 
@@ -66,11 +68,11 @@ def zero_shot_classifier(extractor, tokenizer, classnames: Sequence[str], templa
 
   Cached on the extractor (when it has a cache) per (class names, templates): ImageNet's variants share one."""
   if not classnames or not templates:
-    raise ValueError('zero-shot classification needs class names and at least one template')
+    raise InputError('zero-shot classification needs class names and at least one template')
   templates = [t.replace('{c}', '{}') for t in templates]
   bad = [t for t in templates if '{}' not in t]
   if bad:
-    raise ValueError(f"templates must contain '{{}}' (or '{{c}}') for the class name: {bad[:3]}")
+    raise InputError(f"templates must contain '{{}}' (or '{{c}}') for the class name: {bad[:3]}")
   cache = getattr(extractor, 'classifiers', None)
   key = (tuple(classnames), tuple(templates))
   if cache is not None and key in cache:
@@ -98,7 +100,7 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1
   """Fraction of samples whose label is among the k highest logits (ties broken by class index)."""
   labels = np.asarray(labels)
   if labels.shape[0] == 0:
-    raise ValueError('no labelled samples to score')
+    raise InputError('no labelled samples to score')
   ranks = _ranks(np.asarray(logits), labels)
   return {f'top{k}': float(np.mean(ranks < k)) for k in ks}
 
@@ -119,7 +121,7 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, float]:
   CLIP_benchmark calls) and num_samples."""
   total = counts[:, 0].sum()
   if total == 0:
-    raise ValueError('no labelled samples to score')
+    raise InputError('no labelled samples to score')
   present = counts[:, 0] > 0
   top1, top5 = float(counts[:, 1].sum() / total), float(counts[:, 2].sum() / total)
   result = {'top1': top1, 'top5': top5, 'mean_top1_top5': (top1 + top5) / 2}
@@ -151,12 +153,12 @@ def score_zero_shot(extractor, tokenizer, batches: Iterable[dict], classnames: S
     keep = labels >= 0
     if keep.any():
       if labels[keep].max() >= num_classes:
-        raise ValueError(f'label {labels[keep].max()} out of range for {num_classes} classes')
+        raise InputError(f'label {labels[keep].max()} out of range for {num_classes} classes')
       counts += classification_counts(features[keep] @ classifier, labels[keep], num_classes)
     if progress:
       progress(len(labels))
   if not seen:
-    raise ValueError('the evaluation data yielded no batches')
+    raise InputError('the evaluation data yielded no batches')
   if jax.process_count() > 1:  # integers: exact through jax's 32-bit transfer, unlike float64 counts
     gathered = multihost_utils.process_allgather(counts.astype(np.int32))
     counts = np.asarray(gathered).sum(axis=0).astype(np.float64)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
+from eva_clip_jax.errors import InputError
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -30,7 +32,7 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 def as_dtype(dtype: Any) -> jnp.dtype:
   if isinstance(dtype, str):
     if dtype not in DTYPES:
-      raise ValueError(f'Unknown dtype {dtype!r}; use one of {list(DTYPES)}')
+      raise InputError(f'Unknown dtype {dtype!r}; use one of {list(DTYPES)}')
     return jnp.dtype(DTYPES[dtype])
   return jnp.dtype(dtype)
 
@@ -55,7 +57,7 @@ class ModelOptions:
     object.__setattr__(self, 'dtype', as_dtype(self.dtype))
     object.__setattr__(self, 'param_dtype', as_dtype(self.param_dtype))
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f'Unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}')
+      raise InputError(f'Unknown remat policy {self.remat!r}; use one of {list(REMAT_POLICIES)}')
 
 
 # Logical axis names, declared on every parameter where it is created (the `logical_axes` metadata of its

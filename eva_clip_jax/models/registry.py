@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from eva_clip_jax.errors import InputError
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionSpec:
@@ -162,5 +164,5 @@ def list_models() -> list[str]:
 def get_model_spec(name: str) -> ModelSpec:
   name = ALIASES.get(name, name)
   if name not in MODELS:
-    raise ValueError(f'Unknown model {name!r}. Known models: {", ".join(MODELS)}')
+    raise InputError(f'Unknown model {name!r}. Known models: {", ".join(MODELS)}')
   return MODELS[name]

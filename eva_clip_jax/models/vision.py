@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stacked, drop_path, linear, norm_layer,
                                         param, run_stacked, trunc_normal)
@@ -136,7 +137,7 @@ class VisionTransformer(nnx.Module):
                patch_dropout: float = 0.0, rngs: nnx.Rngs):
     spec.validate()
     if not 0.0 <= patch_dropout < 1.0:
-      raise ValueError(f'patch_dropout must be in [0, 1), got {patch_dropout}')
+      raise InputError(f'patch_dropout must be in [0, 1), got {patch_dropout}')
     self.spec = spec
     self.opts = opts
     self.drop_path_rate = float(drop_path_rate)

@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.ops.common import compile_platform
 from eva_clip_jax.ops.rope import apply_rope_after_prefix
 
@@ -115,9 +116,9 @@ def _per_device(fn, q: jax.Array, rope: Rope | None):
 
 def _lookup(name: str) -> Backend:
   if name in _RENAMED:
-    raise ValueError(f'Unknown attention backend {name!r}: {_RENAMED[name]}')
+    raise InputError(f'Unknown attention backend {name!r}: {_RENAMED[name]}')
   if name not in _BACKENDS:
-    raise ValueError(f'Unknown attention backend {name!r}; available: {available_backends()} and auto.')
+    raise InputError(f'Unknown attention backend {name!r}; available: {available_backends()} and auto.')
   return _BACKENDS[name]
 
 
@@ -153,7 +154,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   chosen = resolve(backend, q)
   platform = compile_platform(q)
   if not _supported(chosen, q, platform):
-    raise ValueError(f'attention backend {chosen.name!r} needs {chosen.needs or "other inputs"}; got q '
+    raise InputError(f'attention backend {chosen.name!r} needs {chosen.needs or "other inputs"}; got q '
                      f'{local_shape(q) if chosen.per_device else q.shape} {q.dtype} (per device), compiled for '
                      f"{platform!r}. attention='auto' picks a backend that fits, 'xla' runs everywhere.")
   if rope is not None and not chosen.fuses_rope:

@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.registry import ModelSpec, TextSpec, VisionSpec, get_model_spec
 from eva_clip_jax.models.vision import num_kept_patches
 
@@ -94,7 +95,7 @@ def forward_flops_per_sample(spec: ModelSpec | str, *, patch_dropout: float = 0.
   """
   spec = _resolve(spec)
   if not 0.0 <= patch_dropout < 1.0:
-    raise ValueError(f'patch_dropout must be in [0, 1), got {patch_dropout}')
+    raise InputError(f'patch_dropout must be in [0, 1), got {patch_dropout}')
   visual = vision_forward_flops(spec.vision, spec.embed_dim, patch_dropout=patch_dropout)
   text = text_forward_flops(spec.text, spec.embed_dim)
   return {

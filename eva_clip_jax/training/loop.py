@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from eva_clip_jax import storage
 from eva_clip_jax.data import pipeline
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models import create_model, get_model_spec
 from eva_clip_jax.progress import Progress
 from eva_clip_jax.training import flops
@@ -154,7 +155,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
   mesh = sharding_lib.make_mesh(config.mesh)
   dp = sharding_lib.data_parallel_size(mesh)
   if config.batch_size % dp or config.batch_size % jax.process_count():
-    raise ValueError(f'batch_size {config.batch_size} must divide evenly over the {dp} data-parallel devices and '
+    raise InputError(f'batch_size {config.batch_size} must divide evenly over the {dp} data-parallel devices and '
                      f'{jax.process_count()} processes')
   setup = step_lib.make_setup(config, mesh)
   spec = get_model_spec(config.model.name)

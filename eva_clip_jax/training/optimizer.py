@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.paths import path_name
 
 TOWERS = ('visual', 'text')
@@ -66,7 +67,7 @@ def _frozen_rows(tower: str, ids, stacked: bool, depths: dict, lock) -> int:
     return 0
   unlocked = int(lock.get(f'{tower}_unlocked_groups', 0))
   if unlocked < 0:
-    raise ValueError(f'config.lock_towers.{tower}_unlocked_groups must be >= 0, got {unlocked}')
+    raise InputError(f'config.lock_towers.{tower}_unlocked_groups must be >= 0, got {unlocked}')
   first_unlocked = depths[tower] + 2 - unlocked
   locked = np.atleast_1d(ids) < first_unlocked
   return int(locked.sum()) if stacked else int(locked[0])
@@ -170,7 +171,7 @@ def make_schedules(config) -> dict[str, Callable[[Any], jax.Array]]:
   """Per-tower peak-rate schedules (step -> lr), the reference's warmup_cosine_lr with an optional floor."""
   decay = config.schedule.decay
   if decay not in ('cosine', 'constant'):
-    raise ValueError(f"unknown schedule decay {decay!r}; use 'cosine' or 'constant'")
+    raise InputError(f"unknown schedule decay {decay!r}; use 'cosine' or 'constant'")
   return {tower: _schedule(float(config.lr[tower]), int(config.schedule.warmup_steps), int(config.total_steps),
                            decay, float(config.schedule.get('end_lr', 0.0)))
           for tower in ('visual', 'text', 'base')}
@@ -250,7 +251,7 @@ def make_optimizer(config, params: Any, *, visual_depth: int, text_depth: int) -
   """
   opt = config.optimizer
   if opt.name not in UPDATE_FNS:
-    raise ValueError(f'unknown optimizer {opt.name!r}; use one of {tuple(UPDATE_FNS)}')
+    raise InputError(f'unknown optimizer {opt.name!r}; use one of {tuple(UPDATE_FNS)}')
   update_fn = UPDATE_FNS[opt.name]
   groups = param_groups(params, visual_depth=visual_depth, text_depth=text_depth, config=config)
   schedules = make_schedules(config)

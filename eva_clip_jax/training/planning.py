@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models import get_model_spec
 from eva_clip_jax.training import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
@@ -58,7 +59,7 @@ class Target:
 
 def gpu_spec(gpu: str) -> str:
   if gpu not in GPU_SPECS:
-    raise ValueError(f'unknown GPU {gpu!r}; known: {sorted(GPU_SPECS)}')
+    raise InputError(f'unknown GPU {gpu!r}; known: {sorted(GPU_SPECS)}')
   return (_GPU_SPEC_DIR / GPU_SPECS[gpu]).read_text()
 
 
@@ -86,12 +87,12 @@ def target_devices(kind: str, topology: str = '', gpu: str = 'h100', num_devices
   if kind == 'cpu':
     devices = jax.devices('cpu')
     if num_devices > len(devices):
-      raise ValueError(f'{num_devices} CPU devices asked for, {len(devices)} exist: set jax_num_cpu_devices first')
+      raise InputError(f'{num_devices} CPU devices asked for, {len(devices)} exist: set jax_num_cpu_devices first')
     return Target('cpu', 'cpu', tuple(devices[:num_devices or len(devices)]), None)
   if kind == 'tpu':
     generation = topology.partition(':')[0]
     if generation not in TPU_HBM_GIB or ':' not in topology:
-      raise ValueError(f"TPU topology must be GENERATION:CHIPS with a generation in {sorted(TPU_HBM_GIB)}, e.g. "
+      raise InputError(f"TPU topology must be GENERATION:CHIPS with a generation in {sorted(TPU_HBM_GIB)}, e.g. "
                        f"'v5p:4x4x4' or 'v5e:4x4'; got {topology!r}")
     # v4's default is one device per TensorCore; JAX on a v4 VM runs megacore (one device per chip).
     extra = {'chip_config_name': 'megacore'} if generation == 'v4' else {}
@@ -114,7 +115,7 @@ def target_devices(kind: str, topology: str = '', gpu: str = 'h100', num_devices
       raise RuntimeError(f'cannot make a {gpu} topology {topology!r} (are jax-cuda12-plugin and jax-cuda12-pjrt '
                          f'installed, JAX_PLATFORMS=cpu? pip install -r requirements-accel.txt): {e}') from e
     return Target('gpu', f'{gpu} {topology or "1x1x8"}', tuple(topo.devices), _memory_from_spec(spec))
-  raise ValueError(f"target must be 'tpu', 'gpu' or 'cpu', got {kind!r}")
+  raise InputError(f"target must be 'tpu', 'gpu' or 'cpu', got {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,7 +286,7 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
   mesh_config = sharding_lib.strategy_mesh(mesh_config, strategy)
   multiple = step_lib.micro_batches(config)  # per-device batches the accumulation can split
   if batch_per_device % multiple:
-    raise ValueError(f'--batch_per_device={batch_per_device} does not split into config.accum_steps={multiple} '
+    raise InputError(f'--batch_per_device={batch_per_device} does not split into config.accum_steps={multiple} '
                      'micro-batches: pass a multiple of it')
   num_devices = math.prod(mesh_config.values())
   mesh = sharding_lib.make_mesh(mesh_config, devices=list(devices or jax.devices())[:num_devices])

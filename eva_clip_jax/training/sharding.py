@@ -28,6 +28,7 @@ from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.common import ACTIVATION_BATCH, AXES_METADATA, LOGICAL_AXES
 from eva_clip_jax.models.paths import flat_paths, path_name
 
@@ -41,17 +42,17 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
   devices = list(jax.devices() if devices is None else devices)
   unknown = set(mesh_config) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f'config.mesh has unknown axes {sorted(unknown)}; the axes are {MESH_AXES}')
+    raise InputError(f'config.mesh has unknown axes {sorted(unknown)}; the axes are {MESH_AXES}')
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise InputError(f'config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices')
+      raise InputError(f'config.mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices')
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
+    raise InputError(f'config.mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
                      f'this run has {len(devices)}')
   # create_device_mesh orders devices so that the inner axes stay within a host / an ICI ring.
   try:
@@ -67,7 +68,7 @@ def parse_mesh(text: str) -> dict[str, int]:
   for part in filter(None, text.replace(' ', '').split(',')):
     axis, _, size = part.partition(':')
     if axis not in mesh or not size.isdigit() or int(size) < 1:
-      raise ValueError(f'bad mesh entry {part!r}: expected axis:size with an axis in {MESH_AXES}')
+      raise InputError(f'bad mesh entry {part!r}: expected axis:size with an axis in {MESH_AXES}')
     mesh[axis] = int(size)
   return mesh
 
@@ -180,15 +181,15 @@ def param_shardings(params: Any, axes: Mapping[str, tuple[str | None, ...]], mes
   every logical name needs a rule.
   """
   if strategy not in STRATEGIES:
-    raise ValueError(f'unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}')
+    raise InputError(f'unknown sharding strategy {strategy!r}; choose one of {STRATEGIES}')
   rules = dict(rules)
   missing, unknown = set(LOGICAL_AXES) - set(rules), set(rules) - set(LOGICAL_AXES)
   if missing or unknown:
-    raise ValueError(f'config.sharding.axis_rules must map each logical axis {LOGICAL_AXES} to mesh axes (or None); '
+    raise InputError(f'config.sharding.axis_rules must map each logical axis {LOGICAL_AXES} to mesh axes (or None); '
                      f'missing {sorted(missing)}, unknown {sorted(unknown)}')
   bad_mesh_axes = {a for v in rules.values() for a in ((v,) if isinstance(v, str) else (v or ()))} - set(mesh.shape)
   if bad_mesh_axes:
-    raise ValueError(f'config.sharding.axis_rules name mesh axes {sorted(bad_mesh_axes)}; the mesh has {MESH_AXES}')
+    raise InputError(f'config.sharding.axis_rules name mesh axes {sorted(bad_mesh_axes)}; the mesh has {MESH_AXES}')
   if strategy != 'fsdp':  # only fsdp shards parameters over the data-parallel devices
     rules = {name: tuple(a for a in ((v,) if isinstance(v, str) else (v or ())) if a not in BATCH_AXES)
              for name, v in rules.items()}
@@ -217,7 +218,7 @@ def check_fsdp_sharding(shardings: Any, params: Any, mesh: Mesh, *, max_replicat
   fraction = sum(size for size, _ in replicated) / max(total, 1)
   if fraction > max_replicated_fraction:
     largest = ', '.join(f'{path} ({size:,})' for size, path in sorted(replicated, reverse=True)[:5])
-    raise ValueError(f'fsdp: {fraction:.1%} of the parameters are not sharded over the {fsdp} fsdp devices (limit '
+    raise InputError(f'fsdp: {fraction:.1%} of the parameters are not sharded over the {fsdp} fsdp devices (limit '
                      f'{max_replicated_fraction:.0%}, config.sharding.max_replicated_fraction); the largest: {largest}. '
                      f'Check config.sharding.axis_rules and that the fsdp size divides the model width.')
 

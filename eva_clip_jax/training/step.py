@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_clip_jax import transforms
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.models import create_model
 from eva_clip_jax.models.factory import model_from_params
 from eva_clip_jax.models.paths import flat_paths
@@ -127,7 +128,7 @@ def micro_batches(config) -> int:
   needs beyond the data-parallel split itself (tests/test_plan.py's search respects it)."""
   steps = int(config.get('accum_steps', 1) or 1)
   if steps < 1:
-    raise ValueError(f'accum_steps must be at least 1, got {steps}')
+    raise InputError(f'accum_steps must be at least 1, got {steps}')
   return steps
 
 
@@ -145,7 +146,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[TrainState, dict], tuple[Tra
   accum_steps = micro_batches(config)
   dp = sharding_lib.data_parallel_size(mesh)
   if config.batch_size % (accum_steps * dp):
-    raise ValueError(f'batch_size {config.batch_size} does not split into accum_steps={accum_steps} micro-batches '
+    raise InputError(f'batch_size {config.batch_size} does not split into accum_steps={accum_steps} micro-batches '
                      f'over the {dp} data-parallel devices')
 
   def step_fn(state: TrainState, batch):

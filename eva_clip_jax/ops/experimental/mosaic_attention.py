@@ -39,6 +39,7 @@ import importlib.util
 import jax
 import jax.numpy as jnp
 
+from eva_clip_jax.errors import InputError
 from eva_clip_jax.ops.common import compile_target
 
 TOKAMAX_VERSION = '0.0.12'  # the newest whose requirements accept jax 0.10.2
@@ -53,20 +54,20 @@ def tokamax_available() -> bool:
 def _check(q) -> None:
   platform, kind = compile_target(q)
   if platform != 'gpu':
-    raise ValueError(f"attention backend 'mosaic' needs an NVIDIA Hopper GPU, but this computation is compiled for "
+    raise InputError(f"attention backend 'mosaic' needs an NVIDIA Hopper GPU, but this computation is compiled for "
                      f"{platform!r}; use attention='xla' (or 'auto').")
   if jax.default_backend() == 'gpu':  # tokamax has sm_90 and sm_100 kernels and picks by the device's capability
     capability = str(getattr(jax.devices()[0], 'compute_capability', ''))
     if not capability.startswith(('9.', '10.')):
-      raise ValueError(f"attention backend 'mosaic' needs a Hopper or Blackwell GPU (sm_90, sm_100), got {kind!r} "
+      raise InputError(f"attention backend 'mosaic' needs a Hopper or Blackwell GPU (sm_90, sm_100), got {kind!r} "
                        f"(sm {capability}); use attention='cudnn'.")
   elif not any(h in kind for h in _HOPPER_KINDS):  # deviceless: the probes answer sm_90 (_tokamax_for_target)
-    raise ValueError(f"attention backend 'mosaic' compiles ahead of time for Hopper GPUs only, got {kind!r}")
+    raise InputError(f"attention backend 'mosaic' compiles ahead of time for Hopper GPUs only, got {kind!r}")
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"attention backend 'mosaic' supports bfloat16 and float16 only, got {q.dtype}; "
+    raise InputError(f"attention backend 'mosaic' supports bfloat16 and float16 only, got {q.dtype}; "
                      "set dtype='bfloat16' or use attention='xla'.")
   if not tokamax_available():
-    raise ValueError(f"attention backend 'mosaic' runs tokamax's Mosaic GPU kernel (jax's own takes float16 without "
+    raise InputError(f"attention backend 'mosaic' runs tokamax's Mosaic GPU kernel (jax's own takes float16 without "
                      f"masks); tokamax is not installed: {_INSTALL}, or use attention='cudnn'.")
 
 
