@@ -25,21 +25,24 @@ _LAZY = {
 }
 
 
-def create_model(name, *, pretrained: str | None = None, **kwargs) -> CLIP:
-  """`eva_clip_jax.models.create_model(name, **kwargs)`, then the weights of `pretrained` loaded into it.
+def create_model(name, *, pretrained: str | None = None, mesh=None, axis_rules=None, strategy: str = 'fsdp',
+                 **kwargs) -> CLIP:
+  """`eva_clip_jax.models.create_model(name, **kwargs)`, or the model with the weights of `pretrained`.
 
   pretrained: a released tag from `list_pretrained()` ('merged2b_s4b_b131k', or the EVA file's name
   'EVA02_CLIP_L_psz14_s4B'; downloaded once into the Hugging Face cache), a PyTorch file in the EVA or open_clip
   layout (.pt/.bin/.safetensors), a directory written by `python -m eva_clip_jax.convert`, or 'hf-hub:org/repo'.
-  Reading PyTorch files needs torch; a converted directory needs only orbax.
+  Reading PyTorch files needs torch; a converted directory needs only orbax. The weights are read tensor by tensor
+  into a model that was never randomly initialised (`conversion.load_sharded`).
+  mesh, axis_rules, strategy: with pretrained, each parameter is built sharded over `mesh` by the logical-axis rules
+  (config.sharding.axis_rules), every process reading only its devices' slices of the file; else on one device.
   """
-  model = models.create_model(name, **kwargs)
-  if pretrained:
-    if kwargs.get('abstract'):
-      raise ValueError('abstract=True builds shapes only; it cannot load pretrained weights')
-    from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
-    api.load_pretrained(model, pretrained)
-  return model
+  if not pretrained:
+    return models.create_model(name, **kwargs)
+  if kwargs.get('abstract'):
+    raise ValueError('abstract=True builds shapes only; it cannot load pretrained weights')
+  from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
+  return api.load_sharded(name, pretrained, mesh, axis_rules, strategy=strategy, **kwargs)
 
 
 create_model.__doc__ += '\n\nModel arguments:\n' + (models.create_model.__doc__ or '')

@@ -188,17 +188,20 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path):
     ec.create_model(wrong_model, pretrained=str(tmp_path / 'missing.pt'))
 
 
-def test_failed_export_leaves_no_file(tmp_path, monkeypatch):
-  path = tmp_path / 'out.pt'
+@pytest.mark.parametrize('name', ['out.pt', 'out.safetensors'])
+def test_failed_export_leaves_no_file(name, tmp_path, monkeypatch):
+  made = torch_io._made  # pylint: disable=protected-access
+  calls = []
 
-  def exploding_save(obj, f, *args, **kwargs):
-    with open(f, 'wb') as handle:
-      handle.write(b'half a file')
-    raise OSError('disk full')
+  def failing_midway(*args):  # the file is half written, tensor by tensor, when the disk fills up
+    calls.append(1)
+    if len(calls) == 5:
+      raise OSError('disk full')
+    return made(*args)
 
-  monkeypatch.setattr(torch, 'save', exploding_save)
+  monkeypatch.setattr(torch_io, '_made', failing_midway)
   with pytest.raises(OSError, match='disk full'):
-    api.export_file(ec.create_model('tiny'), str(path), 'tiny', 'eva')
+    api.export_file(ec.create_model('tiny'), str(tmp_path / name), 'tiny', 'eva')
   assert list(tmp_path.iterdir()) == []
 
 

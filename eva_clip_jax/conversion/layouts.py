@@ -142,50 +142,106 @@ def _to_theirs(array: np.ndarray, kind: Kind) -> np.ndarray:
   return array.transpose(np.argsort(_OUR_AXES[kind])) if kind in _OUR_AXES else array
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value
 
 
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+def get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
   for key in path:
     tree = tree[key]
   return tree
 
 
-def table_to_params(state_dict: Mapping[str, np.ndarray], table: list[Entry], *,
-                    allow_missing: bool = False) -> tuple[dict[str, Any], list[str]]:
-  """Applies a table to a flat state dict. Returns (nested params, keys the table did not use).
+def entry_keys(entry: Entry) -> list[str]:
+  """The PyTorch keys of an entry: one, or one per block."""
+  return [entry.theirs.format(i=i) for i in range(entry.depth)] if entry.depth else [entry.theirs]
 
-  A per-block parameter is produced only when every block's key is present. Missing keys raise a KeyError
-  that lists them all, unless `allow_missing`.
+
+def our_shape(entry: Entry, theirs_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Our parameter's shape from the shape of (each block's) PyTorch tensor."""
+  shape = tuple(theirs_shape[a] for a in _OUR_AXES[entry.kind]) if entry.kind in _OUR_AXES else tuple(theirs_shape)
+  return (entry.depth,) + shape if entry.depth else shape
+
+
+def theirs_shape(entry: Entry, ours: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of (each block's) PyTorch tensor from our parameter's shape: the inverse of `our_shape`."""
+  ours = tuple(ours[1:] if entry.depth else ours)
+  return tuple(ours[a] for a in np.argsort(_OUR_AXES[entry.kind])) if entry.kind in _OUR_AXES else ours
+
+
+def _theirs_index(index: tuple[slice, ...], kind: Kind) -> tuple[slice, ...]:
+  if kind not in _OUR_AXES:
+    return index
+  out = [slice(None)] * len(index)
+  for ours, theirs in enumerate(_OUR_AXES[kind]):
+    out[theirs] = index[ours]
+  return tuple(out)
+
+
+def read_entry(reader: Any, entry: Entry, index: tuple[slice, ...] | None = None) -> np.ndarray:
+  """Our parameter, or the slice `index` of it (our axes), read from `reader` (`torch_io.StateReader`: `read(key,
+  index)` in PyTorch's axis order). A slice of a per-block parameter reads only the blocks in its range."""
+  shape = our_shape(entry, reader.shape(entry_keys(entry)[0]))
+  index = tuple(index or ()) + (slice(None),) * (len(shape) - len(index or ()))
+  if not entry.depth:
+    return _to_ours(reader.read(entry.theirs, _theirs_index(index, entry.kind)), entry.kind)
+  rest = _theirs_index(index[1:], entry.kind)
+  out = None
+  for n, i in enumerate(range(*index[0].indices(entry.depth))):  # filled in place: one block's copy at a time
+    block = _to_ours(reader.read(entry.theirs.format(i=i), rest), entry.kind)
+    if out is None:
+      out = np.empty((len(range(*index[0].indices(entry.depth))),) + block.shape, block.dtype)
+    out[n] = block
+  return out
+
+
+def check_keys(keys: Any, table: list[Entry], *, allow_missing: bool = False) -> tuple[list[Entry], list[str]]:
+  """(the entries whose keys are all in `keys`, the keys no entry uses), without reading any data.
+
+  A per-block parameter is present only when every block's key is. Missing keys raise a KeyError that lists them
+  all, unless `allow_missing`.
   """
-  params: dict[str, Any] = {}
-  used, missing = set(), []
+  present, used, missing = [], set(), []
   for entry in table:
-    keys = [entry.theirs.format(i=i) for i in range(entry.depth)] if entry.depth else [entry.theirs]
-    absent = [k for k in keys if k not in state_dict]
+    names = entry_keys(entry)
+    absent = [k for k in names if k not in keys]
     if absent:
       missing.extend(absent)
       continue
-    arrays = [_to_ours(np.asarray(state_dict[k]), entry.kind) for k in keys]
-    _set(params, entry.ours, np.stack(arrays) if entry.depth else arrays[0])
-    used.update(keys)
+    present.append(entry)
+    used.update(names)
   if missing and not allow_missing:
     shown = ', '.join(missing[:40]) + (f', ... ({len(missing)} in all)' if len(missing) > 40 else '')
     raise KeyError(f'checkpoint is missing {len(missing)} keys: {shown}')
-  return params, sorted(set(state_dict) - used)
+  return present, sorted(set(keys) - used)
+
+
+def table_to_params(state_dict: Mapping[str, np.ndarray], table: list[Entry], *,
+                    allow_missing: bool = False) -> tuple[dict[str, Any], list[str]]:
+  """Applies a table to a flat state dict. Returns (nested params, keys the table did not use); see `check_keys`.
+  Values are taken one key at a time, so a lazy mapping (`torch_io.StateReader`) is read entry by entry."""
+  present, unused = check_keys(state_dict, table, allow_missing=allow_missing)
+  params: dict[str, Any] = {}
+  for entry in present:
+    arrays = [_to_ours(np.asarray(state_dict[k]), entry.kind) for k in entry_keys(entry)]
+    set_path(params, entry.ours, np.stack(arrays) if entry.depth else arrays[0])
+  return params, unused
+
+
+def iter_theirs(params: Mapping[str, Any], table: list[Entry]) -> Iterator[tuple[str, tuple[int, ...], Any]]:
+  """The inverse of `table_to_params`, lazily: (PyTorch key, shape, a function making the numpy array) per key.
+  A block is taken out of its stacked (possibly sharded, on-device) parameter only when it is made."""
+  for entry in table:
+    value = get_path(params, entry.ours)
+    theirs = theirs_shape(entry, np.shape(value))
+    for i in range(entry.depth) if entry.depth else (None,):
+      key = entry.theirs if i is None else entry.theirs.format(i=i)
+      yield key, theirs, lambda v=value, i=i, kind=entry.kind: np.array(
+          _to_theirs(np.asarray(v if i is None else v[i]), kind), order='C')
 
 
 def params_to_table(params: Mapping[str, Any], table: list[Entry]) -> dict[str, np.ndarray]:
   """The inverse of `table_to_params`: a flat PyTorch-named dict of numpy arrays."""
-  out = {}
-  for entry in table:
-    value = np.asarray(_get(params, entry.ours))
-    if entry.depth:
-      for i in range(entry.depth):
-        out[entry.theirs.format(i=i)] = np.array(_to_theirs(value[i], entry.kind), order='C')
-    else:
-      out[entry.theirs] = np.array(_to_theirs(value, entry.kind), order='C')
-  return out
+  return {key: make() for key, _, make in iter_theirs(params, table)}

@@ -14,6 +14,7 @@ import json
 import uuid
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from eva_clip_jax import storage
@@ -51,13 +52,22 @@ def save_params(params: Any, directory: str, *, model_name: str, source: str = '
       storage.remove(target, recursive=True)
 
 
-def load_params(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
-  """(nested params as numpy arrays, metadata from model.json)."""
+def load_params(directory: str, target: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(nested params, metadata from model.json): numpy arrays, or with `target` (a tree of jax.ShapeDtypeStruct with
+  shardings) global jax.Arrays restored straight into those shardings, each process reading its own shards."""
   directory = storage.absolute(directory)
   if not is_params_dir(directory):
     raise FileNotFoundError(f'{directory} is not an eva_clip_jax parameter checkpoint (no model.json + params/)')
   meta = json.loads(storage.read_text(storage.join(directory, 'model.json')))
   checkpointer = ocp.StandardCheckpointer()
-  params = checkpointer.restore(storage.join(directory, 'params'))
+  params = checkpointer.restore(storage.join(directory, 'params'), target)
   checkpointer.close()
   return params, meta
+
+
+def param_shapes(directory: str) -> Any:
+  """The stored parameters' shapes (a nested dict of tuples), read from orbax's metadata, not from the arrays."""
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(storage.join(storage.absolute(directory), 'params')).item_metadata.tree
+  checkpointer.close()
+  return jax.tree.map(lambda m: tuple(m.shape), tree)

@@ -36,12 +36,16 @@ class EvalModel:
 
 
 def load_params(config, param_shardings) -> Any:
-  """config.pretrained's weights (a PyTorch checkpoint or a converted directory, via the conversion API) or the
-  seeded random initialisation, laid out as training lays them out and put onto the parameter shardings."""
-  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
-  if config.get('pretrained'):
+  """config.pretrained's weights (a PyTorch checkpoint or a converted directory) read by the conversion API straight
+  into the parameter shardings, each process reading only its devices' slices; or the seeded random initialisation,
+  laid out as training lays it out and put onto those shardings."""
+  pretrained = config.get('pretrained')
+  model = create_model(config.model.name, seed=config.seed, abstract=bool(pretrained), **step_lib.model_kwargs(config))
+  if pretrained:
     from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top  (torch only for PyTorch files)
-    api.load_pretrained(model, config.pretrained)
+    targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           nnx.state(model, nnx.Param).to_pure_dict(), param_shardings)
+    return api.read_sharded(pretrained, model.spec, targets)
   return jax.device_put(nnx.state(model, nnx.Param).to_pure_dict(), param_shardings)
 
 
