@@ -1,5 +1,6 @@
 """A config's `init` block (EVA MIM vision tower, CLIP text tower) becomes the train state's starting point."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -16,10 +17,9 @@ def test_mim_init_lands_in_the_sharded_state(tmp_path):
   torch.save(state_dict, tmp_path / 'mim.pt')
   config = tiny.get_config()
   config.init.visual = str(tmp_path / 'mim.pt')
-  params = initial_params(config)
   mesh = sharding_lib.make_mesh(dict(data=8))
   setup = step_lib.make_setup(config, mesh)
-  state = step_lib.init_state(setup, params)
+  state = step_lib.init_state(setup, initial_params(config, setup))
   q = np.asarray(state.params['visual']['blocks']['attn']['q_proj']['kernel'])
   for layer in range(2):  # torch Linear weights are [out, in]; ours [in, out], stacked over layers
     key = next(k for k in state_dict if k.endswith(f'blocks.{layer}.attn.q_proj.weight'))
@@ -50,8 +50,13 @@ def test_fine_tuning_starts_from_a_whole_open_clip_layout_model(tmp_path):
   config = tiny.get_config()
   config.init.full = str(tmp_path / 'open_clip_pytorch_model.bin')  # the per-tower init.visual/text are not used
   config.init.visual = 'not/used.pt'
-  setup = step_lib.make_setup(config, sharding_lib.make_mesh(dict(data=8)))
-  state = step_lib.init_state(setup, initial_params(config))
+  config.sharding.strategy = 'fsdp'
+  setup = step_lib.make_setup(config, sharding_lib.make_mesh(dict(fsdp=8)))
+  params = initial_params(config, setup)  # read straight into the training shardings, shard by shard
+  shardings = jax.tree.leaves(setup.shardings.params)
+  assert [x.sharding for x in jax.tree.leaves(params)] == shardings
+  assert any(not s.is_fully_replicated for s in shardings)
+  state = step_lib.init_state(setup, params)
   model = setup.model(state.params)
   np.testing.assert_allclose(np.asarray(model.encode_image(images)), want_image, atol=TOLERANCE, rtol=0)
   np.testing.assert_allclose(np.asarray(model.encode_text(text)), want_text, atol=TOLERANCE, rtol=0)
@@ -63,8 +68,9 @@ def test_fine_tuning_starts_from_a_whole_open_clip_layout_model(tmp_path):
 def test_missing_fine_tuning_file_fails_clearly():
   config = tiny.get_config()
   config.init.full = '/no/such/EVA02_CLIP_B_psz16_s8B.pt'
+  setup = step_lib.make_setup(config, sharding_lib.make_mesh(dict(data=8)))
   with pytest.raises(FileNotFoundError, match='config.init.full'):
-    initial_params(config)
+    initial_params(config, setup)
 
 
 def test_readme_fine_tuning_command_parses():

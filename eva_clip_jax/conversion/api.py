@@ -184,9 +184,8 @@ def read_sharded(source: str, spec: ModelSpec, targets: Any, *, layout: str | No
   """Parameters for `spec` as global jax.Arrays with the shapes, dtypes and shardings of `targets` (a pure dict of
   jax.ShapeDtypeStructs: `param_targets`, or a training setup's abstract parameters).
 
-  Each array is built by `jax.make_array_from_callback`, whose callback reads only the slice an addressable device
-  holds (a per-block parameter's slice names the blocks, hence the PyTorch keys, it reads), converted and cast on
-  the way: a process never holds more of the checkpoint than its own shards plus one tensor. A converted directory
+  Each array is built shard by shard (`_sharded_array`), reading only the slice an addressable device holds (a
+  per-block parameter's slice names the blocks, hence the PyTorch keys, it reads), converted and cast on the way: a process never holds more of the checkpoint than its own shards plus one tensor. A converted directory
   is restored by orbax straight into the shardings. Keys and shapes are checked before any data is read; position
   embedding and patch kernel of another size are read whole and resized (they are small).
   """

@@ -70,32 +70,34 @@ def make_train_dataset(config, local_batch: int, image_size: int, context_length
                                            process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def initial_params(config) -> dict | None:
-  """Host parameters from the config's init weights, or None (random initialisation).
+def initial_params(config, setup: step_lib.TrainSetup) -> dict | None:
+  """Parameters from the config's init weights, or None (random initialisation).
 
   `init.full`: a whole EVA-CLIP model to fine-tune from (a PyTorch file in the EVA or open_clip layout, a converted
   directory or hf-hub:...), heads and logit scale included, as the reference's --pretrained; it takes the place of
   the per-tower `init.visual` / `init.text` (the paper's initialisation, EVA MIM vision tower and CLIP text tower).
+  It is read straight into the parameters' shardings, each process reading only its own shards (8B and 18B never
+  pass through one host whole); the per-tower initialisation builds the model on the host and loads into it.
   """
   full = config.init.get('full')
   if not (full or config.init.get('visual') or config.init.get('text')):
     return None
-  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
   if full:
     from eva_clip_jax.pretrained import resolve  # a released tag -> its file in the hub cache
     full = resolve(full, config.model.name)
     if not (full.startswith('hf-hub:') or storage.exists(full)):
       raise FileNotFoundError(f'config.init.full = {full!r} is neither a file nor a directory: pass the released '
                               'checkpoint (.pt, .bin, .safetensors) or a converted directory')
-    from eva_clip_jax.conversion.api import load_pretrained  # torch only for PyTorch files
-    load_pretrained(model, full)
+    from eva_clip_jax.conversion.api import read_sharded  # torch only for PyTorch files
+    params = read_sharded(full, get_model_spec(config.model.name), setup.abstract_state.params)
     ignored = [f'init.{k}={config.init[k]!r}' for k in ('visual', 'text') if config.init.get(k)]
     logging.info('Initial weights: the whole model from %s%s', full,
                  f' ({", ".join(ignored)} not used)' if ignored else '')
-  else:
-    from eva_clip_jax.conversion.api import init_from_config  # torch-free for .safetensors / converted dirs
-    report = init_from_config(model, config.init)
-    logging.info('Initial weights: %d parameters loaded, fresh: %s', len(report['loaded']), report['fresh'])
+    return params
+  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
+  from eva_clip_jax.conversion.api import init_from_config  # torch-free for .safetensors / converted dirs
+  report = init_from_config(model, config.init)
+  logging.info('Initial weights: %d parameters loaded, fresh: %s', len(report['loaded']), report['fresh'])
   return nnx.state(model, nnx.Param).to_pure_dict()
 
 
@@ -182,7 +184,7 @@ def train_and_evaluate(config, workdir: str) -> tuple[TrainState, dict[str, floa
       state, step = restored
       logging.info('Resumed from step %d in %s', step, checkpointer.directory)
     else:
-      state, step = step_lib.init_state(setup, initial_params(config)), 0
+      state, step = step_lib.init_state(setup, initial_params(config, setup)), 0
     train_step = step_lib.make_train_step(setup)
     evaluators = make_evaluators(config, setup)
     throughput = _throughput(config, spec, total)
