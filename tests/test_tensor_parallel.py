@@ -136,3 +136,22 @@ def test_full_size_models_pass_the_fsdp_replication_check(name, mesh_config):
       assert 'fsdp' in str(sharding.spec), (path, sharding.spec)
     if mesh_config['tensor'] > 1 and {'heads', 'mlp'} & set(axes[path]) and '/blocks/' in path:
       assert 'tensor' in str(sharding.spec), (path, sharding.spec)  # and the blocks' heads or MLP on 'tensor'
+
+
+def test_fsdp_over_512_devices_leaves_the_text_tower_whole():
+  """The text width 1280 (= 5 x 256) does not split 512 ways, so fsdp:512 would keep the text tower's 0.7B
+  parameters whole on every device (8.5% of 8B): the check refuses, and 512 devices take data:2,fsdp:256 or
+  fsdp:128,tensor:4 instead (launch/README.md's plans)."""
+  config = train_config(**{'model.name': 'EVA-CLIP-8B', 'sharding.strategy': 'fsdp'})
+  state = nnx.state(create_model('EVA-CLIP-8B', abstract=True), nnx.Param)
+  params, axes = state.to_pure_dict(), sharding_lib.logical_axes(state)
+  for sizes, fits in (((1, 512, 1), False), ((2, 256, 1), True), ((1, 128, 4), True)):
+    mesh = jax.sharding.AbstractMesh(sizes, sharding_lib.MESH_AXES)
+    shardings = sharding_lib.param_shardings(params, axes, mesh, 'fsdp', config.sharding.axis_rules)
+    check = lambda: sharding_lib.check_fsdp_sharding(  # noqa: E731
+        shardings, params, mesh, max_replicated_fraction=config.sharding.max_replicated_fraction)
+    if fits:
+      check()
+    else:
+      with pytest.raises(ValueError, match=r'fsdp: 8.5% .* text/blocks/mlp'):
+        check()
