@@ -174,6 +174,8 @@ def xb_recipe(**kwargs):
   config.optimizer.grad_clip_norm = 5.0  # deepspeed_config.json's gradient_clipping
   config.model.remat = 'full'  # deepspeed_config.json's activation_checkpointing
   config.sharding.strategy = 'fsdp'
+  # The fsdp size must divide the text width, 1280 = 5 x 256, or the text tower stays whole and the fsdp check
+  # refuses: up to 256 devices (a power of two) all on fsdp; 512 as data=2, fsdp=256; 384 as data=3, fsdp=128.
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   return config
 
