@@ -163,6 +163,25 @@ def clip_recipe(*, model: str, visual_lr: float, text_lr: float, visual_layer_de
   return config
 
 
+def xb_recipe(**kwargs):
+  """EVA-CLIP-8B, 8B-448 and 18B (configs/eva_clip_*.py): EVA-CLIP-18B/shinji/training/deepspeed_config.json's
+  LAMB, clipping and activation checkpointing, on fsdp (its ZeRO-1 would replicate the parameters, 32-73 GB in
+  float32, on every device); the values the EVA-CLIP-18B release does not publish are E/14+'s."""
+  config = clip_recipe(
+      data='Merged-2B',
+      # E/14+'s values (configs/e14_plus.py), not published for these models:
+      visual_lr=4e-4, text_lr=4e-5, visual_layer_decay=0.9, text_layer_decay=0.75, patch_dropout=0.5,
+      **kwargs)
+  config.optimizer.update(REFERENCE_BETAS)  # deepspeed_config.json's LAMB: (0.9, 0.999), eps 1e-8
+  config.optimizer.grad_clip_norm = 5.0  # deepspeed_config.json's gradient_clipping
+  config.model.remat = 'full'  # deepspeed_config.json's activation_checkpointing
+  config.sharding.strategy = 'fsdp'
+  # The fsdp size must divide the text width, 1280 = 5 x 256, or the text tower stays whole and the fsdp check
+  # refuses: up to 256 devices (a power of two) all on fsdp; 512 as data=2, fsdp=256; 384 as data=3, fsdp=128.
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  return config
+
+
 def _reference_betas(config: ml_collections.ConfigDict) -> None:
   config.optimizer.update(REFERENCE_BETAS)
 

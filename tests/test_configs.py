@@ -8,7 +8,8 @@ from helpers import CONFIG_DIR, load_config
 EXPECTED = {
     'b16': 'EVA02-CLIP-B-16', 'l14': 'EVA02-CLIP-L-14', 'l14_336': 'EVA02-CLIP-L-14-336',
     'g14': 'EVA01-CLIP-g-14', 'g14_plus': 'EVA01-CLIP-g-14-plus', 'e14': 'EVA02-CLIP-bigE-14',
-    'e14_plus': 'EVA02-CLIP-bigE-14-plus', 'tiny': 'tiny',
+    'e14_plus': 'EVA02-CLIP-bigE-14-plus', 'tiny': 'tiny', 'eva_clip_8b': 'EVA-CLIP-8B',
+    'eva_clip_8b_448': 'EVA-CLIP-8B-plus', 'eva_clip_18b': 'EVA-CLIP-18B',
 }
 
 

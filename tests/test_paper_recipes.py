@@ -28,7 +28,7 @@ PRECISION = {'DeepSpeed fp16': 'float16', 'DeepSpeed bf16': 'bfloat16'}
 
 
 def _count(text: str) -> float:
-  return float(text[:-1]) * {'k': 1e3, 'B': 1e9}[text[-1]]
+  return float(text[:-1]) * {'k': 1e3, 'K': 1e3, 'B': 1e9}[text[-1]]
 
 
 def _ours(config) -> dict:
@@ -74,8 +74,35 @@ def test_config_equals_its_table_row(name):
   assert all(config_name in TABLES for config_name, _ in recipe.DEVIATIONS)  # no stale exceptions
 
 
+# EVA-CLIP-8B, 8B-448 and 18B are not in the EVA-CLIP paper's tables: EVA-CLIP-18B/README.md's model cards and
+# EVA-CLIP-18B/shinji/training/deepspeed_config.json publish their recipe (init, data, batch, samples, GPUs; LAMB,
+# clipping, ZeRO-1, activation checkpointing). (batch size, samples seen, image init, text init, data, GPUs).
+RELEASED_XB = {
+    'eva_clip_8b': ('178K', '9B', 'EVA_8B_psz14', 'EVA02_CLIP_E_psz14_plus_s9B', 'Merged-2B', 384),
+    'eva_clip_8b_448': ('24K', '0.6B', 'EVA_CLIP_8B_psz14_s9B', 'EVA_CLIP_8B_psz14_s9B', 'Merged-2B', 384),
+    # Merged-2B+ adds LAION-COCO and video frames to Merged-2B's sources: the user's shards (the config says so).
+    'eva_clip_18b': ('108K', '6B', 'EVA_18B_psz14', 'EVA02_CLIP_E_psz14_plus_s9B', 'Merged-2B', 360),
+}
+
+
 def test_every_paper_config_has_a_row():
-  assert {p.stem for p in CONFIG_DIR.glob('*.py')} - set(TABLES) == {'tiny'}
+  assert {p.stem for p in CONFIG_DIR.glob('*.py')} - set(TABLES) == {'tiny', *RELEASED_XB}
+
+
+@pytest.mark.parametrize('name', sorted(RELEASED_XB))
+def test_8b_and_18b_configs_follow_the_release(name):
+  config = load_config([f'--config={CONFIG_DIR / name}.py'])
+  batch, samples, image_init, text_init, data, gpus = RELEASED_XB[name]
+  assert abs(config.batch_size - _count(batch)) < 0.01 * _count(batch) and config.batch_size % gpus == 0
+  assert abs(config.samples_seen - _count(samples)) < 0.01 * _count(samples)
+  assert (config.init.visual, config.init.text, config.data.name) == (image_init, text_init, data)
+  assert (config.optimizer.name, config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (
+      'lamb', 0.9, 0.999, 1e-8)
+  assert config.optimizer.grad_clip_norm == 5.0 and config.model.remat == 'full'
+  assert (config.loss_scale.initial_power, config.loss_scale.window, config.loss_scale.hysteresis,
+          config.loss_scale.min_scale) == (16, 1000, 2, 1.0)  # deepspeed_config.json's fp16 loss scaler
+  # ZeRO-1 would replicate the 8B/18B parameters on every device: fsdp over all of them instead.
+  assert config.sharding.strategy == 'fsdp' and config.mesh.fsdp == -1 and config.mesh.data == 1
 
 
 def test_steps_follow_the_reference_derivation():

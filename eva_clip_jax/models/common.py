@@ -75,6 +75,9 @@ AXES_METADATA = 'logical_axes'
 # rules in effect where the model is traced (flax's `logical_axis_rules`, as `training.sharding.activation_sharding`
 # sets them), on the mesh in effect there (`jax.set_mesh`, or inside jit `jax.sharding.use_abstract_mesh`).
 ACTIVATION_BATCH = 'activation_batch'
+# The heads dimension of a fused q|k|v projection's kernel where it is used (`fused_qkv`): mapped, like
+# ACTIVATION_BATCH, to the mesh axes of tensor parallelism (the parameters' `heads` axis) by the rules in effect.
+ACTIVATION_HEADS = 'activation_heads'
 
 
 def param(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -137,10 +140,10 @@ def create_stacked(make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, rng
   return make(rngs)
 
 
-def _activation_batch_axes() -> tuple[str, ...] | None:
-  """The mesh axes of ACTIVATION_BATCH under the rules and mesh in effect; None without either."""
+def _logical_mesh_axes(name: str) -> tuple[str, ...] | None:
+  """The mesh axes of logical `name` under the rules and mesh in effect; None without either."""
   mesh = jax.sharding.get_abstract_mesh()
-  axes = dict(spmd.get_logical_axis_rules()).get(ACTIVATION_BATCH)
+  axes = dict(spmd.get_logical_axis_rules()).get(name)
   if mesh.empty or not axes:
     return None
   return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -150,7 +153,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   """Pins activations' batch dimension to ACTIVATION_BATCH's mesh axes when it divides them (evaluation batches
   may not). Without it, under fsdp XLA propagates the weights' sharding into the activations and per-device activation
   memory grows with the device count."""
-  axes = _activation_batch_axes()
+  axes = _logical_mesh_axes(ACTIVATION_BATCH)
   if axes is None or x.shape[0] % math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes):
     return x
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
@@ -163,9 +166,33 @@ def gathered(weight: jax.Array) -> jax.Array:
   match (a full replication of [batch, seq, width]: "Involuntary full rematerialization"). Gathering the weight
   instead makes its gradient a local partial sum that is reduce-scattered, as for every other fsdp weight.
   """
-  if _activation_batch_axes() is None:
+  if _logical_mesh_axes(ACTIVATION_BATCH) is None:
     return weight
   return jax.lax.with_sharding_constraint(weight, jax.sharding.PartitionSpec())
+
+
+def fused_qkv(layer: nnx.Linear, x: jax.Array, num_heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q, k and v [batch, seq, heads, head_dim] from a fused projection whose kernel is [width, 3 x width] (q | k | v,
+  the checkpoints' layout), as `jnp.split(layer(x), 3, axis=-1)` reshaped to heads.
+
+  Tensor parallelism shards the kernel's output dimension in contiguous blocks (its logical axis is `heads`): 4
+  devices would hold q[0:3w/4], q[3w/4:] + k[0:w/2], ..., so splitting the output into q, k and v and then into
+  heads would move activations between devices ([batch, seq, width] each, every layer and again in the backward
+  pass). Instead the kernel is viewed as [width, 3, heads, head_dim] with its heads on ACTIVATION_HEADS' mesh axes:
+  each device then holds whole heads of all three, the projection and attention run on local heads, and the only
+  resharding is of the kernel's fsdp shard among the tensor devices (XLA gathers it and keeps each device's heads:
+  width x 3 width / fsdp elements a layer, against [batch, seq, 3 width] activations; tests/test_tensor_parallel.py).
+  """
+  batch, seq, width = x.shape
+  kernel = layer.kernel[...].astype(layer.dtype).reshape(width, 3, num_heads, -1)
+  axes = _logical_mesh_axes(ACTIVATION_HEADS)
+  if axes is not None and num_heads % math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in axes) == 0:
+    free = jax.sharding.PartitionSpec.UNCONSTRAINED
+    kernel = jax.lax.with_sharding_constraint(kernel, jax.sharding.PartitionSpec(free, None, axes, None))
+  qkv = jnp.einsum('bsw,wthd->tbshd', x.astype(layer.dtype), kernel)
+  if layer.bias is not None:
+    qkv = qkv + layer.bias[...].astype(layer.dtype).reshape(3, 1, 1, num_heads, -1)
+  return qkv[0], qkv[1], qkv[2]
 
 
 def run_stacked(blocks: nnx.Module, x: jax.Array, per_layer: Any, opts: ModelOptions,

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, constrain_batch, create_stacked, gathered,
-                                        layer_norm, linear, param, run_stacked)
+from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, constrain_batch, create_stacked, fused_qkv,
+                                        gathered, layer_norm, linear, param, run_stacked)
 from eva_clip_jax.models.registry import TextSpec
 from eva_clip_jax.ops import dot_product_attention
 
@@ -28,7 +28,7 @@ class CausalSelfAttention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, seq, width = x.shape
-    q, k, v = (t.reshape(batch, seq, self.num_heads, -1) for t in jnp.split(self.in_proj(x), 3, axis=-1))
+    q, k, v = fused_qkv(self.in_proj, x, self.num_heads)
     out = dot_product_attention(q, k, v, causal=True, backend=self.backend)
     return self.out_proj(out.reshape(batch, seq, width))
 

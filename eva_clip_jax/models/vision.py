@@ -13,8 +13,8 @@ from flax import nnx
 
 from eva_clip_jax.errors import InputError
 from eva_clip_jax.models import rope as rope_lib
-from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stacked, drop_path, linear, norm_layer,
-                                        param, run_stacked, trunc_normal)
+from eva_clip_jax.models.common import (AXES_METADATA, ModelOptions, create_stacked, drop_path, fused_qkv, linear,
+                                        norm_layer, param, run_stacked, trunc_normal)
 from eva_clip_jax.models.registry import VisionSpec
 from eva_clip_jax.ops import dot_product_attention
 
@@ -49,13 +49,12 @@ class EvaAttention(nnx.Module):
   def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
     batch, seq, width = x.shape
     if hasattr(self, 'qkv'):
-      q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+      q, k, v = fused_qkv(self.qkv, x, self.num_heads)
     else:
-      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+      q, k, v = (t.reshape(batch, seq, self.num_heads, -1) for t in (self.q_proj(x), self.k_proj(x), self.v_proj(x)))
     if self.q_bias is not None:
-      q = q + self.q_bias[...].astype(self.dtype)
-      v = v + self.v_bias[...].astype(self.dtype)
-    q, k, v = (t.reshape(batch, seq, self.num_heads, -1) for t in (q, k, v))
+      q = q + self.q_bias[...].astype(self.dtype).reshape(self.num_heads, -1)
+      v = v + self.v_bias[...].astype(self.dtype).reshape(self.num_heads, -1)
     # Tables for the patch tokens: [seq - 1, D], or [B, kept, D] under patch dropout; the CLS token is not rotated.
     out = dot_product_attention(q, k, v, rope=rope, backend=self.backend)
     out = out.reshape(batch, seq, width)

@@ -11,7 +11,9 @@ The logical axes are declared by the models on each parameter (`models/common.py
 `config.sharding.axis_rules` maps them to mesh axes.
 The batch is always sharded over the data-parallel axes ('data', 'fsdp'), and so are the activations between blocks
 (the models' `activation_batch` logical axis, resolved under `activation_sharding`). A 'tensor' axis shards the
-`mlp`, `heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1).
+`mlp`, `heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1); a fused q|k|v
+kernel is used with whole heads on each 'tensor' device (`models.common.fused_qkv`), so the tensor size must divide
+the heads of both towers for the attention to stay local (EVA-CLIP-8B: 32 and 20 heads, 18B: 40 and 20: 2 or 4).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from eva_clip_jax.errors import InputError
-from eva_clip_jax.models.common import ACTIVATION_BATCH, AXES_METADATA, LOGICAL_AXES
+from eva_clip_jax.models.common import ACTIVATION_BATCH, ACTIVATION_HEADS, AXES_METADATA, LOGICAL_AXES
 from eva_clip_jax.models.paths import flat_paths, path_name
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -100,12 +102,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh):
   """Where a model is traced under this, its activations' batch dimension is pinned to the data-parallel axes of
-  `mesh` (`models.common.constrain_batch`). It sets the abstract mesh, which works inside jit (`jax.set_mesh` does not;
-  outside jit, `jax.set_mesh(mesh)` with these rules does the same). One data-parallel device: nothing to pin."""
-  if data_parallel_size(mesh) == 1:
+  `mesh` (`models.common.constrain_batch`), and a fused q|k|v kernel's heads to 'tensor' (`models.common.fused_qkv`).
+  It sets the abstract mesh, which works inside jit (`jax.set_mesh` does not; outside jit, `jax.set_mesh(mesh)` with
+  these rules does the same). One data-parallel device and no tensor parallelism: nothing to pin."""
+  rules = (((ACTIVATION_BATCH, BATCH_AXES),) if data_parallel_size(mesh) > 1 else ()) + (
+      ((ACTIVATION_HEADS, 'tensor'),) if mesh.shape['tensor'] > 1 else ())
+  if not rules:
     yield
     return
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), spmd.logical_axis_rules(((ACTIVATION_BATCH, BATCH_AXES),)):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), spmd.logical_axis_rules(rules):
     yield
 
 
