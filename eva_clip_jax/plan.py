@@ -46,6 +46,8 @@ _START = flags.DEFINE_integer('start_batch', 16, 'first per-device batch of the 
 _LIMIT = flags.DEFINE_integer('max_batch_per_device', 1 << 16, 'the search stops here')
 _COMPILES = flags.DEFINE_integer('max_compiles', 5, 'compiles per row of the search (each takes 10-60 s)')
 _JSON = flags.DEFINE_string('json', None, 'also write the rows to this file')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'encode'], "train: the train step; encode: zero-shot inference "
+                          "(the image tower's forward; pass --config.model.param_dtype=bfloat16 for bf16 weights)")
 flags.mark_flags_as_required(['config'])
 
 def _reexec_with_gpu_flags() -> None:
@@ -84,7 +86,7 @@ def main(argv):
   compiler = {'tpu': f'the TPU compiler (libtpu) for {target.name}, {target.devices[0].device_kind}',
               'gpu': f'XLA:GPU without a GPU for {target.name}, {target.devices[0].device_kind} (no autotuning)',
               'cpu': 'XLA:CPU, the fallback: CPU buffers overstate an accelerator\'s (launch/README.md)'}[target.kind]
-  print(f'{config.model.name}: {params / 1e6:.0f}M parameters, {config.model.dtype} compute, '
+  print(f'{_MODE.value}: {config.model.name}: {params / 1e6:.0f}M parameters, {config.model.dtype} compute, '
         f'{config.model.param_dtype} parameters, attention {config.model.attention}, '
         f'patch dropout {config.model.patch_dropout}, optimizer {config.optimizer.name}')
   print(f'mesh {format_mesh(mesh_config)}; budget {memory_gib:g} GiB x {_FRACTION.value:g} = '
@@ -96,7 +98,7 @@ def main(argv):
     for remat in _REMAT.value:
       row = planning.plan_row(config, mesh_config, strategy, remat, budget=budget, batch_per_device=_BATCH.value,
                               start=_START.value, limit=_LIMIT.value, max_compiles=_COMPILES.value,
-                              devices=target.devices)
+                              devices=target.devices, mode=_MODE.value)
       row['target'] = target.name
       rows.append(row)
       print(planning.format_row(row), flush=True)

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+import eva_clip_jax as ec
+
 from eva_clip_jax.models import count_params, create_model, get_model_spec
 from eva_clip_jax.training import planning
 from eva_clip_jax.training import sharding as sharding_lib
@@ -59,6 +61,31 @@ def test_plan_of_tiny_is_the_compiled_train_step():
   stats = step_lib.make_train_step(setup).lower(state, batch).compile().memory_analysis()
   assert (stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.alias_size_in_bytes,
           stats.temp_size_in_bytes) == (planned.argument, planned.output, planned.alias, planned.temp)
+
+
+def test_encode_plan_is_the_evaluators_compiled_image_tower():
+  """mode='encode' compiles what zero-shot scoring runs per batch: the extractor's image tower, parameters in
+  config.model.param_dtype (bfloat16 halves them), no optimizer state; its buffers are the real extractor's."""
+  from eva_clip_jax.evaluation.features import FeatureExtractor
+  config = _config('tiny')
+  config.model.param_dtype = 'bfloat16'
+  mesh = sharding_lib.make_mesh({'data': 8})
+  _, planned = planning.compile_encode(config, mesh, 4)
+  counts = ec.param_counts(create_model('tiny', abstract=True))
+  # bf16 (the float32 logit scale aside), replicated under the recipe's zero1; no optimizer state.
+  assert planned.params == 2 * (counts['total'] - 1) + 4 and planned.opt_state == 0
+  assert planned.argument == 2 * counts['visual'] + planned.batch  # XLA drops the text tower: not an argument
+  config.batch_size = 32
+  setup = step_lib.make_setup(config, mesh)
+  params = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), setup.abstract_state.params)
+  extractor = FeatureExtractor(setup.model, mesh, setup.shardings.params, 32,
+                               lambda: sharding_lib.activation_sharding(mesh))
+  images = np.zeros((32, 64, 64, 3), np.float32)
+  stats = extractor.encode_image.lower(params, jax.device_put(images, extractor.batch_sharding)).compile(
+  ).memory_analysis()
+  assert (stats.argument_size_in_bytes, stats.temp_size_in_bytes) == (planned.argument, planned.temp)
+  row = planning.plan_row(config, {'data': 8}, 'zero1', 'none', budget=2**30, batch_per_device=4, mode='encode')
+  assert row['opt_state'] == 0 and row['total'] == planned.total
 
 
 def test_fsdp_activations_stay_batch_sharded(capfd):

@@ -1,4 +1,4 @@
-"""Ahead-of-time planning of the train step (as MaxText's train_compile.py): the devices to compile for, the compile,
+"""Ahead-of-time planning of the train step and of zero-shot inference (as MaxText's train_compile.py): the devices to compile for, the compile,
 its memory and cost estimate, and the search for the largest per-device batch that fits. Flag-free, so that tests,
 benchmarks and `python -m eva_clip_jax.plan` (which holds the flags and the printing) can all call it.
 
@@ -180,6 +180,38 @@ def compile_train_step(config, mesh: Mesh, batch_per_device: int, *,
   return compiled, estimate
 
 
+def compile_encode(config, mesh: Mesh, batch_per_device: int, *,
+                   compiler_options: Mapping[str, Any] | None = FAST_COMPILE_OPTIONS):
+  """(compiled, MemoryEstimate) of zero-shot inference: the image tower's forward on `batch_per_device` images per
+  data-parallel device, as the evaluators compile it (`FeatureExtractor.encode_image`: the training shardings and
+  activation pinning, normalised features). Parameters are stored in config.model.param_dtype: pass bfloat16 for
+  inference, where no float32 master copy is needed. The text tower runs once per class list, on far less."""
+  from eva_clip_jax.evaluation.features import FeatureExtractor  # pylint: disable=g-import-not-at-top
+  config = copy.deepcopy(config)
+  config.batch_size = batch_per_device * sharding_lib.data_parallel_size(mesh)
+  setup = step_lib.make_setup(config, mesh)
+  pinned = lambda: sharding_lib.activation_sharding(mesh)
+  extractor = FeatureExtractor(setup.model, mesh, setup.shardings.params, config.batch_size, pinned)
+  size = get_model_spec(config.model.name).vision.image_size
+  images = jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=extractor.batch_sharding)
+  start = time.perf_counter()
+  lowered = extractor.encode_image.lower(setup.abstract_state.params, images)
+  if mesh.devices.flat[0].platform != 'cpu':
+    compiler_options = None
+  compiled = lowered.compile(compiler_options=dict(compiler_options) if compiler_options else None)
+  stats = compiled.memory_analysis()
+  estimate = MemoryEstimate(
+      strategy=config.sharding.strategy, remat=config.model.remat, mesh=dict(mesh.shape),
+      batch_per_device=batch_per_device, params=shard_bytes(setup.abstract_state.params), opt_state=0,
+      other_state=0, batch=shard_bytes(images), argument=stats.argument_size_in_bytes,
+      output=stats.output_size_in_bytes, alias=stats.alias_size_in_bytes, temp=stats.temp_size_in_bytes,
+      compile_seconds=time.perf_counter() - start)
+  return compiled, estimate
+
+
+COMPILERS = {'train': compile_train_step, 'encode': compile_encode}  # what plan_row plans: --mode
+
+
 _EXHAUSTED = re.compile(r'RESOURCE_EXHAUSTED: Ran out of memory.*?\(([0-9.]+)([KMGT])\)', re.S)
 
 
@@ -277,10 +309,13 @@ def _gib(n: float) -> str:
 
 
 def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: int, batch_per_device: int = 0,
-             start: int = 16, limit: int = 1 << 16, max_compiles: int = 5, devices=None) -> dict:
+             start: int = 16, limit: int = 1 << 16, max_compiles: int = 5, devices=None, mode: str = 'train') -> dict:
   """One strategy x remat: the estimate at the planned batch, and the line fitted through the compiles.
 
-  devices: what to compile for (`target_devices(...).devices`); default: this process's JAX devices."""
+  devices: what to compile for (`target_devices(...).devices`); default: this process's JAX devices.
+  mode: 'train' (the train step) or 'encode' (zero-shot inference, `compile_encode`)."""
+  if mode not in COMPILERS:
+    raise InputError(f'mode must be one of {sorted(COMPILERS)}, got {mode!r}')
   config = copy.deepcopy(config)
   config.sharding.strategy, config.model.remat = strategy, remat
   mesh_config = sharding_lib.strategy_mesh(mesh_config, strategy)
@@ -295,7 +330,7 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
 
   def measure(batch: int) -> int:
     try:
-      estimates[batch] = compile_train_step(config, mesh, batch)[1]
+      estimates[batch] = COMPILERS[mode](config, mesh, batch)[1]
     except Exception as e:  # a JaxRuntimeError from XLA; all but a refusal for want of memory is raised again
       needed = exhausted_bytes(e)
       if needed is None:
