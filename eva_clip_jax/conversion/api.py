@@ -185,8 +185,9 @@ def read_sharded(source: str, spec: ModelSpec, targets: Any, *, layout: str | No
   jax.ShapeDtypeStructs: `param_targets`, or a training setup's abstract parameters).
 
   Each array is built shard by shard (`_sharded_array`), reading only the slice an addressable device holds (a
-  per-block parameter's slice names the blocks, hence the PyTorch keys, it reads), converted and cast on the way: a process never holds more of the checkpoint than its own shards plus one tensor. A converted directory
-  is restored by orbax straight into the shardings. Keys and shapes are checked before any data is read; position
+  per-block parameter's slice names the blocks, hence the PyTorch keys, it reads), converted and cast on the way: a
+  process never holds more of the checkpoint than its own shards plus one tensor. A converted directory is restored
+  by orbax straight into the shardings. Keys and shapes are checked before any data is read; position
   embedding and patch kernel of another size are read whole and resized (they are small).
   """
   path = resolve(source, spec.name)

@@ -1,6 +1,7 @@
-"""Ahead-of-time planning of the train step and of zero-shot inference (as MaxText's train_compile.py): the devices to compile for, the compile,
-its memory and cost estimate, and the search for the largest per-device batch that fits. Flag-free, so that tests,
-benchmarks and `python -m eva_clip_jax.plan` (which holds the flags and the printing) can all call it.
+"""Ahead-of-time planning of the train step and of zero-shot inference (as MaxText's train_compile.py): the devices
+to compile for, the compile, its memory and cost estimate, and the search for the largest per-device batch that fits.
+Flag-free, so that tests, benchmarks and `python -m eva_clip_jax.plan` (which holds the flags and the printing) can
+all call it.
 
 Nothing is allocated: the trainer's state is `ShapeDtypeStruct`s carrying their shardings, the batch likewise, and
 `jax.jit(...).lower(...).compile()` runs XLA up to buffer assignment and code generation, whose
