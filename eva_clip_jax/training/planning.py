@@ -210,7 +210,7 @@ def compile_encode(config, mesh: Mesh, batch_per_device: int, *,
   return compiled, estimate
 
 
-COMPILERS = {'train': compile_train_step, 'encode': compile_encode}  # what plan_row plans: --mode
+MODES = ('train', 'encode')  # what plan_row plans (--mode): compile_train_step or compile_encode
 
 
 _EXHAUSTED = re.compile(r'RESOURCE_EXHAUSTED: Ran out of memory.*?\(([0-9.]+)([KMGT])\)', re.S)
@@ -315,8 +315,9 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
 
   devices: what to compile for (`target_devices(...).devices`); default: this process's JAX devices.
   mode: 'train' (the train step) or 'encode' (zero-shot inference, `compile_encode`)."""
-  if mode not in COMPILERS:
-    raise InputError(f'mode must be one of {sorted(COMPILERS)}, got {mode!r}')
+  if mode not in MODES:
+    raise InputError(f'mode must be one of {MODES}, got {mode!r}')
+  compile_fn = compile_encode if mode == 'encode' else compile_train_step
   config = copy.deepcopy(config)
   config.sharding.strategy, config.model.remat = strategy, remat
   mesh_config = sharding_lib.strategy_mesh(mesh_config, strategy)
@@ -331,7 +332,7 @@ def plan_row(config, mesh_config: dict, strategy: str, remat: str, *, budget: in
 
   def measure(batch: int) -> int:
     try:
-      estimates[batch] = COMPILERS[mode](config, mesh, batch)[1]
+      estimates[batch] = compile_fn(config, mesh, batch)[1]
     except Exception as e:  # a JaxRuntimeError from XLA; all but a refusal for want of memory is raised again
       needed = exhausted_bytes(e)
       if needed is None:
