@@ -69,7 +69,7 @@ def measure(mode: str, spec, src: str) -> dict:
   import torch  # pylint: disable=g-import-not-at-top  (imported by every mode, before the baseline)
   import eva_clip_jax as ec  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.conversion import api  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
   axis_rules = rules()
   jax.block_until_ready(jax.device_put(0.0))  # the CPU client is up before the baseline

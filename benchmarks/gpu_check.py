@@ -362,7 +362,7 @@ def predict() -> None:
   jax.config.update('jax_platforms', 'cpu')
   from eva_clip_jax.recipe import clip_recipe
   from eva_clip_jax.training import planning
-  from eva_clip_jax.training import sharding as sharding_lib
+  from eva_clip_jax import sharding as sharding_lib
   predictions = json.loads(PREDICTIONS.read_text()) if PREDICTIONS.exists() else {}
   p = plan()
   for gpu in ('h100', 'h200'):

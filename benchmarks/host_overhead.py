@@ -60,7 +60,7 @@ def _bare_step_and_input_times(config) -> tuple[list[float], list[float]]:
   import jax
 
   from eva_clip_jax.models import get_model_spec
-  from eva_clip_jax.training import sharding as sharding_lib
+  from eva_clip_jax import sharding as sharding_lib
   from eva_clip_jax.training import step as step_lib
   from eva_clip_jax.training.loop import DevicePrefetcher, make_train_dataset
   mesh = sharding_lib.make_mesh(config.mesh)

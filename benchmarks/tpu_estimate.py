@@ -196,7 +196,7 @@ def estimate(model: str, topology: str, batch: int, mask: float, attention: str,
   from eva_clip_jax.recipe import clip_recipe
   from eva_clip_jax.training import flops as flops_lib
   from eva_clip_jax.training import planning
-  from eva_clip_jax.training import sharding as sharding_lib
+  from eva_clip_jax import sharding as sharding_lib
   target = planning.target_devices('tpu', topology)
   mesh = sharding_lib.make_mesh({'data': len(target.devices)}, devices=target.devices)
   spec = get_model_spec(model)

@@ -63,7 +63,8 @@ def run_jax(mask: float) -> dict:
   import jax
   from eva_clip_jax.models import get_model_spec
   from eva_clip_jax.recipe import clip_recipe
-  from eva_clip_jax.training import flops, sharding, step
+  from eva_clip_jax import sharding
+  from eva_clip_jax.training import flops, step
 
   spec = get_model_spec(_MODEL.value)
   batch = _BATCH.value

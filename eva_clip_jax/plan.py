@@ -66,7 +66,7 @@ def main(argv):
   import jax
 
   from eva_clip_jax.training import planning
-  from eva_clip_jax.training.sharding import format_mesh, parse_mesh
+  from eva_clip_jax.sharding import format_mesh, parse_mesh
   mesh_text = _MESH.value or ('data:8' if _TARGET.value == 'cpu' else '')
   # The host runs on XLA:CPU: accelerator targets are compiled for, never initialised (no TPU or GPU is needed).
   jax.config.update('jax_platforms', 'cpu')

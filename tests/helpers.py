@@ -16,7 +16,7 @@ from configs import tiny
 from eva_clip_jax import ops
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.ops.rope import apply_rope_after_prefix
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
 

@@ -22,7 +22,7 @@ from eva_clip_jax import ops
 from eva_clip_jax.ops.experimental import mosaic_attention
 from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.training import planning
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRITON, MOSAIC, CUDNN, MOSAIC_GPU = '__gpu$xla.gpu.triton', 'tpu_custom_call', '__cudnn$fmha', 'mosaic_gpu_v2'

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eva_clip_jax.training import accumulate
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from eva_clip_jax.training.loss import clip_loss
 from helpers import single_device_mesh, train_batch, train_config

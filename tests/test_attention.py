@@ -14,7 +14,7 @@ from eva_clip_jax.models import rope as rope_lib
 from eva_clip_jax.ops import attention as attention_lib
 from eva_clip_jax.ops import xla as xla_lib
 from eva_clip_jax.ops.rope import apply_rope_after_prefix
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from helpers import numpy_attention
 

@@ -90,7 +90,8 @@ sys.argv = ['gpu_check']
 import gpu_check, attention
 from eva_clip_jax.ops.experimental import mosaic_attention
 from eva_clip_jax.recipe import clip_recipe
-from eva_clip_jax.training import flops, planning, sharding, step
+from eva_clip_jax import sharding
+from eva_clip_jax.training import flops, planning, step
 config = clip_recipe(model='tiny', visual_lr=2e-4, text_lr=2e-5, visual_layer_decay=0.75, text_layer_decay=0.75,
                      batch_size=8, samples_seen=8000, patch_dropout=0.5)
 setup = step.make_setup(config, sharding.make_mesh(dict(data=-1)))

@@ -83,7 +83,7 @@ def test_checks_of_what_the_user_gives_raise_input_error():
   from absl import app  # pylint: disable=g-import-not-at-top
   from eva_clip_jax import accelerator, cli, models, recipe  # pylint: disable=g-import-not-at-top
   from eva_clip_jax.ops import attention  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax.training import sharding  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax import sharding  # pylint: disable=g-import-not-at-top
   mistakes = {'model name': lambda: models.get_model_spec('EVA02-CLIP-Q-99'),
               'config argument': lambda: recipe.apply_variant(ml_collections.ConfigDict(), 'nope'),
               'attention backend': lambda: attention.validate_backend('nope'),

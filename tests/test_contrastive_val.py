@@ -7,7 +7,7 @@ import numpy as np
 from configs import tiny
 from eva_clip_jax.data.demo import write_demo_set
 from eva_clip_jax.evaluation import build_evaluators, contrastive_val, datasets
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from eva_clip_jax.training.loss import clip_loss
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from eva_clip_jax.conversion import api, model_params, torch_io
 from eva_clip_jax.recipe import clip_recipe
-from eva_clip_jax.training import sharding
+from eva_clip_jax import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARK = ROOT / 'benchmarks' / 'convert_memory.py'

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from eva_clip_jax.models.paths import flatten
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from helpers import train_batch, train_config
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from eva_clip_jax.training.loss import clip_loss, sharded_clip_loss
-from eva_clip_jax.training.sharding import BATCH_AXES, make_mesh
+from eva_clip_jax.sharding import BATCH_AXES, make_mesh
 
 
 def _features(batch=16, dim=8, seed=0):

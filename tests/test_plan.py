@@ -17,7 +17,7 @@ import eva_clip_jax as ec
 
 from eva_clip_jax.models import count_params, create_model, get_model_spec
 from eva_clip_jax.training import planning
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from configs import tiny
 from eva_clip_jax.models import create_model
 from eva_clip_jax.models.common import AXES_METADATA
 from eva_clip_jax.models.paths import flat_paths
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from eva_clip_jax.training.loop import train_and_evaluate
 

@@ -15,7 +15,7 @@ from eva_clip_jax import transforms
 from eva_clip_jax.models import create_model, get_model_spec, registry, replace_spec
 from eva_clip_jax.models.common import fused_qkv
 from eva_clip_jax.models.paths import flat_paths
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from helpers import single_device_mesh, train_config
 
@@ -121,7 +121,7 @@ def test_fused_qkv_gives_each_device_whole_heads():
 @pytest.mark.parametrize('mesh_config', [dict(fsdp=64, tensor=4), dict(fsdp=128, tensor=1)], ids=['f64t4', 'f128'])
 def test_full_size_models_pass_the_fsdp_replication_check(name, mesh_config):
   """At full size (abstract: eval_shape, nothing allocated) on 256 or 128 devices, fsdp shards all but the small
-  vectors (norm scales, 18B's 1.2M-element MLP biases): the check of training/sharding.py passes with the recipe's
+  vectors (norm scales, 18B's 1.2M-element MLP biases): the check of sharding.py passes with the recipe's
   limit, every matrix and embedding is split over 'fsdp', and with tensor parallelism every block matrix over
   'tensor' as well."""
   config = train_config(**{'model.name': name, 'sharding.strategy': 'fsdp'})

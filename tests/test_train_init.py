@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configs import tiny
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from eva_clip_jax.training.loop import initial_params
 from helpers import mim_state

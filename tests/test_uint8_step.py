@@ -8,7 +8,7 @@ from PIL import Image
 
 from configs import tiny
 from eva_clip_jax import transforms
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 
 

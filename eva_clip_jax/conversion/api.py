@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from eva_clip_jax import storage
+from eva_clip_jax import sharding as sharding_lib, storage
 from eva_clip_jax.conversion import layouts, orbax_io, resize
 from eva_clip_jax.conversion.params import assign_params, model_params
 from eva_clip_jax.errors import InputError
@@ -173,7 +173,6 @@ def param_targets(model: nnx.Module, mesh: Mesh | None = None, rules: Any = None
   if mesh is None:
     shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), abstract)
   else:
-    from eva_clip_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
     if rules is None:
       raise InputError('loading onto a mesh needs the logical-axis rules (config.sharding.axis_rules)')
     shardings = sharding_lib.param_shardings(abstract, sharding_lib.logical_axes(state), mesh, strategy, rules)

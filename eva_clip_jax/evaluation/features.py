@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eva_clip_jax.errors import InputError
 from eva_clip_jax.models.factory import model_from_params
 
-BATCH_AXES = ('data', 'fsdp')  # the training mesh's data-parallel axes (training/sharding.py)
+BATCH_AXES = ('data', 'fsdp')  # the training mesh's data-parallel axes (sharding.py)
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -61,7 +61,7 @@ class ModelOptions:
 
 
 # Logical axis names, declared on every parameter where it is created (the `logical_axes` metadata of its
-# nnx.Param) and mapped to mesh axes by the rules table of the config (training/sharding.py):
+# nnx.Param) and mapped to mesh axes by the rules table of the config (sharding.py):
 #   embed   the model width (the residual stream's features)
 #   mlp     an MLP's hidden features, and the projection heads' output features
 #   heads   attention's heads x head_dim features (q, k, v and the output projection's input)
@@ -72,7 +72,7 @@ class ModelOptions:
 LOGICAL_AXES = ('embed', 'mlp', 'heads', 'vocab', 'layers', 'norm')
 AXES_METADATA = 'logical_axes'
 # The batch dimension of activations (the residual stream between blocks): mapped to mesh axes by the logical-axis
-# rules in effect where the model is traced (flax's `logical_axis_rules`, as `training.sharding.activation_sharding`
+# rules in effect where the model is traced (flax's `logical_axis_rules`, as `sharding.activation_sharding`
 # sets them), on the mesh in effect there (`jax.set_mesh`, or inside jit `jax.sharding.use_abstract_mesh`).
 ACTIVATION_BATCH = 'activation_batch'
 # The heads dimension of a fused q|k|v projection's kernel where it is used (`fused_qkv`): mapped, like

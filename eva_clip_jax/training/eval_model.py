@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from eva_clip_jax.evaluation.features import BoundExtractor, FeatureExtractor
 from eva_clip_jax.models import create_model
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 
 

@@ -26,7 +26,7 @@ from eva_clip_jax.models import create_model, get_model_spec
 from eva_clip_jax.progress import Progress
 from eva_clip_jax.training import flops
 from eva_clip_jax.training import metrics as metrics_lib
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 from eva_clip_jax.training.checkpoint import Checkpointer
 from eva_clip_jax.training.state import TrainState

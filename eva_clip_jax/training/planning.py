@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from eva_clip_jax.errors import InputError
 from eva_clip_jax.models import get_model_spec
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training import step as step_lib
 
 # Buffer assignment runs on the optimised HLO, before LLVM; these options only make LLVM's work cheaper (about half

@@ -19,7 +19,7 @@ from eva_clip_jax.models.paths import flat_paths
 from eva_clip_jax.training import accumulate
 from eva_clip_jax.training import loss_scale as loss_scale_lib
 from eva_clip_jax.training import optimizer as optimizer_lib
-from eva_clip_jax.training import sharding as sharding_lib
+from eva_clip_jax import sharding as sharding_lib
 from eva_clip_jax.training.loss import sharded_clip_loss
 from eva_clip_jax.training.state import TrainState
 
