@@ -76,7 +76,7 @@ def demo_bucket(gcs_server, demo_local):  # pylint: disable=unused-argument
   return 'gs://demo-data/demo'
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='module')  # its users share an xdist group, so one worker makes it (pyproject: loadgroup)
 def straight(tmp_path_factory, demo_local):
   """The uninterrupted run, all on local disk: the reference every bucket run must end equal to."""
   workdir = str(tmp_path_factory.mktemp('straight') / 'run')
@@ -177,6 +177,7 @@ def test_transient_faults_are_retried_and_counted_with_the_same_batches(demo_loc
 # Training runs with their workdir (and shards) in the bucket.
 
 
+@pytest.mark.xdist_group('straight')  # one worker makes the reference run once
 def test_sigkilled_bucket_run_resumes_bit_identical_to_a_local_run(tmp_path, demo_bucket, gcs_bucket, straight):
   """Shards and workdir in the bucket; three SIGKILLs at random moments; the end equals the uninterrupted run on
   local disk, checkpoints and metrics are in the bucket, and no local folder named gs: appeared."""
@@ -209,6 +210,7 @@ def test_sigkilled_bucket_run_resumes_bit_identical_to_a_local_run(tmp_path, dem
   assert not os.path.exists(os.path.join(str(tmp_path), 'gs:')) and not os.path.exists(os.path.join(ROOT, 'gs:'))
 
 
+@pytest.mark.xdist_group('straight')  # one worker makes the reference run once
 def test_training_through_failing_requests_counts_the_retries_and_ends_in_the_same_state(tmp_path, demo_bucket,
                                                                                         gcs_server, straight):
   """The shards are read through a proxy that fails 20% of reads (503 or a dropped connection): the run finishes in
@@ -228,6 +230,7 @@ def test_training_through_failing_requests_counts_the_retries_and_ends_in_the_sa
   assert sum(line.get('data/storage_retries', 0) for line in lines) > 0, lines
 
 
+@pytest.mark.xdist_group('straight')  # one worker makes the reference run once
 def test_a_truncated_object_in_the_latest_bucket_step_is_set_aside(tmp_path, demo_local, gcs_bucket, straight):
   workdir = f'{gcs_bucket}/damaged'
   storage.upload(straight, workdir)
@@ -356,7 +359,7 @@ def test_two_processes_share_one_bucket_workdir_are_killed_and_resume(gcs_bucket
       s.bind(('127.0.0.1', 0))
       port = s.getsockname()[1]
     return [subprocess.Popen([sys.executable, '-m', 'eva_clip_jax.train', f'--config={ROOT}/configs/tiny.py',
-                              f'--workdir={workdir}', '--num_cpu_devices=2', '--config.total_steps=5',
+                              f'--workdir={workdir}', '--num_cpu_devices=1', '--config.total_steps=5',
                               '--config.batch_size=16', '--config.log_every_steps=1', '--config.data.synthetic=True',
                               '--config.checkpoint.every_steps=1', '--config.evals={}',
                               f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
