@@ -313,7 +313,8 @@ def test_folder_layouts_missing_datasets_and_reruns(tiny_extractor, tmp_path, ca
 
 def _setup(strategy: str, mesh_shape: dict):
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from eva_clip_jax import sharding as sharding_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from eva_clip_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
   spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(ROOT, 'configs', 'tiny.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
