@@ -33,6 +33,36 @@ def test_mim_init_lands_in_the_sharded_state(tmp_path):
   assert int(state.opt_state.count) == 0 and int(state.step) == 0
 
 
+def test_tower_init_is_read_into_fsdp_shardings_as_the_host_init_loads_it(tmp_path):
+  """The per-tower init (the 8B/18B recipe: MIM vision tower + CLIP text tower) is read shard by shard into the
+  training shardings, never built on the host: the loaded parameters equal `init_towers` into a host model, the
+  fresh ones the seed's random weights made in their shardings."""
+  from eva_clip_jax.conversion import api
+  from eva_clip_jax.models import create_model
+  from eva_clip_jax.models.paths import flatten
+
+  torch.save(mim_state(patch=8, image_size=64), tmp_path / 'mim.pt')
+  config = tiny.get_config()
+  config.init.visual = str(tmp_path / 'mim.pt')
+  config.sharding.strategy = 'fsdp'
+  setup = step_lib.make_setup(config, sharding_lib.make_mesh(dict(fsdp=8)))
+  params = initial_params(config, setup)
+  shardings = jax.tree.leaves(setup.shardings.params)
+  assert [x.sharding for x in jax.tree.leaves(params)] == shardings
+  assert any(not s.is_fully_replicated for s in shardings)
+
+  host = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
+  report = api.init_from_config(host, config.init)
+  assert 'visual/blocks/mlp/w1/kernel' in report['loaded'] and 'visual/head/kernel' in report['fresh']
+  got, want = flatten(params), flatten(api.model_params(host))
+  fresh = flatten(step_lib.random_params(setup))
+  assert sorted(got) == sorted(want)
+  for path in report['loaded']:
+    np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=path)
+  for path in report['fresh']:
+    np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(fresh[path]), err_msg=path)
+
+
 def test_fine_tuning_starts_from_a_whole_open_clip_layout_model(tmp_path):
   """config.init.full: an open_clip-layout file (random open_clip weights, written as open_clip saves them) becomes
   the whole starting state, heads and logit scale included: its embeddings before the first step are the file's."""

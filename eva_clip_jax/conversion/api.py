@@ -17,6 +17,8 @@ by tensor, so host memory never holds the checkpoint beside the model (torch_io)
   init_towers(model, visual=..., text=...)
                                       the paper's initialisation: image tower from an EVA MIM checkpoint,
                                       text tower from an OpenAI/OpenCLIP model, head/projection/scale fresh
+  read_towers(targets, spec, visual=..., text=...)
+                                      the same into shardings, each process reading its own slices (training)
 """
 
 from __future__ import annotations
@@ -200,31 +202,39 @@ def read_sharded(source: str, spec: ModelSpec, targets: Any, *, layout: str | No
       return params
     return jax.device_put(read_params(path, spec), jax.tree.map(lambda t: t.sharding, targets))  # to be resized
   from eva_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top
-  resizers = _resizers(spec)
   with torch_io.open_state_dict(path) as reader:
     table = _checked_table(reader, spec, layout)
-    shapes = {e: layouts.our_shape(e, reader.shape(layouts.entry_keys(e)[0])) for e in table}
-    names = {e: path_name(e.ours) for e in table}
-    mis_shaped = [f'{names[e]}: expected {tuple(flat_targets[names[e]].shape)}, got {shapes[e]}' for e in table
-                  if names[e] in flat_targets and shapes[e] != tuple(flat_targets[names[e]].shape)
-                  and e.ours not in resizers]
-    problems = [f'{what} ({len(found)}): {", ".join(found)}' for what, found in (
-        ('missing', sorted(set(flat_targets) - set(names.values()))),
-        ('unexpected', sorted(set(names.values()) - set(flat_targets)))) if found]
-    if mis_shaped:  # as assign_params words it
-      problems.append(f'wrong shape ({len(mis_shaped)}): {"; ".join(mis_shaped)}')
-    if problems:
-      raise InputError(f'{path} does not fit {spec.name}:\n  ' + '\n  '.join(problems))
-    out = {}
-    for entry in table:
-      target = flat_targets[names[entry]]
-      if shapes[entry] != tuple(target.shape):
-        whole = resizers[entry.ours](layouts.read_entry(reader, entry))
-        read = lambda index, whole=whole: whole[index]
-      else:
-        read = lambda index, entry=entry: layouts.read_entry(reader, entry, index)
-      out[names[entry]] = _sharded_array(target, read)
+    out = _read_entries(reader, table, spec, flat_targets, path, whole=True)
   return unflatten(out)
+
+
+def _read_entries(reader: Mapping[str, Any], table: list[layouts.Entry], spec: ModelSpec, flat_targets: dict[str, Any],
+                  path: str, *, whole: bool) -> dict[str, jax.Array]:
+  """`table`'s parameters read from `reader` into `flat_targets`' shapes, dtypes and shardings, {path name: array}.
+  Shapes are checked before any data is read; with `whole`, so is that the table covers every target."""
+  resizers = _resizers(spec)
+  shapes = {e: layouts.our_shape(e, reader.shape(layouts.entry_keys(e)[0])) for e in table}
+  names = {e: path_name(e.ours) for e in table}
+  mis_shaped = [f'{names[e]}: expected {tuple(flat_targets[names[e]].shape)}, got {shapes[e]}' for e in table
+                if names[e] in flat_targets and shapes[e] != tuple(flat_targets[names[e]].shape)
+                and e.ours not in resizers]
+  problems = [f'{what} ({len(found)}): {", ".join(found)}' for what, found in (
+      ('missing', sorted(set(flat_targets) - set(names.values())) if whole else []),
+      ('unexpected', sorted(set(names.values()) - set(flat_targets)))) if found]
+  if mis_shaped:  # as assign_params words it
+    problems.append(f'wrong shape ({len(mis_shaped)}): {"; ".join(mis_shaped)}')
+  if problems:
+    raise InputError(f'{path} does not fit {spec.name}:\n  ' + '\n  '.join(problems))
+  out = {}
+  for entry in table:
+    target = flat_targets[names[entry]]
+    if shapes[entry] != tuple(target.shape):
+      resized = resizers[entry.ours](layouts.read_entry(reader, entry))
+      read = lambda index, resized=resized: resized[index]
+    else:
+      read = lambda index, entry=entry: layouts.read_entry(reader, entry, index)
+    out[names[entry]] = _sharded_array(target, read)
+  return out
 
 
 def _sharded_array(target: jax.ShapeDtypeStruct, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
@@ -293,9 +303,11 @@ def export_file(src: str | nnx.Module, dst: str, model_name: str | ModelSpec, la
   torch_io.write_state_dict(state_producers(params, spec, layout, text_prefix=text_prefix), dst, dtype=dtype)
 
 
-def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | None = None,
-                skip: tuple[str, ...]) -> dict[str, list[str]]:
-  """The paper's initialisation: each tower from its own pretrained checkpoint.
+def read_towers(targets: Any, spec: ModelSpec, *, visual: str | None = None, text: str | None = None,
+                skip: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+  """The paper's initialisation: each tower from its own pretrained checkpoint, read into `targets`' shardings
+  (a pure dict of jax.ShapeDtypeStructs, as `read_sharded`: each process reads only its devices' slices, so an
+  8B or 18B tower never passes through one host whole).
 
   visual: an EVA MIM checkpoint (timm `eva02_*.mim_*` or EVA-native naming, bare or under `visual.`), the
     EVA-01 giant, or a whole EVA-CLIP/open_clip file. Patch kernel and position embedding are resized bicubically
@@ -303,11 +315,11 @@ def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | Non
   text: an OpenAI CLIP or OpenCLIP state dict (text keys bare or under `text.`).
   skip: parameter paths ('visual.head') that start fresh whatever the files hold; the recipe's `config.init.skip`
     is the paper's choice (heads and logit scale fresh).
-  Returns {'loaded': [...], 'fresh': [...]} parameter paths, for the training log.
+  Returns {path name: array} of the parameters the files give; the others are the caller's to initialise.
   """
   from eva_clip_jax.conversion import torch_io  # pylint: disable=g-import-not-at-top
-  spec = model.spec
-  params: dict[str, Any] = {}
+  flat_targets = flatten(targets)
+  out: dict[str, jax.Array] = {}
   for tower, source in (('visual', visual), ('text', text)):
     if not source:
       continue
@@ -315,25 +327,37 @@ def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | Non
       raise FileNotFoundError(f'{tower} init file not found: {source}')
     with torch_io.open_state_dict(source) as state:
       table = [e for e in _table_for(state, spec, None) if e.ours[0] == tower]
-      loaded, _ = layouts.table_to_params(state, table, allow_missing=True)
-    if tower not in loaded:
-      raise InputError(f'{source} holds no {tower} tower parameters that fit {spec.name}')
-    params.update(loaded)
-  _adapt_vision(params, spec)
-  flat = flatten(params)
-  flat = {k: v for k, v in flat.items() if not k.replace('/', '.').startswith(skip)}
-  assign_params(model, unflatten(flat), allow_missing=True)
-  all_paths = flatten(model_params(model))
-  return {'loaded': sorted(flat), 'fresh': sorted(set(all_paths) - set(flat))}
+      present, _ = layouts.check_keys(state, table, allow_missing=True)
+      if not present:
+        raise InputError(f'{source} holds no {tower} tower parameters that fit {spec.name}')
+      present = [e for e in present if not path_name(e.ours).replace('/', '.').startswith(skip)]
+      out.update(_read_entries(state, present, spec, flat_targets, source, whole=False))
+  return out
+
+
+def init_towers(model: nnx.Module, *, visual: str | None = None, text: str | None = None,
+                skip: tuple[str, ...]) -> dict[str, list[str]]:
+  """`read_towers` into a model in place (on its first local device). Returns {'loaded': [...], 'fresh': [...]}
+  parameter paths, for the training log."""
+  loaded = read_towers(param_targets(model), model.spec, visual=visual, text=text, skip=skip)
+  assign_params(model, unflatten(loaded), allow_missing=True)
+  return {'loaded': sorted(loaded), 'fresh': sorted(set(flatten(model_params(model))) - set(loaded))}
+
+
+def init_sources(init_config: Mapping[str, Any], model_name: str) -> tuple[str | None, str | None]:
+  """A config's `init.visual` / `init.text` as files: released tags resolved to the hub cache, empty names None."""
+  sources = []
+  for tower in ('visual', 'text'):
+    source = init_config.get(tower) or None
+    source = resolve(source, model_name, purpose=tower) if source else None
+    if source and not storage.exists(source):
+      raise FileNotFoundError(f'config.init.{tower} = {source!r} is not a file. Download the checkpoint it names '
+                              f'and pass its path: --config.init.{tower}=/path/to/{storage.basename(source)}.pt')
+    sources.append(source)
+  return tuple(sources)
 
 
 def init_from_config(model: nnx.Module, init_config: Mapping[str, Any]) -> dict[str, list[str]]:
   """`init_towers` driven by a config's `init` block (`visual`, `text`, `skip`); empty names are skipped."""
-  visual, text = init_config.get('visual') or None, init_config.get('text') or None
-  visual, text = (resolve(s, model.spec.name, purpose=p) if s else None  # released tags -> cached files
-                  for s, p in ((visual, 'visual'), (text, 'text')))
-  for tower, source in (('visual', visual), ('text', text)):
-    if source and not storage.exists(source):
-      raise FileNotFoundError(f'config.init.{tower} = {source!r} is not a file. Download the checkpoint it names '
-                              f'and pass its path: --config.init.{tower}=/path/to/{storage.basename(source)}.pt')
+  visual, text = init_sources(init_config, model.spec.name)
   return init_towers(model, visual=visual, text=text, skip=tuple(init_config.skip))

@@ -22,7 +22,8 @@ from jax.experimental import multihost_utils
 from eva_clip_jax import storage
 from eva_clip_jax.data import pipeline
 from eva_clip_jax.errors import InputError
-from eva_clip_jax.models import create_model, get_model_spec
+from eva_clip_jax.models import get_model_spec
+from eva_clip_jax.models.paths import flatten, unflatten
 from eva_clip_jax.progress import Progress
 from eva_clip_jax.training import flops
 from eva_clip_jax.training import metrics as metrics_lib
@@ -76,8 +77,8 @@ def initial_params(config, setup: step_lib.TrainSetup) -> dict | None:
   `init.full`: a whole EVA-CLIP model to fine-tune from (a PyTorch file in the EVA or open_clip layout, a converted
   directory or hf-hub:...), heads and logit scale included, as the reference's --pretrained; it takes the place of
   the per-tower `init.visual` / `init.text` (the paper's initialisation, EVA MIM vision tower and CLIP text tower).
-  It is read straight into the parameters' shardings, each process reading only its own shards (8B and 18B never
-  pass through one host whole); the per-tower initialisation builds the model on the host and loads into it.
+  Either is read straight into the parameters' shardings, each process reading only its own shards (8B and 18B
+  never pass through one host whole); with the per-tower files the rest starts from the seed's random weights.
   """
   full = config.init.get('full')
   if not (full or config.init.get('visual') or config.init.get('text')):
@@ -94,11 +95,14 @@ def initial_params(config, setup: step_lib.TrainSetup) -> dict | None:
     logging.info('Initial weights: the whole model from %s%s', full,
                  f' ({", ".join(ignored)} not used)' if ignored else '')
     return params
-  model = create_model(config.model.name, seed=config.seed, **step_lib.model_kwargs(config))
-  from eva_clip_jax.conversion.api import init_from_config  # torch-free for .safetensors / converted dirs
-  report = init_from_config(model, config.init)
-  logging.info('Initial weights: %d parameters loaded, fresh: %s', len(report['loaded']), report['fresh'])
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  from eva_clip_jax.conversion.api import init_sources, read_towers  # torch-free for .safetensors
+  visual, text = init_sources(config.init, config.model.name)
+  loaded = read_towers(setup.abstract_state.params, get_model_spec(config.model.name), visual=visual, text=text,
+                       skip=tuple(config.init.skip))
+  params = flatten(step_lib.random_params(setup))  # the seed's weights, made in their shardings
+  params.update(loaded)
+  logging.info('Initial weights: %d parameters loaded, fresh: %s', len(loaded), sorted(set(params) - set(loaded)))
+  return unflatten(params)
 
 
 def make_evaluators(config, setup: step_lib.TrainSetup) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -111,8 +112,7 @@ def init_state(setup: TrainSetup, params: Any | None = None) -> TrainState:
 
   def init(params):
     if params is None:
-      model = create_model(config.model.name, seed=config.seed, **model_kwargs(config))
-      params = nnx.state(model, nnx.Param).to_pure_dict()
+      params = _random_params(config)
     return TrainState.create(params=params, tx=setup.optimizer.tx, loss_scale=init_loss_scale(config),
                              seed=config.seed + 1)
 
@@ -120,6 +120,17 @@ def init_state(setup: TrainSetup, params: Any | None = None) -> TrainState:
     params = jax.device_put(params, setup.shardings.params)
     return jax.jit(init, out_shardings=setup.shardings)(params)
   return jax.jit(lambda: init(None), out_shardings=setup.shardings)()
+
+
+def _random_params(config) -> dict:
+  model = create_model(config.model.name, seed=config.seed, **model_kwargs(config))
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def random_params(setup: TrainSetup) -> dict:
+  """The seed's random parameters, made on the devices in their shardings (no host copy): what `init_state` starts
+  from without initial weights."""
+  return jax.jit(functools.partial(_random_params, setup.config), out_shardings=setup.shardings.params)()
 
 
 def micro_batches(config) -> int:
