@@ -13,7 +13,8 @@ The batch is always sharded over the data-parallel axes ('data', 'fsdp'), and so
 (the models' `activation_batch` logical axis, resolved under `activation_sharding`). A 'tensor' axis shards the
 `mlp`, `heads` and `vocab` logical axes under every strategy (tensor parallelism, off at size 1); a fused q|k|v
 kernel is used with whole heads on each 'tensor' device (`models.common.fused_qkv`), so the tensor size must divide
-the heads of both towers for the attention to stay local (EVA-CLIP-8B: 32 and 20 heads, 18B: 40 and 20: 2 or 4).
+the heads of both towers for the attention to stay local (EVA-CLIP-8B: 32 and 20 heads, 18B: 40 and 20: 2 or 4;
+`tensor_heads_problem`: the training setup warns otherwise).
 """
 
 from __future__ import annotations
@@ -226,6 +227,19 @@ def check_fsdp_sharding(shardings: Any, params: Any, mesh: Mesh, *, max_replicat
     raise InputError(f'fsdp: {fraction:.1%} of the parameters are not sharded over the {fsdp} fsdp devices (limit '
                      f'{max_replicated_fraction:.0%}, config.sharding.max_replicated_fraction); the largest: {largest}. '
                      f'Check config.sharding.axis_rules and that the fsdp size divides the model width.')
+
+
+def tensor_heads_problem(mesh: Mesh, heads: Mapping[str, int]) -> str | None:
+  """Why attention will not stay local under tensor parallelism, or None: the 'tensor' size must divide every
+  tower's heads for `models.common.fused_qkv` to keep whole heads on each device; otherwise the fused q|k|v output
+  is split in contiguous blocks and resharded between devices every layer (correct, but slow)."""
+  tensor = mesh.shape['tensor']
+  odd = {tower: n for tower, n in heads.items() if n % tensor}
+  if tensor == 1 or not odd:
+    return None
+  towers = ', '.join(f'{tower} {n}' for tower, n in odd.items())
+  return (f"the 'tensor' mesh size {tensor} does not divide the heads ({towers}): those towers' q, k and v are "
+          'resharded between devices every layer; choose a tensor size that divides every tower\'s heads')
 
 
 def optimizer_state_shardings(param_sharding_tree: Any, params: Any, mesh: Mesh, strategy: str) -> Any:

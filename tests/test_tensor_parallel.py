@@ -155,3 +155,18 @@ def test_fsdp_over_512_devices_leaves_the_text_tower_whole():
     else:
       with pytest.raises(ValueError, match=r'fsdp: 8.5% .* text/blocks/mlp'):
         check()
+
+
+def test_a_tensor_size_that_splits_heads_is_named_at_setup(caplog):
+  """8 'tensor' devices cannot hold whole heads of a 4-head tower: the step still runs (the fused projection's output
+  is resharded instead), but slowly, so the setup says which towers and why; 4 divides both and says nothing."""
+  with caplog.at_level('WARNING'):
+    step_lib.make_setup(_config(dict(fsdp=2, tensor=4)), sharding_lib.make_mesh(dict(data=1, fsdp=2, tensor=4)))
+  assert 'does not divide the heads' not in caplog.text
+  with caplog.at_level('WARNING'):
+    step_lib.make_setup(_config(dict(fsdp=1, tensor=8)), sharding_lib.make_mesh(dict(data=1, fsdp=1, tensor=8)))
+  assert "the 'tensor' mesh size 8 does not divide the heads (image 4, text 4)" in caplog.text
+  abstract = jax.sharding.AbstractMesh((1, 1, 4), sharding_lib.MESH_AXES)
+  assert sharding_lib.tensor_heads_problem(abstract, {'image': 40, 'text': 20}) is None  # 18B on tensor:4
+  assert 'text 20' in sharding_lib.tensor_heads_problem(
+      jax.sharding.AbstractMesh((1, 1, 8), sharding_lib.MESH_AXES), {'image': 40, 'text': 20})

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import optax
@@ -81,6 +82,9 @@ def make_setup(config, mesh: Mesh) -> TrainSetup:
   if strategy == 'fsdp':
     sharding_lib.check_fsdp_sharding(param_sh, abstract_params, mesh,
                                      max_replicated_fraction=config.sharding.max_replicated_fraction)
+  problem = sharding_lib.tensor_heads_problem(mesh, {'image': spec.vision.num_heads, 'text': spec.text.num_heads})
+  if problem:
+    logging.warning('%s', problem)
   moment_sh = _moment_shardings(param_sh, abstract_params, optimizer, mesh, strategy)
   abstract = jax.eval_shape(lambda: TrainState.create(params=abstract_params, tx=optimizer.tx,
                                                       loss_scale=init_loss_scale(config), seed=config.seed + 1))
