@@ -29,7 +29,7 @@ import os
 import re
 from typing import Literal
 
-from eva_clip_jax.errors import InputError
+from eva_clip_jax.errors import InputError, MissingDependency
 from eva_clip_jax.models.registry import get_model_spec
 
 EVA_REPO = 'QuanSun/EVA-CLIP'
@@ -195,7 +195,7 @@ def _hub():
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('downloading released weights needs huggingface_hub: pip install -r requirements.txt') from e
+    raise MissingDependency('downloading released weights needs huggingface_hub: pip install -r requirements.txt') from e
   return huggingface_hub
 
 

@@ -108,3 +108,17 @@ def test_entry_points_raise_no_bare_value_error():
           and node.exc.func.id in ('ValueError', 'KeyError')):
         offenders.append(f'{path.name}:{node.lineno}')
   assert offenders == []
+
+
+def test_a_missing_optional_library_is_one_line_naming_what_to_install(tmp_path):
+  """torch is needed only to read PyTorch files: without it, `convert` says so in one line (MissingDependency, an
+  InputError and an ImportError), not an ImportError traceback."""
+  (tmp_path / 'weights.pt').write_bytes(b'not read')
+  hide_torch = ("import runpy, sys; sys.modules['torch'] = None; "
+                f"sys.argv = ['convert', '--model=tiny', '--src={tmp_path}/weights.pt', '--dst={tmp_path}/out']; "
+                "runpy.run_module('eva_clip_jax.convert', run_name='__main__')")
+  proc = _run(['-c', hide_torch])
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == ('error: reading or writing PyTorch files needs torch: '
+                                                  'pip install -r requirements-dev.txt')
+  assert not (tmp_path / 'out').exists()

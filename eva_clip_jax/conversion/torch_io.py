@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from eva_clip_jax import storage
-from eva_clip_jax.errors import InputError
+from eva_clip_jax.errors import InputError, MissingDependency
 
 WRAPPER_KEYS = ('state_dict', 'model', 'module')
 KEY_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel / DeepSpeed, torch.compile
@@ -38,7 +38,7 @@ def _torch():
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError('reading or writing PyTorch files needs torch: pip install -r requirements-dev.txt') from e
+    raise MissingDependency('reading or writing PyTorch files needs torch: pip install -r requirements-dev.txt') from e
   return torch
 
 

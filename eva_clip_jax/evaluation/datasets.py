@@ -22,7 +22,7 @@ from PIL import Image
 
 from eva_clip_jax import storage, transforms
 from eva_clip_jax.data.pipeline import make_dataset
-from eva_clip_jax.errors import InputError
+from eva_clip_jax.errors import InputError, MissingDependency
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.ppm')
 
@@ -173,7 +173,7 @@ def tfds_builder(name: str, data_dir: str | None, layout: str = ''):
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f'tfds:{name} needs tensorflow-datasets (requirements.txt)') from e
+    raise MissingDependency(f'tfds:{name} needs tensorflow-datasets (requirements.txt)') from e
   try:
     return tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except  (tfds raises several types for "not prepared")

@@ -132,7 +132,8 @@ def run_suite(bound, tokenizer, keys: Sequence[str], *, data_dir: str, image_siz
     except datasets.MissingDataset as e:
       result = {'status': 'missing', 'message': str(e)}
       log(f'{key}: MISSING - {e}')
-    except (ValueError, OSError) as e:  # bad data of one dataset (unreadable file, wrong class list): go on
+    except (InputError, OSError) as e:  # bad data of one dataset (unreadable file, wrong class list): go on;
+      # any other error is a bug and keeps its traceback
       result = {'status': 'failed', 'message': f'{type(e).__name__}: {e}'}
       log(f'{key}: FAILED - {result["message"]}')
     results[key] = result
