@@ -235,7 +235,7 @@ def tensor_heads_problem(mesh: Mesh, heads: Mapping[str, int]) -> str | None:
   is split in contiguous blocks and resharded between devices every layer (correct, but slow)."""
   tensor = mesh.shape['tensor']
   odd = {tower: n for tower, n in heads.items() if n % tensor}
-  if tensor == 1 or not odd:
+  if not odd:
     return None
   towers = ', '.join(f'{tower} {n}' for tower, n in odd.items())
   return (f"the 'tensor' mesh size {tensor} does not divide the heads ({towers}): those towers' q, k and v are "
